@@ -1,0 +1,194 @@
+"""Typed settings: defaults < ftkit.toml < environment (FTKIT_*) < flags. Secrets come from the environment only."""
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, PrivateAttr, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from finetune_kit.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("ftkit.toml")
+LOCAL_MODEL_ALIAS = "smollm2-135m-instruct"
+SECRET_SETTINGS = {"openai_api_key": "OPENAI_API_KEY", "api_key": "OPENAI_API_KEY", "openai_base_url": "OPENAI_BASE_URL"}
+
+
+class ModelPrice(BaseModel):
+    """US dollars per million tokens."""
+
+    input: float = 0.0
+    output: float = 0.0
+    training: float = 0.0
+
+
+# Published OpenAI list prices (USD per 1M tokens), standard tier.
+DEFAULT_PRICES: dict[str, ModelPrice] = {
+    "gpt-4o-mini": ModelPrice(input=0.15, output=0.60, training=3.00),
+    "gpt-4o-mini-2024-07-18": ModelPrice(input=0.30, output=1.20, training=3.00),
+    "gpt-4o": ModelPrice(input=2.50, output=10.00, training=25.00),
+    "gpt-4o-2024-08-06": ModelPrice(input=3.75, output=15.00, training=25.00),
+    "gpt-4.1": ModelPrice(input=2.00, output=8.00, training=25.00),
+    "gpt-4.1-2025-04-14": ModelPrice(input=3.00, output=12.00, training=25.00),
+    "gpt-4.1-mini": ModelPrice(input=0.40, output=1.60, training=5.00),
+    "gpt-4.1-mini-2025-04-14": ModelPrice(input=0.80, output=3.20, training=5.00),
+    "gpt-4.1-nano": ModelPrice(input=0.10, output=0.40, training=1.50),
+    "gpt-4.1-nano-2025-04-14": ModelPrice(input=0.20, output=0.80, training=1.50),
+    "gpt-3.5-turbo": ModelPrice(input=0.50, output=1.50, training=8.00),
+    LOCAL_MODEL_ALIAS: ModelPrice(),
+}
+
+# Tokens allowed per training example by the fine-tuning service for each base model.
+DEFAULT_EXAMPLE_TOKEN_LIMITS: dict[str, int] = {
+    "gpt-4o-mini-2024-07-18": 65_536,
+    "gpt-4o-2024-08-06": 65_536,
+    "gpt-4.1-2025-04-14": 65_536,
+    "gpt-4.1-mini-2025-04-14": 65_536,
+    "gpt-4.1-nano-2025-04-14": 65_536,
+    "gpt-3.5-turbo": 16_385,
+    LOCAL_MODEL_ALIAS: 2_048,
+}
+
+
+class Settings(BaseSettings):
+    """Every knob ftkit reads; one object passed explicitly to each stage."""
+
+    model_config = SettingsConfigDict(env_prefix="FTKIT_", extra="forbid", validate_default=True)
+
+    workspace: Path = Path(".ftkit")
+    product: str = "the product"
+
+    # LLM endpoint
+    provider: Literal["auto", "local", "openai"] = "auto"
+    model: str | None = None
+    max_concurrency: int = Field(8, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    local_model_path: Path | None = None
+    local_context_tokens: int = Field(2048, ge=256)
+    local_threads: int | None = Field(None, ge=1)
+
+    # ingest + chunking
+    include: list[str] = []
+    exclude: list[str] = []
+    include_code: bool = False
+    chunk_target_tokens: int = 512
+    chunk_overlap_tokens: int = 64
+    chunk_min_tokens: int = 40
+
+    # generation
+    prompts_dir: Path | None = None
+    questions_per_chunk: int = Field(3, ge=1, le=20)
+    question_temperature: float = Field(0.7, ge=0, le=2)
+    question_max_tokens: int = Field(160, ge=16)
+    answer_temperature: float = Field(0.2, ge=0, le=2)
+    answer_max_tokens: int = Field(256, ge=16)
+    near_duplicate_threshold: float = Field(0.85, gt=0, le=1)
+
+    # dataset
+    dataset_format: Literal["chat", "prompt-completion"] = "chat"
+    system_prompt: str | None = None
+    validation_fraction: float = Field(0.2, ge=0, lt=1)
+    split_seed: int = 0
+    min_examples: int = Field(10, ge=1)
+    base_model: str | None = None
+    epochs: int = Field(3, ge=1)
+    prices: dict[str, ModelPrice] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
+    example_token_limits: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_EXAMPLE_TOKEN_LIMITS))
+
+    # read from the environment only (never from ftkit.toml or flags), never serialised
+    _openai_api_key: SecretStr | None = PrivateAttr(None)
+    _openai_base_url: str | None = PrivateAttr(None)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (init) beat environment, which beats ftkit.toml, which beats defaults."""
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    @property
+    def openai_api_key(self) -> SecretStr | None:
+        """OPENAI_API_KEY from the environment."""
+        return self._openai_api_key
+
+    @property
+    def openai_base_url(self) -> str | None:
+        """OPENAI_BASE_URL from the environment."""
+        return self._openai_base_url
+
+    @property
+    def resolved_provider(self) -> Literal["local", "openai"]:
+        """`auto` means OpenAI when a key or base URL is set, else the embedded model."""
+        if self.provider != "auto":
+            return self.provider
+        return "openai" if self.openai_api_key or self.openai_base_url else "local"
+
+    @property
+    def generation_model(self) -> str:
+        """The model generation calls name."""
+        if self.model:
+            return self.model
+        return LOCAL_MODEL_ALIAS if self.resolved_provider == "local" else "gpt-4o-mini"
+
+    @property
+    def fine_tune_base_model(self) -> str:
+        """The model a dataset is sized and priced for: the embedded model locally, else gpt-4o-mini."""
+        if self.base_model:
+            return self.base_model
+        return LOCAL_MODEL_ALIAS if self.resolved_provider == "local" else "gpt-4o-mini-2024-07-18"
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite state database inside the workspace."""
+        return self.workspace / "state.db"
+
+    def price_for(self, model: str) -> ModelPrice:
+        """The price row for `model`, falling back from a dated snapshot to its family; zero if unknown."""
+        if model in self.prices:
+            return self.prices[model]
+        family = next((name for name in self.prices if model.startswith(name + "-")), None)
+        return self.prices[family] if family else ModelPrice()
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
+    """Build Settings from defaults, `config_file` (or ./ftkit.toml), FTKIT_* env and the given flags."""
+    path = config_file or DEFAULT_CONFIG_FILE
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"{config_file}: config file not found — check the --config path")
+    cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}})
+    try:
+        settings = cls(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc, path)) from exc
+    except ValueError as exc:  # malformed TOML
+        raise ConfigError(f"{path}: {exc} — fix the TOML syntax") from exc
+    return _with_environment_secrets(settings)
+
+
+def _with_environment_secrets(settings: Settings) -> Settings:
+    key = os.environ.get("OPENAI_API_KEY") or None
+    settings._openai_api_key = SecretStr(key) if key else None
+    settings._openai_base_url = os.environ.get("OPENAI_BASE_URL") or None
+    return settings
+
+
+def _describe_validation_error(exc: ValidationError, path: Path) -> str:
+    err = exc.errors()[0]
+    name = ".".join(str(part) for part in err["loc"])
+    if name in SECRET_SETTINGS:
+        return f"{name} cannot be set in {path} or FTKIT_* — secrets are read from {SECRET_SETTINGS[name]} only"
+    if err["type"] == "extra_forbidden":
+        return f"unknown setting '{name}' — check the spelling in {path} or the FTKIT_* environment"
+    env = "FTKIT_" + str(err["loc"][0]).upper()
+    return f"invalid setting '{name}': {err['msg']} — fix it in {path}, {env} or the matching flag"

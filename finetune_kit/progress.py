@@ -1,0 +1,29 @@
+"""How library code reports progress without printing: the CLI passes a reporter that draws bars."""
+
+from typing import Protocol
+
+
+class Progress(Protocol):
+    """Receives stage progress; the CLI draws bars from it, tests and library callers ignore it."""
+
+    def start(self, stage: str, total: int) -> None:
+        """A stage begins with `total` units of work."""
+
+    def advance(self, n: int = 1) -> None:
+        """`n` more units are done."""
+
+    def finish(self) -> None:
+        """The current stage is over."""
+
+
+class NoProgress:
+    """A Progress that reports nothing."""
+
+    def start(self, stage: str, total: int) -> None:
+        """Ignore the start."""
+
+    def advance(self, n: int = 1) -> None:
+        """Ignore progress."""
+
+    def finish(self) -> None:
+        """Ignore the end."""

@@ -1,0 +1,56 @@
+"""Prompt templates: plain text with {placeholders}, versioned by a hash of their content."""
+
+import hashlib
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune_kit.errors import ConfigError
+
+REQUIRED_PLACEHOLDERS = {
+    "questions": {"product", "n", "chunk"},
+    "answers": {"product", "chunk", "question"},
+}
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A named template and the version (content hash) that goes into every cache key made with it."""
+
+    name: str
+    text: str
+    path: Path
+
+    @property
+    def version(self) -> str:
+        """`p1:` and the first 12 hex digits of the template's SHA-256."""
+        return "p1:" + hashlib.sha256(self.text.encode()).hexdigest()[:12]
+
+    def render(self, **values: object) -> str:
+        """The template with its placeholders filled (braces inside the values are left alone)."""
+        return self.text.format_map(values).strip()
+
+
+def default_prompts_dir() -> Path:
+    """The bundled templates: inside the installed package, or the repository's prompts/ folder."""
+    packaged = Path(__file__).parent / "prompts"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "prompts"
+
+
+def load_prompt(name: str, prompts_dir: Path | None = None) -> PromptTemplate:
+    """Read and check template `name` (questions or answers) from `prompts_dir` or the bundled set."""
+    path = (prompts_dir or default_prompts_dir()) / f"{name}.txt"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read prompt template ({exc.strerror}) — check prompts_dir") from exc
+    try:
+        found = {field for _, field, _, _ in string.Formatter().parse(text) if field}
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc} — write literal braces as {{{{ and }}}}") from exc
+    required = REQUIRED_PLACEHOLDERS[name]
+    if missing := sorted(required - found):
+        raise ConfigError(f"{path}: missing placeholder {{{missing[0]}}} — the template must use {sorted(required)}")
+    if unknown := sorted(found - required):
+        raise ConfigError(f"{path}: unknown placeholder {{{unknown[0]}}} — use only {sorted(required)}")
+    return PromptTemplate(name=name, text=text, path=path)

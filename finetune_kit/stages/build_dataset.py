@@ -1,0 +1,176 @@
+"""Build the dataset: answer each question from its own chunk, reject bad answers, write and validate JSONL."""
+
+import hashlib
+import json
+import re
+import sqlite3
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune_kit.config import Settings
+from finetune_kit.dataset import Example, ValidationReport, split_by_chunk, to_record, validate_jsonl, write_jsonl
+from finetune_kit.errors import RequestRejectedError
+from finetune_kit.llm.client import ChatRequest, LLMClient
+from finetune_kit.progress import NoProgress, Progress
+from finetune_kit.prompts import PromptTemplate, load_prompt
+from finetune_kit.stages.generate_questions import gather_all, generation_key
+from finetune_kit.store import Store, utc_now
+
+_REFUSAL = re.compile(
+    r"^\W*(i'?m sorry|i am sorry|sorry,|i cannot|i can'?t|as an ai|i do not know|i don'?t know|unfortunately)"
+    r"|(documentation|context|text) (provided )?(does not|doesn'?t) (contain|mention|say|provide|include)"
+    r"|not (mentioned|provided|covered|specified) in the (documentation|context|text)",
+    re.IGNORECASE,
+)
+_PROMPT_ECHO = ("documentation:", "question:")
+
+
+@dataclass
+class DatasetReport:
+    """What one build-dataset run did and wrote."""
+
+    answered: int = 0
+    answers_accepted: int = 0
+    rejects: Counter[str] = field(default_factory=Counter)
+    train: ValidationReport | None = None
+    validation: ValidationReport | None = None
+    estimated_training_tokens: int = 0
+    estimated_cost_usd: float = 0.0
+    files: list[Path] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # each one line naming the fix; non-empty means unusable
+
+
+def answer_key(settings: Settings, template: PromptTemplate, endpoint_identity: str, model: str) -> str:
+    """Identifies the answers made under these settings."""
+    parts = [template.version, endpoint_identity, model, settings.product,
+             settings.answer_temperature, settings.answer_max_tokens]
+    return "a1:" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def judge_answer(text: str, finish_reason: str) -> str | None:
+    """Why an answer cannot be a training target, or None if it can."""
+    if not text.strip():
+        return "empty answer"
+    if finish_reason == "length":
+        return "truncated (finish_reason=length)"
+    if finish_reason == "content_filter":
+        return "blocked by content filter"
+    if _REFUSAL.search(text):
+        return "refusal or non-answer"
+    if any(marker in text.lower() for marker in _PROMPT_ECHO):
+        return "echoes the prompt"
+    return None
+
+
+async def answer_questions(
+    store: Store, client: LLMClient, settings: Settings, progress: Progress | None = None
+) -> DatasetReport:
+    """Answer every accepted question (of the current question set) that has no answer under these settings."""
+    progress = progress or NoProgress()
+    report = DatasetReport()
+    questions_template = load_prompt("questions", settings.prompts_dir)
+    template = load_prompt("answers", settings.prompts_dir)
+    identity, model = client.endpoint.identity, client.endpoint.model
+    q_key = generation_key(settings, questions_template, identity, model)
+    a_key = answer_key(settings, template, identity, model)
+    todo = store.db.execute(
+        "SELECT q.id, q.text, c.text AS chunk FROM questions q JOIN chunks c ON c.id = q.chunk_id"
+        " WHERE c.status = 'active' AND q.generation_key = ? AND q.status = 'accepted'"
+        " AND q.id NOT IN (SELECT question_id FROM answers WHERE answer_key = ?) ORDER BY c.document_id, c.seq, q.seq",
+        (q_key, a_key),
+    ).fetchall()
+    progress.start("answer questions", len(todo))
+
+    async def one(row: sqlite3.Row) -> None:
+        await _answer_one(store, client, settings, template, a_key, row, report)
+        progress.advance()
+
+    try:
+        await gather_all([one(row) for row in todo])
+    finally:
+        progress.finish()
+    return report
+
+
+async def _answer_one(
+    store: Store, client: LLMClient, settings: Settings, template: PromptTemplate, key: str,
+    row: sqlite3.Row, report: DatasetReport,
+) -> None:
+    prompt = template.render(product=settings.product, chunk=row["chunk"], question=row["text"])
+    request = ChatRequest(
+        stage="build-dataset", messages=(("user", prompt),), temperature=settings.answer_temperature,
+        max_tokens=settings.answer_max_tokens, template_version=template.version,
+    )
+    try:
+        result = await client.chat(request)
+        text, reason = result.content.strip(), judge_answer(result.content, result.finish_reason)
+    except RequestRejectedError as exc:
+        text, reason = "", f"request rejected by the endpoint: {exc}"
+    store.db.execute(
+        "INSERT OR REPLACE INTO answers(question_id, answer_key, text, status, reason, created_at)"
+        " VALUES (?,?,?,?,?,?)",
+        (row["id"], key, text, "rejected" if reason else "accepted", reason, utc_now()),
+    )
+    report.answered += 1
+    report.answers_accepted += reason is None
+    if reason:
+        report.rejects[reason] += 1
+
+
+def accepted_examples(store: Store, settings: Settings, identity: str, model: str) -> list[Example]:
+    """Every accepted question/answer pair of active chunks under the current settings."""
+    q_key = generation_key(settings, load_prompt("questions", settings.prompts_dir), identity, model)
+    a_key = answer_key(settings, load_prompt("answers", settings.prompts_dir), identity, model)
+    rows = store.db.execute(
+        "SELECT q.chunk_id, q.text AS question, a.text AS answer FROM answers a"
+        " JOIN questions q ON q.id = a.question_id JOIN chunks c ON c.id = q.chunk_id"
+        " WHERE c.status = 'active' AND q.generation_key = ? AND a.answer_key = ? AND a.status = 'accepted'"
+        " ORDER BY c.document_id, c.seq, q.seq",
+        (q_key, a_key),
+    ).fetchall()
+    return [Example(row["chunk_id"], row["question"], row["answer"]) for row in rows]
+
+
+def default_system_prompt(settings: Settings) -> str:
+    """The system message every chat example carries unless one is configured."""
+    return settings.system_prompt or f"You are a helpful technical support assistant for {settings.product}."
+
+
+def write_dataset(
+    examples: list[Example], settings: Settings, out_dir: Path, report: DatasetReport
+) -> DatasetReport:
+    """Split by chunk, write train/validation JSONL, validate both and estimate training cost."""
+    held_out = split_by_chunk([e.chunk_id for e in examples], settings.validation_fraction, settings.split_seed)
+    system = default_system_prompt(settings) if settings.dataset_format == "chat" else None
+    limit = settings.example_token_limits.get(settings.fine_tune_base_model, 65_536)
+    for name, part in (("train", [e for e in examples if e.chunk_id not in held_out]),
+                       ("validation", [e for e in examples if e.chunk_id in held_out])):
+        path = out_dir / f"{name}.jsonl"
+        write_jsonl(path, [to_record(e, settings.dataset_format, system) for e in part])
+        setattr(report, name, validate_jsonl(path, limit))
+        report.files.append(path)
+    assert report.train is not None
+    report.estimated_training_tokens = report.train.tokens * settings.epochs
+    report.estimated_cost_usd = report.estimated_training_tokens * settings.price_for(settings.fine_tune_base_model).training / 1e6
+    report.problems = dataset_problems(report, settings)
+    return report
+
+
+def dataset_problems(report: DatasetReport, settings: Settings) -> list[str]:
+    """What makes the written dataset unusable for fine-tuning, each naming the fix."""
+    assert report.train is not None and report.validation is not None
+    problems = []
+    if errors := report.train.errors + report.validation.errors:
+        problems.append(f"{errors[0]} ({len(errors)} malformed lines) — rebuild with `ftkit build-dataset`")
+    if report.train.examples < settings.min_examples:
+        problems.append(
+            f"{report.train.path}: only {report.train.examples} training examples (need {settings.min_examples})"
+            " — add documents, raise --questions-per-chunk, or lower --min-examples"
+        )
+    if report.train.over_limit:
+        problems.append(
+            f"{report.train.path}: {report.train.over_limit} examples exceed {settings.fine_tune_base_model}'s token limit"
+            " — lower chunk_target_tokens or answer_max_tokens"
+        )
+    return problems

@@ -1,0 +1,199 @@
+"""Ingest: read sources into content-hashed documents and chunk them; unchanged files cost nothing."""
+
+import hashlib
+import json
+import sqlite3
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune_kit.chunking import ChunkSettings, chunk_markdown
+from finetune_kit.config import Settings
+from finetune_kit.errors import SourceError
+from finetune_kit.progress import NoProgress, Progress
+from finetune_kit.sources import SkippedFile, SourceDocument, SourceItem
+from finetune_kit.sources.files import iter_directory
+from finetune_kit.sources.git import is_git_spec, iter_git
+from finetune_kit.store import Store, utc_now
+
+
+@dataclass
+class IngestReport:
+    """What one ingest changed."""
+
+    sources: int = 0
+    documents_new: int = 0
+    documents_unchanged: int = 0
+    documents_rechunked: int = 0
+    documents_retired: int = 0
+    chunks_new: int = 0
+    chunks_retired: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    @property
+    def skipped_by_reason(self) -> Counter[str]:
+        """How many files were skipped for each reason."""
+        return Counter(reason for _, reason in self.skipped)
+
+
+def _sha(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def chunk_settings(settings: Settings) -> ChunkSettings:
+    """The chunker's settings from ftkit's."""
+    return ChunkSettings(
+        target_tokens=settings.chunk_target_tokens,
+        overlap_tokens=settings.chunk_overlap_tokens,
+        min_tokens=settings.chunk_min_tokens,
+    )
+
+
+def chunker_key(settings: ChunkSettings) -> str:
+    """Identifies how chunks were cut, so a change of chunk settings re-chunks every document."""
+    return f"k1:{settings.target_tokens}:{settings.overlap_tokens}:{settings.min_tokens}"
+
+
+def ingest(store: Store, settings: Settings, specs: list[str], progress: Progress | None = None) -> IngestReport:
+    """Read every source in `specs` (folders, files or git repositories) into the state database."""
+    progress = progress or NoProgress()
+    report = IngestReport()
+    for spec in specs:
+        kind, items = _open_source(spec, settings)
+        items = list(items)
+        documents = [item for item in items if isinstance(item, SourceDocument)]
+        report.skipped += [(item.path, item.reason) for item in items if isinstance(item, SkippedFile)]
+        if not documents:
+            raise SourceError(_empty_source_message(spec, items))
+        source_id = _upsert_source(store, spec, kind)
+        progress.start(f"ingest {spec}", len(documents))
+        for document in documents:
+            _ingest_document(store, source_id, document, chunk_settings(settings), report)
+            progress.advance()
+        progress.finish()
+        _record_skips(store, source_id, [item for item in items if isinstance(item, SkippedFile)])
+        _retire_missing(store, source_id, {doc.path for doc in documents}, report)
+        store.db.execute("UPDATE sources SET last_sync = ? WHERE id = ?", (utc_now(), source_id))
+        report.sources += 1
+    return report
+
+
+def _open_source(spec: str, settings: Settings) -> tuple[str, list[SourceItem]]:
+    if is_git_spec(spec):
+        cache = settings.workspace / "cache" / "git"
+        return "git", list(iter_git(spec, settings.include, settings.exclude, cache, settings.include_code))
+    path = Path(spec).expanduser()
+    items = iter_directory(path, settings.include, settings.exclude, include_code=settings.include_code)
+    return ("directory" if path.is_dir() else "file"), list(items)
+
+
+def _empty_source_message(spec: str, items: list[SourceItem]) -> str:
+    if not items:
+        return f"{spec}: no documents found — point ftkit at a folder of .md/.mdx/.rst/.html/.txt files or widen --include"
+    reasons = Counter(item.reason for item in items if isinstance(item, SkippedFile))
+    top = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common(3))
+    return f"{spec}: no usable documents ({len(items)} files skipped: {top}) — check --include/--exclude"
+
+
+def _source_id(spec: str, kind: str) -> str:
+    key = spec if kind == "git" and not Path(spec).exists() else str(Path(spec).expanduser().resolve())
+    return "s1:" + _sha(kind, key)[:16]
+
+
+def _upsert_source(store: Store, spec: str, kind: str) -> str:
+    source_id = _source_id(spec, kind)
+    store.db.execute(
+        "INSERT INTO sources(id, spec, kind) VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE SET spec = excluded.spec",
+        (source_id, spec, kind),
+    )
+    return source_id
+
+
+def _ingest_document(
+    store: Store, source_id: str, doc: SourceDocument, chunking: ChunkSettings, report: IngestReport
+) -> None:
+    content_hash = _sha(doc.text)
+    doc_id = "d1:" + _sha(source_id, doc.path, content_hash)[:24]
+    key = chunker_key(chunking)
+    row = store.db.execute(
+        "SELECT chunker_key FROM documents WHERE id = ? AND status = 'active'", (doc_id,)
+    ).fetchone()
+    if row is not None and row["chunker_key"] == key:
+        report.documents_unchanged += 1
+        return
+    with store.transaction() as db:
+        if row is None:
+            report.documents_retired += _retire_documents(
+                db, "source_id = ? AND path = ? AND status = 'active'", (source_id, doc.path), report
+            )
+            db.execute(
+                "INSERT INTO documents(id, source_id, path, source_url, format, content_hash, chunker_key, text,"
+                " ingested_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET status = 'active',"
+                " retired_at = NULL, chunker_key = excluded.chunker_key",
+                (doc_id, source_id, doc.path, doc.source_url, doc.format, content_hash, key, doc.text, utc_now()),
+            )
+            report.documents_new += 1
+        else:
+            report.chunks_retired += _retire_chunks(db, doc_id)
+            db.execute("UPDATE documents SET chunker_key = ? WHERE id = ?", (key, doc_id))
+            report.documents_rechunked += 1
+        report.chunks_new += _insert_chunks(db, source_id, doc_id, doc, chunking)
+
+
+def _insert_chunks(
+    db: sqlite3.Connection, source_id: str, doc_id: str, doc: SourceDocument, chunking: ChunkSettings
+) -> int:
+    """Insert a document's chunks; a chunk whose text is unchanged keeps its id (and its questions)."""
+    new = 0
+    for chunk in chunk_markdown(doc.text, chunking):
+        heading_path = json.dumps(list(chunk.heading_path))
+        chunk_id = "c1:" + _sha(source_id, doc.path, heading_path, chunk.text)[:24]
+        cur = db.execute(
+            "INSERT INTO chunks(id, document_id, seq, heading_path, text, n_tokens, source_url)"
+            " VALUES (?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET status = 'active',"
+            " document_id = excluded.document_id, seq = excluded.seq, source_url = excluded.source_url"
+            " WHERE chunks.status = 'retired' OR chunks.document_id != excluded.document_id",
+            (chunk_id, doc_id, chunk.seq, heading_path, chunk.text, chunk.n_tokens, doc.source_url),
+        )
+        new += cur.rowcount
+    return new
+
+
+def _retire_chunks(db: sqlite3.Connection, doc_id: str) -> int:
+    cur = db.execute("UPDATE chunks SET status = 'retired' WHERE document_id = ? AND status = 'active'", (doc_id,))
+    return int(cur.rowcount)
+
+
+def _retire_documents(
+    db: sqlite3.Connection, where: str, params: tuple[str, ...], report: IngestReport
+) -> int:
+    ids = [row[0] for row in db.execute(f"SELECT id FROM documents WHERE {where}", params)]
+    for doc_id in ids:
+        report.chunks_retired += _retire_chunks(db, doc_id)
+        db.execute("UPDATE documents SET status = 'retired', retired_at = ? WHERE id = ?", (utc_now(), doc_id))
+    return len(ids)
+
+
+def _retire_missing(store: Store, source_id: str, seen_paths: set[str], report: IngestReport) -> None:
+    """Documents that vanished from a source (deleted, or now skipped) are retired with their chunks."""
+    active = [
+        row[0]
+        for row in store.db.execute(
+            "SELECT path FROM documents WHERE source_id = ? AND status = 'active'", (source_id,)
+        )
+    ]
+    gone = [path for path in active if path not in seen_paths]
+    with store.transaction() as db:
+        for path in gone:
+            report.documents_retired += _retire_documents(
+                db, "source_id = ? AND path = ? AND status = 'active'", (source_id, path), report
+            )
+
+
+def _record_skips(store: Store, source_id: str, skipped: list[SkippedFile]) -> None:
+    with store.transaction() as db:
+        db.execute("DELETE FROM skipped_files WHERE source_id = ?", (source_id,))
+        db.executemany(
+            "INSERT INTO skipped_files(source_id, path, reason, seen_at) VALUES (?, ?, ?, ?)",
+            [(source_id, item.path, item.reason, utc_now()) for item in skipped],
+        )

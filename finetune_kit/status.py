@@ -1,0 +1,93 @@
+"""`ftkit status`: what the workspace holds, the coverage ledger and the cost ledger, read without side effects."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune_kit.config import Settings
+from finetune_kit.llm.endpoint import endpoint_identity
+from finetune_kit.prompts import load_prompt
+from finetune_kit.stages.build_dataset import answer_key
+from finetune_kit.stages.generate_questions import generation_key
+from finetune_kit.store import Store
+
+
+@dataclass
+class StatusReport:
+    """A snapshot of one workspace."""
+
+    workspace: Path
+    sources: list[tuple[str, str, str]] = field(default_factory=list)  # spec, kind, last sync
+    documents: int = 0
+    documents_retired: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    chunks: int = 0
+    chunks_with_questions: int = 0
+    chunks_pending: int = 0
+    chunks_without_questions: dict[str, int] = field(default_factory=dict)
+    questions: dict[str, int] = field(default_factory=dict)  # "accepted" or reject reason → count
+    answers: dict[str, int] = field(default_factory=dict)
+    ledger: list[tuple[str, int, int, int, float]] = field(default_factory=list)  # stage, calls, in, out, $
+    last_run: tuple[str, str, str] | None = None
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(label, value) rows for a table."""
+        rows = [(f"source ({kind})", f"{spec} — last sync {synced}") for spec, kind, synced in self.sources]
+        rows += [
+            ("documents (active / retired)", f"{self.documents} / {self.documents_retired}"),
+            ("files skipped", _join(self.skipped)),
+            ("chunks", str(self.chunks)),
+            ("chunks with questions", str(self.chunks_with_questions)),
+            ("chunks not yet processed", str(self.chunks_pending)),
+            ("chunks without questions", _join(self.chunks_without_questions)),
+            ("questions", _join(self.questions)),
+            ("answers", _join(self.answers)),
+        ]
+        rows += [(f"LLM {stage}", f"{calls} calls, {tin:,} in / {tout:,} out tokens, ${cost:.4f}")
+                 for stage, calls, tin, tout, cost in self.ledger]
+        if self.last_run:
+            rows.append(("last run", " ".join(self.last_run)))
+        return rows
+
+
+def _join(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name}: {n}" for name, n in counts.items()) or "none"
+
+
+def _counts(store: Store, sql: str, params: tuple[object, ...] = ()) -> dict[str, int]:
+    return {str(row[0]): int(row[1]) for row in store.db.execute(sql, params)}
+
+
+def workspace_status(settings: Settings) -> StatusReport:
+    """Read the workspace's state under the current settings (which select the question and answer sets)."""
+    identity, model = endpoint_identity(settings)
+    q_key = generation_key(settings, load_prompt("questions", settings.prompts_dir), identity, model)
+    a_key = answer_key(settings, load_prompt("answers", settings.prompts_dir), identity, model)
+    report = StatusReport(workspace=settings.workspace)
+    with Store(settings.db_path) as store:
+        report.sources = [(r[0], r[1], r[2] or "never") for r in store.db.execute("SELECT spec, kind, last_sync FROM sources")]
+        docs = _counts(store, "SELECT status, count(*) FROM documents GROUP BY status")
+        report.documents, report.documents_retired = docs.get("active", 0), docs.get("retired", 0)
+        report.skipped = _counts(store, "SELECT reason, count(*) FROM skipped_files GROUP BY reason ORDER BY 2 DESC")
+        report.chunks = int(store.scalar("SELECT count(*) FROM chunks WHERE status = 'active'") or 0)
+        active_sets = ("FROM question_sets s JOIN chunks c ON c.id = s.chunk_id"
+                       " WHERE c.status = 'active' AND s.generation_key = ?")
+        report.chunks_with_questions = int(store.scalar(f"SELECT count(*) {active_sets} AND s.n_accepted > 0", (q_key,)) or 0)
+        done = int(store.scalar(f"SELECT count(*) {active_sets}", (q_key,)) or 0)
+        report.chunks_pending = report.chunks - done
+        report.chunks_without_questions = _counts(
+            store, f"SELECT s.reason, count(*) {active_sets} AND s.n_accepted = 0 GROUP BY s.reason ORDER BY 2 DESC", (q_key,)
+        )
+        report.questions = _counts(
+            store, "SELECT coalesce(reason, 'accepted'), count(*) FROM questions WHERE generation_key = ?"
+            " GROUP BY 1 ORDER BY 2 DESC", (q_key,)
+        )
+        report.answers = _counts(
+            store, "SELECT coalesce(reason, 'accepted'), count(*) FROM answers WHERE answer_key = ? GROUP BY 1 ORDER BY 2 DESC",
+            (a_key,),
+        )
+        report.ledger = [tuple(r) for r in store.db.execute(  # type: ignore[misc]
+            "SELECT stage, count(*), sum(prompt_tokens), sum(completion_tokens), sum(cost_usd) FROM llm_calls GROUP BY stage"
+        )]
+        last = store.db.execute("SELECT command, status, started_at FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        report.last_run = tuple(last) if last else None  # type: ignore[assignment]
+    return report

