@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import lru_cache, partial
 
 from finetune_kit.errors import ChunkingError
 from finetune_kit.tokens import count_tokens, truncate_tokens
@@ -39,7 +39,7 @@ _NOT_PARAGRAPH = re.compile(r"(?:>|[-*+](?:[ \t]|$)|\d{1,9}[.)](?:[ \t]|$)|<|\|)
 _LIST_ITEM = re.compile(r"[ \t]*(?:[-*+]|\d{1,9}[.)])(?:[ \t]|$)")
 _TABLE_DELIMITER = re.compile(r"[ \t]*\|?[ \t]*:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)*\|?[ \t]*")
 _FRONT_MATTER_CLOSE = {"---": ("---", "..."), "+++": ("+++",)}
-_CHARS_PER_TOKEN_CAP = 16  # no cl100k token is longer than this many characters in practice
+_WINDOW_CHARS_PER_TOKEN = 4  # a window this long rarely holds fewer tokens than wanted; short pieces re-pack
 
 
 @dataclass(frozen=True)
@@ -99,12 +99,11 @@ class _Atom:
     wrap: _Wrap | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Heading:
-    """One heading on the stack, with its rendered `#` line and that line's token count."""
+    """One heading on the stack (compared by identity), with its `#` line and that line's token count."""
 
     level: int
-    id: int
     title: str
     line: str
     tokens: int
@@ -124,17 +123,22 @@ class _Section:
         return sum(h.tokens + 1 for h in self.headings[shared:])
 
 
+@lru_cache(maxsize=64)
+def _whitespace_tokens(joiner: str) -> int:
+    return count_tokens(joiner)
+
+
 def _atom(joiner: str, text: str, code: bool = False, wrap: _Wrap | None = None) -> _Atom:
     """An atom whose token count includes the whitespace joining it to the previous one."""
     if joiner and "\n" not in joiner:
         return _Atom(joiner, text, count_tokens(joiner + text), code, wrap)
-    return _Atom(joiner, text, count_tokens(text) + count_tokens(joiner), code, wrap)
+    return _Atom(joiner, text, count_tokens(text) + _whitespace_tokens(joiner), code, wrap)
 
 
 def _shared(a: _Section, b: _Section) -> int:
-    """How many enclosing headings two sections share (headings compare by id, so repeated titles differ)."""
+    """How many enclosing headings two sections share (by identity, since titles may repeat)."""
     n = 0
-    while n < min(len(a.headings), len(b.headings)) and a.headings[n] == b.headings[n]:
+    while n < min(len(a.headings), len(b.headings)) and a.headings[n] is b.headings[n]:
         n += 1
     return n
 
@@ -247,10 +251,11 @@ class _Scanner:
         while self.stack and self.stack[-1].level >= level:
             self.stack.pop()
         line = f"{'#' * level} {title}".rstrip()
-        self.stack.append(_Heading(level, len(self.sections), title, line, count_tokens(line)))
-        self.chapter += level <= 2
+        self.stack.append(_Heading(level, title, line, count_tokens(line)))
+        if level <= 2:
+            self.chapter += 1
         if level == 1:
-            self.top += self.seen_top_heading
+            self.top += 1 if self.seen_top_heading else 0
             self.seen_top_heading = True
 
 
@@ -278,7 +283,7 @@ def _split_tokens(text: str, budget: int) -> list[tuple[str, str]]:
     """Cut into pieces of at most `budget` tokens: the last resort for text without whitespace."""
     pairs, rest, limit = [], text, max(budget - 2, 1)
     while rest:
-        head = truncate_tokens(rest[: limit * _CHARS_PER_TOKEN_CAP], limit)
+        head = truncate_tokens(rest[: limit * _WINDOW_CHARS_PER_TOKEN], limit)
         while head and not rest.startswith(head):  # a cut inside a multi-byte character decodes to U+FFFD
             head = head[:-1]
         head = head or rest[0]

@@ -6,7 +6,7 @@ from difflib import SequenceMatcher
 
 _ITEM = re.compile(r"^\s*(?:(?:Q(?:uestion)?\s*)?\d{1,2}\s*[.):\]-]|[-*•+]|Q(?:uestion)?\s*\d*\s*:)\s*(.*)$", re.I)
 _DECORATION = re.compile(r"^[\s\"'“”*_`>]+|[\s\"'“”*_`]+$")
-_PROMPT_ECHO = ("documentation:", "questions:", "write 3", "answer:")
+_PROMPT_ECHO = ("documentation:", "questions:", "answer:", "one per line", "numbered list", "documentation above")
 MIN_WORDS = 3
 MAX_WORDS = 60
 
@@ -66,6 +66,8 @@ def judge(text: str, kept: list[str], threshold: float) -> str | None:
     words = text.split()
     if not text.endswith("?"):
         return "not a question (no question mark)"
+    if text.count("?") > 1:
+        return "several questions in one"
     if len(words) < MIN_WORDS:
         return f"too short (under {MIN_WORDS} words)"
     if len(words) > MAX_WORDS:

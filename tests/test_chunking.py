@@ -168,6 +168,13 @@ def test_small_sections_pack_within_a_chapter_only() -> None:
     ]
 
 
+def test_repeated_titles_are_distinct_sections() -> None:
+    text = "## API\n\n### Example\n\nfoo()\n\n### Example\n\nbar()\n"
+    assert [(c.heading_path, c.text) for c in chunk_markdown(text)] == [
+        (("API",), "## API\n### Example\n\nfoo()\n\n### Example\n\nbar()"),
+    ]
+
+
 def test_sections_that_do_not_fit_together_stay_apart() -> None:
     text = f"# Guide\n\n### Linux\n\n{sentences('Linux', 3)}\n\n### Mac\n\n{sentences('Mac', 3)}\n"
     chunks = chunk_markdown(text, ChunkSettings(target_tokens=50, overlap_tokens=0, min_tokens=0))
@@ -302,7 +309,7 @@ HEADING = st.tuples(st.integers(1, 4), st.lists(WORD, min_size=1, max_size=2).ma
 BLOCK = st.one_of(PARAGRAPH, LIST, CODE, HEADING)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(
     blocks=st.lists(BLOCK, max_size=30),
     target=st.integers(96, 300),

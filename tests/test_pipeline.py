@@ -164,7 +164,7 @@ def test_corpus_of_only_unusable_files(runner: CliRunner, tmp_path: Path) -> Non
     code, _, err = ftkit(runner, "ingest", str(docs))
     assert code == 1
     assert err == (
-        f"Error: {docs}: no usable documents (2 files skipped: 1 binary file, 1 not valid UTF-8 text)"
+        f"Error: {docs}: no usable documents (2 files skipped: 1 not valid UTF-8 text, 1 binary file)"
         " — check --include/--exclude\n"
     )
 

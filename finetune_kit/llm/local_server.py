@@ -141,7 +141,8 @@ def free_port() -> int:
 
 
 def _spawn(settings: Settings, model_path: Path, port: int) -> subprocess.Popen[bytes]:
-    threads = settings.local_threads or max(1, os.cpu_count() or 1)
+    # llama.cpp collapses when its threads outnumber free cores; half the cores stays fast under load
+    threads = settings.local_threads or max(1, (os.cpu_count() or 2) // 2)
     command = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--model_alias", LOCAL_MODEL_ALIAS,
         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(settings.local_context_tokens),
