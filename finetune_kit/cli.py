@@ -1,6 +1,7 @@
 """The `ftkit` command line: parse flags, build settings, call the library, print the result."""
 
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -52,8 +53,8 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-WorkspaceOpt = Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace folder (env FTKIT_WORKSPACE; default ./.ftkit).")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Settings file (default ./ftkit.toml if present).")]
+WorkspaceOpt = Annotated[Path | None, typer.Option("--workspace", "-w", metavar="DIR", help="Workspace folder (env FTKIT_WORKSPACE; default ./.ftkit).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", metavar="FILE", help="Settings file (default ./ftkit.toml if present).")]
 
 
 @app.callback()
@@ -72,21 +73,21 @@ def _settings(ctx: typer.Context, **flags: Any) -> Settings:
     return load_settings(obj.get("config"), workspace=obj.get("workspace"), **flags)
 
 
-Include = Annotated[list[str] | None, typer.Option("--include", help="Glob of files to read (repeatable).")]
-Exclude = Annotated[list[str] | None, typer.Option("--exclude", help="Glob of files to skip (repeatable).")]
+Include = Annotated[list[str] | None, typer.Option("--include", metavar="GLOB", help="Glob of files to read (repeatable).")]
+Exclude = Annotated[list[str] | None, typer.Option("--exclude", metavar="GLOB", help="Glob of files to skip (repeatable).")]
 Code = Annotated[bool | None, typer.Option("--code/--no-code", help="Also read source-code files.")]
-ChunkTokens = Annotated[int | None, typer.Option("--chunk-tokens", help="Target chunk size in tokens (default 512).")]
-Provider = Annotated[str | None, typer.Option("--provider", help="auto, local (embedded model) or openai.")]
-Model = Annotated[str | None, typer.Option("--model", help="Model that writes questions and answers.")]
-Product = Annotated[str | None, typer.Option("--product", help="Product name used in the prompts.")]
-PerChunk = Annotated[int | None, typer.Option("--questions-per-chunk", "-n", help="Questions per chunk (default 3).")]
-OutDir = Annotated[Path | None, typer.Option("--out", help="Dataset folder (default <workspace>/dataset).")]
-Format = Annotated[str | None, typer.Option("--format", help="chat (default) or prompt-completion.")]
-BaseModel = Annotated[str | None, typer.Option("--base-model", help="Model to fine-tune, for limits and cost.")]
-Epochs = Annotated[int | None, typer.Option("--epochs", help="Training epochs, for the cost estimate.")]
-Seed = Annotated[int | None, typer.Option("--seed", help="Seed of the train/validation split.")]
-MinExamples = Annotated[int | None, typer.Option("--min-examples", help="Fewest training examples accepted.")]
-Sources = Annotated[list[str], typer.Argument(help="Folders, files or git repositories (path or clone URL).")]
+ChunkTokens = Annotated[int | None, typer.Option("--chunk-tokens", metavar="N", help="Target chunk size in tokens (default 512).")]
+Provider = Annotated[str | None, typer.Option("--provider", metavar="auto|local|openai", help="auto, local (embedded model) or openai.")]
+Model = Annotated[str | None, typer.Option("--model", metavar="NAME", help="Model that writes questions and answers.")]
+Product = Annotated[str | None, typer.Option("--product", metavar="NAME", help="Product name used in the prompts.")]
+PerChunk = Annotated[int | None, typer.Option("--questions-per-chunk", "-n", metavar="N", help="Questions per chunk (default 3).")]
+OutDir = Annotated[Path | None, typer.Option("--out", metavar="DIR", help="Dataset folder (default <workspace>/dataset).")]
+Format = Annotated[str | None, typer.Option("--format", metavar="chat|prompt-completion", help="chat (default) or prompt-completion.")]
+BaseModel = Annotated[str | None, typer.Option("--base-model", metavar="NAME", help="Model to fine-tune, for limits and cost.")]
+Epochs = Annotated[int | None, typer.Option("--epochs", metavar="N", help="Training epochs, for the cost estimate.")]
+Seed = Annotated[int | None, typer.Option("--seed", metavar="N", help="Seed of the train/validation split.")]
+MinExamples = Annotated[int | None, typer.Option("--min-examples", metavar="N", help="Fewest training examples accepted.")]
+Sources = Annotated[list[str], typer.Argument(metavar="SOURCE", help="Folders, files or git repositories (path or clone URL).")]
 
 
 def _progress() -> Any:
@@ -177,8 +178,14 @@ def status(ctx: typer.Context, provider: Provider = None, model: Model = None, p
     out.print(status_table(workspace_status(settings)))
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """Treat SIGTERM like Ctrl-C, so the embedded server is stopped and the run recorded as interrupted."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="ftkit")
 
 

