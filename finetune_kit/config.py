@@ -157,7 +157,8 @@ class Settings(BaseSettings):
         """The price row for `model`, falling back from a dated snapshot to its family; zero if unknown."""
         if model in self.prices:
             return self.prices[model]
-        family = next((name for name in self.prices if model.startswith(name + "-")), None)
+        # The longest prefix wins: gpt-4.1-mini-<date> is a gpt-4.1-mini, not a gpt-4.1.
+        family = max((name for name in self.prices if model.startswith(name + "-")), key=len, default=None)
         return self.prices[family] if family else ModelPrice()
 
 

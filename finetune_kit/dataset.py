@@ -84,10 +84,12 @@ def _format_error(record: object) -> str | None:
     if not isinstance(messages, list) or not messages:
         return "'messages' is not a non-empty list"
     for message in messages:
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            return f"unrecognised role {message.get('role') if isinstance(message, dict) else message!r}"
+        if not isinstance(message, dict) or "role" not in message:
+            return "a message without a role"
+        if message["role"] not in ROLES:
+            return f"unrecognised role {message['role']!r}"
         if not isinstance(message.get("content"), str) or not message["content"].strip():
-            return f"empty content in a {message['role']} message"
+            return f"empty {message['role']} message"
     if not any(m["role"] == "assistant" for m in messages):
         return "no assistant message"
     return None

@@ -39,10 +39,11 @@ def split_list_items(output: str) -> list[str]:
         elif current is None and not items:
             current = [line]  # the prompt ended with "1." so the model's first item has no number
             items.append("")
-        elif current is not None:
+        elif current is not None and not _clean(current[-1]).endswith("?"):
             current.append(line.strip())  # a wrapped continuation line
         else:
-            continue  # prose between or after the list
+            current = None  # prose between or after the list, even without a blank line before it
+            continue
         items[-1] = " ".join(part.strip() for part in current)
     return [item for item in (_clean(raw) for raw in items) if item]
 
