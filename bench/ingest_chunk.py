@@ -10,7 +10,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,9 +26,15 @@ def document(rng: random.Random, i: int) -> str:
         parts.append(f"\n## Section {i}.{s}\n")
         parts += [paragraph(rng, rng.randint(30, 120)) for _ in range(rng.randint(1, 4))]
         if rng.random() < 0.5:
-            parts.append("```python\n" + "\n".join(f"value_{k} = compute({k})" for k in range(rng.randint(3, 30))) + "\n```")
+            parts.append(
+                "```python\n"
+                + "\n".join(f"value_{k} = compute({k})" for k in range(rng.randint(3, 30)))
+                + "\n```"
+            )
         if rng.random() < 0.3:
-            parts.append("| setting | default |\n| --- | --- |\n" + "\n".join(f"| `s{k}` | {k} |" for k in range(8)))
+            parts.append(
+                "| setting | default |\n| --- | --- |\n" + "\n".join(f"| `s{k}` | {k} |" for k in range(8))
+            )
         for t in range(rng.randint(0, 2)):
             parts.append(f"\n### Detail {t}\n")
             parts.append(paragraph(rng, rng.randint(20, 80)))
@@ -68,7 +73,9 @@ print(elapsed, report.documents_new, report.chunks_new, peak_mb, time.perf_count
 
 def one_run(tree: Path) -> tuple[float, int, int, float, float]:
     with tempfile.TemporaryDirectory() as ws:
-        out = subprocess.run([sys.executable, "-c", CHILD, str(tree), ws], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(tree), ws], capture_output=True, text=True, check=True
+        )
     elapsed, docs, chunks, peak, rerun = out.stdout.split()
     return float(elapsed), int(docs), int(chunks), float(peak), float(rerun)
 
@@ -86,8 +93,10 @@ def main() -> None:
         for run in range(args.runs):
             elapsed, docs, chunks, peak, rerun = one_run(tree)
             rates.append(size / 1e6 / elapsed)
-            print(f"run {run + 1}: {elapsed:.2f} s, {size / 1e6 / elapsed:.2f} MB/s, {docs / elapsed:.0f} docs/s, "
-                  f"{chunks} chunks, peak RSS {peak:.0f} MB; unchanged re-ingest {rerun:.2f} s")
+            print(
+                f"run {run + 1}: {elapsed:.2f} s, {size / 1e6 / elapsed:.2f} MB/s, {docs / elapsed:.0f} docs/s, "
+                f"{chunks} chunks, peak RSS {peak:.0f} MB; unchanged re-ingest {rerun:.2f} s"
+            )
         print(f"median: {statistics.median(rates):.2f} MB/s over {args.runs} runs (fresh workspace each)")
 
 

@@ -2,12 +2,10 @@
 
 import os
 import signal
-import sys
 import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
@@ -22,16 +20,19 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 class _FtkitGroup(TyperGroup):
     """Turns FtkitError into one `Error: …` line and exit code 1 (`--debug` shows the traceback)."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:  # typer 0.29 vendors its own click; stay agnostic
         try:
             return super().invoke(ctx)
         except FtkitError as exc:
             _report(ctx, f"Error: {exc}")
         except KeyboardInterrupt:
-            _report(ctx, "Interrupted — finished work is saved in the workspace; re-run the same command to continue.")
+            _report(
+                ctx,
+                "Interrupted — finished work is saved in the workspace; re-run the same command to continue.",
+            )
 
 
-def _report(ctx: click.Context, message: str) -> None:
+def _report(ctx: typer.Context, message: str) -> None:
     if (ctx.obj or {}).get("debug") or os.environ.get("FTKIT_DEBUG"):
         traceback.print_exc()
     err.print(_redact(message), markup=False)
@@ -53,8 +54,16 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-WorkspaceOpt = Annotated[Path | None, typer.Option("--workspace", "-w", metavar="DIR", help="Workspace folder (env FTKIT_WORKSPACE; default ./.ftkit).")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", metavar="FILE", help="Settings file (default ./ftkit.toml if present).")]
+WorkspaceOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace", "-w", metavar="DIR", help="Workspace folder (env FTKIT_WORKSPACE; default ./.ftkit)."
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", metavar="FILE", help="Settings file (default ./ftkit.toml if present)."),
+]
 
 
 @app.callback()
@@ -73,21 +82,51 @@ def _settings(ctx: typer.Context, **flags: Any) -> Settings:
     return load_settings(obj.get("config"), workspace=obj.get("workspace"), **flags)
 
 
-Include = Annotated[list[str] | None, typer.Option("--include", metavar="GLOB", help="Glob of files to read (repeatable).")]
-Exclude = Annotated[list[str] | None, typer.Option("--exclude", metavar="GLOB", help="Glob of files to skip (repeatable).")]
+Include = Annotated[
+    list[str] | None, typer.Option("--include", metavar="GLOB", help="Glob of files to read (repeatable).")
+]
+Exclude = Annotated[
+    list[str] | None, typer.Option("--exclude", metavar="GLOB", help="Glob of files to skip (repeatable).")
+]
 Code = Annotated[bool | None, typer.Option("--code/--no-code", help="Also read source-code files.")]
-ChunkTokens = Annotated[int | None, typer.Option("--chunk-tokens", metavar="N", help="Target chunk size in tokens (default 512).")]
-Provider = Annotated[str | None, typer.Option("--provider", metavar="auto|local|openai", help="auto, local (embedded model) or openai.")]
-Model = Annotated[str | None, typer.Option("--model", metavar="NAME", help="Model that writes questions and answers.")]
-Product = Annotated[str | None, typer.Option("--product", metavar="NAME", help="Product name used in the prompts.")]
-PerChunk = Annotated[int | None, typer.Option("--questions-per-chunk", "-n", metavar="N", help="Questions per chunk (default 3).")]
-OutDir = Annotated[Path | None, typer.Option("--out", metavar="DIR", help="Dataset folder (default <workspace>/dataset).")]
-Format = Annotated[str | None, typer.Option("--format", metavar="chat|prompt-completion", help="chat (default) or prompt-completion.")]
-BaseModel = Annotated[str | None, typer.Option("--base-model", metavar="NAME", help="Model to fine-tune, for limits and cost.")]
-Epochs = Annotated[int | None, typer.Option("--epochs", metavar="N", help="Training epochs, for the cost estimate.")]
+ChunkTokens = Annotated[
+    int | None, typer.Option("--chunk-tokens", metavar="N", help="Target chunk size in tokens (default 512).")
+]
+Provider = Annotated[
+    str | None,
+    typer.Option("--provider", metavar="auto|local|openai", help="auto, local (embedded model) or openai."),
+]
+Model = Annotated[
+    str | None, typer.Option("--model", metavar="NAME", help="Model that writes questions and answers.")
+]
+Product = Annotated[
+    str | None, typer.Option("--product", metavar="NAME", help="Product name used in the prompts.")
+]
+PerChunk = Annotated[
+    int | None,
+    typer.Option("--questions-per-chunk", "-n", metavar="N", help="Questions per chunk (default 3)."),
+]
+OutDir = Annotated[
+    Path | None, typer.Option("--out", metavar="DIR", help="Dataset folder (default <workspace>/dataset).")
+]
+Format = Annotated[
+    str | None,
+    typer.Option("--format", metavar="chat|prompt-completion", help="chat (default) or prompt-completion."),
+]
+BaseModel = Annotated[
+    str | None, typer.Option("--base-model", metavar="NAME", help="Model to fine-tune, for limits and cost.")
+]
+Epochs = Annotated[
+    int | None, typer.Option("--epochs", metavar="N", help="Training epochs, for the cost estimate.")
+]
 Seed = Annotated[int | None, typer.Option("--seed", metavar="N", help="Seed of the train/validation split.")]
-MinExamples = Annotated[int | None, typer.Option("--min-examples", metavar="N", help="Fewest training examples accepted.")]
-Sources = Annotated[list[str], typer.Argument(metavar="SOURCE", help="Folders, files or git repositories (path or clone URL).")]
+MinExamples = Annotated[
+    int | None, typer.Option("--min-examples", metavar="N", help="Fewest training examples accepted.")
+]
+Sources = Annotated[
+    list[str],
+    typer.Argument(metavar="SOURCE", help="Folders, files or git repositories (path or clone URL)."),
+]
 
 
 def _progress() -> Any:
@@ -108,13 +147,21 @@ def _print_summary(summary: Any) -> None:
 
 
 @app.command()
-def ingest(ctx: typer.Context, sources: Sources, include: Include = None, exclude: Exclude = None,
-           code: Code = None, chunk_tokens: ChunkTokens = None) -> None:
+def ingest(
+    ctx: typer.Context,
+    sources: Sources,
+    include: Include = None,
+    exclude: Exclude = None,
+    code: Code = None,
+    chunk_tokens: ChunkTokens = None,
+) -> None:
     """Read docs (folders, files, git repositories) into documents and chunks."""
     from finetune_kit.pipeline import run_ingest
     from finetune_kit.render import RichProgress, ingest_lines
 
-    settings = _settings(ctx, include=include, exclude=exclude, include_code=code, chunk_target_tokens=chunk_tokens)
+    settings = _settings(
+        ctx, include=include, exclude=exclude, include_code=code, chunk_target_tokens=chunk_tokens
+    )
     with _progress() as bar:
         report = run_ingest(settings, sources, RichProgress(bar))
     for line in ingest_lines(report):
@@ -122,46 +169,96 @@ def ingest(ctx: typer.Context, sources: Sources, include: Include = None, exclud
 
 
 @app.command("generate-questions")
-def generate_questions(ctx: typer.Context, provider: Provider = None, model: Model = None, product: Product = None,
-                       questions_per_chunk: PerChunk = None) -> None:
+def generate_questions(
+    ctx: typer.Context,
+    provider: Provider = None,
+    model: Model = None,
+    product: Product = None,
+    questions_per_chunk: PerChunk = None,
+) -> None:
     """Have the model write N questions per chunk; chunks already done are skipped."""
     from finetune_kit.pipeline import run_generate_questions
     from finetune_kit.render import RichProgress
 
-    settings = _settings(ctx, provider=provider, model=model, product=product, questions_per_chunk=questions_per_chunk)
+    settings = _settings(
+        ctx, provider=provider, model=model, product=product, questions_per_chunk=questions_per_chunk
+    )
     with _progress() as bar:
         summary = run_generate_questions(settings, RichProgress(bar))
     _print_summary(summary)
 
 
 @app.command("build-dataset")
-def build_dataset(ctx: typer.Context, out_dir: OutDir = None, fmt: Format = None, provider: Provider = None,
-                  model: Model = None, product: Product = None, base_model: BaseModel = None, epochs: Epochs = None,
-                  seed: Seed = None, min_examples: MinExamples = None) -> None:
+def build_dataset(
+    ctx: typer.Context,
+    out_dir: OutDir = None,
+    fmt: Format = None,
+    provider: Provider = None,
+    model: Model = None,
+    product: Product = None,
+    base_model: BaseModel = None,
+    epochs: Epochs = None,
+    seed: Seed = None,
+    min_examples: MinExamples = None,
+) -> None:
     """Answer each question from its chunk and write validated train/validation JSONL."""
     from finetune_kit.pipeline import run_build_dataset
     from finetune_kit.render import RichProgress
 
-    settings = _settings(ctx, dataset_format=fmt, provider=provider, model=model, product=product,
-                         base_model=base_model, epochs=epochs, split_seed=seed, min_examples=min_examples)
+    settings = _settings(
+        ctx,
+        dataset_format=fmt,
+        provider=provider,
+        model=model,
+        product=product,
+        base_model=base_model,
+        epochs=epochs,
+        split_seed=seed,
+        min_examples=min_examples,
+    )
     with _progress() as bar:
         summary = run_build_dataset(settings, out_dir, RichProgress(bar))
     _print_summary(summary)
 
 
 @app.command()
-def run(ctx: typer.Context, sources: Sources, include: Include = None, exclude: Exclude = None, code: Code = None,
-        chunk_tokens: ChunkTokens = None, provider: Provider = None, model: Model = None, product: Product = None,
-        questions_per_chunk: PerChunk = None, out_dir: OutDir = None, fmt: Format = None, base_model: BaseModel = None,
-        epochs: Epochs = None, seed: Seed = None, min_examples: MinExamples = None) -> None:
+def run(
+    ctx: typer.Context,
+    sources: Sources,
+    include: Include = None,
+    exclude: Exclude = None,
+    code: Code = None,
+    chunk_tokens: ChunkTokens = None,
+    provider: Provider = None,
+    model: Model = None,
+    product: Product = None,
+    questions_per_chunk: PerChunk = None,
+    out_dir: OutDir = None,
+    fmt: Format = None,
+    base_model: BaseModel = None,
+    epochs: Epochs = None,
+    seed: Seed = None,
+    min_examples: MinExamples = None,
+) -> None:
     """Run every stage in order: ingest, generate-questions, build-dataset."""
     from finetune_kit.pipeline import run_all
     from finetune_kit.render import RichProgress
 
     settings = _settings(
-        ctx, include=include, exclude=exclude, include_code=code, chunk_target_tokens=chunk_tokens, provider=provider,
-        model=model, product=product, questions_per_chunk=questions_per_chunk, dataset_format=fmt,
-        base_model=base_model, epochs=epochs, split_seed=seed, min_examples=min_examples,
+        ctx,
+        include=include,
+        exclude=exclude,
+        include_code=code,
+        chunk_target_tokens=chunk_tokens,
+        provider=provider,
+        model=model,
+        product=product,
+        questions_per_chunk=questions_per_chunk,
+        dataset_format=fmt,
+        base_model=base_model,
+        epochs=epochs,
+        split_seed=seed,
+        min_examples=min_examples,
     )
     with _progress() as bar:
         summary = run_all(settings, sources, out_dir, RichProgress(bar))
@@ -169,7 +266,9 @@ def run(ctx: typer.Context, sources: Sources, include: Include = None, exclude: 
 
 
 @app.command()
-def status(ctx: typer.Context, provider: Provider = None, model: Model = None, product: Product = None) -> None:
+def status(
+    ctx: typer.Context, provider: Provider = None, model: Model = None, product: Product = None
+) -> None:
     """Show documents, chunk coverage (and why chunks have no questions), answers and LLM cost."""
     from finetune_kit.render import status_table
     from finetune_kit.status import workspace_status
@@ -190,4 +289,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

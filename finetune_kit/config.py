@@ -16,7 +16,11 @@ from finetune_kit.errors import ConfigError
 
 DEFAULT_CONFIG_FILE = Path("ftkit.toml")
 LOCAL_MODEL_ALIAS = "smollm2-135m-instruct"
-SECRET_SETTINGS = {"openai_api_key": "OPENAI_API_KEY", "api_key": "OPENAI_API_KEY", "openai_base_url": "OPENAI_BASE_URL"}
+SECRET_SETTINGS = {
+    "openai_api_key": "OPENAI_API_KEY",
+    "api_key": "OPENAI_API_KEY",
+    "openai_base_url": "OPENAI_BASE_URL",
+}
 
 
 class ModelPrice(BaseModel):
@@ -188,7 +192,9 @@ def _describe_validation_error(exc: ValidationError, path: Path) -> str:
     err = exc.errors()[0]
     name = ".".join(str(part) for part in err["loc"])
     if name in SECRET_SETTINGS:
-        return f"{name} cannot be set in {path} or FTKIT_* — secrets are read from {SECRET_SETTINGS[name]} only"
+        return (
+            f"{name} cannot be set in {path} or FTKIT_* — secrets are read from {SECRET_SETTINGS[name]} only"
+        )
     if err["type"] == "extra_forbidden":
         return f"unknown setting '{name}' — check the spelling in {path} or the FTKIT_* environment"
     env = "FTKIT_" + str(err["loc"][0]).upper()

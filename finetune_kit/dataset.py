@@ -49,12 +49,20 @@ def split_by_chunk(chunk_ids: list[str], fraction: float, seed: int) -> set[str]
     return set(ranked[:n_validation])
 
 
-def to_record(example: Example, fmt: Literal["chat", "prompt-completion"], system_prompt: str | None) -> dict[str, Any]:
+def to_record(
+    example: Example, fmt: Literal["chat", "prompt-completion"], system_prompt: str | None
+) -> dict[str, Any]:
     """One JSONL line in the chosen format."""
     if fmt == "prompt-completion":
-        return {"prompt": example.question + PROMPT_SEPARATOR, "completion": " " + example.answer + COMPLETION_STOP}
+        return {
+            "prompt": example.question + PROMPT_SEPARATOR,
+            "completion": " " + example.answer + COMPLETION_STOP,
+        }
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages += [{"role": "user", "content": example.question}, {"role": "assistant", "content": example.answer}]
+    messages += [
+        {"role": "user", "content": example.question},
+        {"role": "assistant", "content": example.answer},
+    ]
     return {"messages": messages}
 
 
@@ -86,7 +94,7 @@ def _format_error(record: object) -> str | None:
     for message in messages:
         if not isinstance(message, dict) or "role" not in message:
             return "a message without a role"
-        if message["role"] not in ROLES:
+        if not isinstance(message["role"], str) or message["role"] not in ROLES:  # a list role is unhashable
             return f"unrecognised role {message['role']!r}"
         if not isinstance(message.get("content"), str) or not message["content"].strip():
             return f"empty {message['role']} message"

@@ -10,7 +10,12 @@ from finetune_kit.config import Settings
 from finetune_kit.llm.client import LLMClient
 from finetune_kit.llm.endpoint import open_endpoint
 from finetune_kit.progress import NoProgress, Progress
-from finetune_kit.stages.build_dataset import DatasetReport, accepted_examples, answer_questions, write_dataset
+from finetune_kit.stages.build_dataset import (
+    DatasetReport,
+    accepted_examples,
+    answer_questions,
+    write_dataset,
+)
 from finetune_kit.stages.generate_questions import QuestionReport, generate_questions
 from finetune_kit.stages.ingest import IngestReport, ingest
 from finetune_kit.store import Store
@@ -61,7 +66,9 @@ def run_generate_questions(settings: Settings, progress: Progress | None = None)
         return summary
 
 
-def run_build_dataset(settings: Settings, out_dir: Path | None, progress: Progress | None = None) -> RunSummary:
+def run_build_dataset(
+    settings: Settings, out_dir: Path | None, progress: Progress | None = None
+) -> RunSummary:
     """`ftkit build-dataset`: answer, then write and validate train/validation JSONL."""
     with recorded_run(settings, "build-dataset") as (store, run_id):
         summary = RunSummary()
@@ -70,7 +77,9 @@ def run_build_dataset(settings: Settings, out_dir: Path | None, progress: Progre
         return summary
 
 
-def run_all(settings: Settings, specs: list[str], out_dir: Path | None, progress: Progress | None = None) -> RunSummary:
+def run_all(
+    settings: Settings, specs: list[str], out_dir: Path | None, progress: Progress | None = None
+) -> RunSummary:
     """`ftkit run`: ingest, generate questions, answer and write the dataset, in order."""
     progress = progress or NoProgress()
     with recorded_run(settings, "run") as (store, run_id):
@@ -81,13 +90,24 @@ def run_all(settings: Settings, specs: list[str], out_dir: Path | None, progress
 
 
 async def _generation(
-    store: Store, settings: Settings, run_id: int, summary: RunSummary, progress: Progress,
-    questions: bool = True, answer: bool = True,
+    store: Store,
+    settings: Settings,
+    run_id: int,
+    summary: RunSummary,
+    progress: Progress,
+    questions: bool = True,
+    answer: bool = True,
 ) -> None:
     with open_endpoint(settings) as endpoint:
         concurrency = settings.max_concurrency if settings.resolved_provider == "openai" else 1
-        client = LLMClient(endpoint, store, max_concurrency=concurrency, max_retries=settings.max_retries,
-                           timeout_s=settings.request_timeout_s, run_id=run_id)
+        client = LLMClient(
+            endpoint,
+            store,
+            max_concurrency=concurrency,
+            max_retries=settings.max_retries,
+            timeout_s=settings.request_timeout_s,
+            run_id=run_id,
+        )
         try:
             if questions:
                 summary.questions = await generate_questions(store, client, settings, progress)

@@ -43,14 +43,19 @@ def load_prompt(name: str, prompts_dir: Path | None = None) -> PromptTemplate:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read prompt template ({exc.strerror}) — check prompts_dir") from exc
+        raise ConfigError(
+            f"{path}: cannot read prompt template ({exc.strerror}) — check prompts_dir"
+        ) from exc
     try:
-        found = {field for _, field, _, _ in string.Formatter().parse(text) if field}
+        # `is not None`, not truthiness: a bare {} is a positional field that render() cannot fill.
+        found = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc} — write literal braces as {{{{ and }}}}") from exc
     required = REQUIRED_PLACEHOLDERS[name]
     if missing := sorted(required - found):
-        raise ConfigError(f"{path}: missing placeholder {{{missing[0]}}} — the template must use {sorted(required)}")
+        raise ConfigError(
+            f"{path}: missing placeholder {{{missing[0]}}} — the template must use {sorted(required)}"
+        )
     if unknown := sorted(found - required):
         raise ConfigError(f"{path}: unknown placeholder {{{unknown[0]}}} — use only {sorted(required)}")
     return PromptTemplate(name=name, text=text, path=path)

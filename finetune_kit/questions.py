@@ -4,9 +4,18 @@ import re
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 
-_ITEM = re.compile(r"^\s*(?:(?:Q(?:uestion)?\s*)?\d{1,2}\s*[.):\]-]|[-*•+]|Q(?:uestion)?\s*\d*\s*:)\s*(.*)$", re.I)
+_ITEM = re.compile(
+    r"^\s*(?:(?:Q(?:uestion)?\s*)?\d{1,2}\s*[.):\]-]|[-*•+]|Q(?:uestion)?\s*\d*\s*:)\s*(.*)$", re.I
+)
 _DECORATION = re.compile(r"^[\s\"'“”*_`>]+|[\s\"'“”*_`]+$")
-_PROMPT_ECHO = ("documentation:", "questions:", "answer:", "one per line", "numbered list", "documentation above")
+_PROMPT_ECHO = (
+    "documentation:",
+    "questions:",
+    "answer:",
+    "one per line",
+    "numbered list",
+    "documentation above",
+)
 MIN_WORDS = 3
 MAX_WORDS = 60
 

@@ -9,6 +9,7 @@ from rich.progress import (
     MofNCompleteColumn,
     ProgressColumn,
     Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -39,14 +40,20 @@ class RichProgress:
 
     def __init__(self, bar: RichProgressBar) -> None:
         self.bar = bar
-        self.task: int | None = None
+        self.task: TaskID | None = None
 
     @staticmethod
     def make_bar(console: Console) -> RichProgressBar:
         """The bar layout ftkit uses everywhere; drawn only on a terminal, so logs and pipes stay clean."""
         return RichProgressBar(
-            TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+            TextColumn("{task.description:<22}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            RateColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
             disable=not console.is_terminal,
         )
 
@@ -86,9 +93,13 @@ def dataset_lines(report: DatasetReport) -> list[str]:
     lines = []
     for part in (report.train, report.validation):
         if part is not None:
-            lines.append(f"Wrote {part.path} ({part.examples} examples, {part.duplicates} duplicates, "
-                         f"longest {part.max_example_tokens} tokens)")
-    lines.append(f"Estimated training: {report.estimated_training_tokens:,} tokens, ${report.estimated_cost_usd:.2f}")
+            lines.append(
+                f"Wrote {part.path} ({part.examples} examples, {part.duplicates} duplicates, "
+                f"longest {part.max_example_tokens} tokens)"
+            )
+    lines.append(
+        f"Estimated training: {report.estimated_training_tokens:,} tokens, ${report.estimated_cost_usd:.2f}"
+    )
     return lines
 
 
@@ -98,8 +109,11 @@ def summary_table(summary: RunSummary) -> Table:
     table.add_column("what")
     table.add_column("value", overflow="fold")
     if summary.ingest:
-        table.add_row("documents (new / unchanged / retired)", f"{summary.ingest.documents_new} / "
-                      f"{summary.ingest.documents_unchanged} / {summary.ingest.documents_retired}")
+        table.add_row(
+            "documents (new / unchanged / retired)",
+            f"{summary.ingest.documents_new} / "
+            f"{summary.ingest.documents_unchanged} / {summary.ingest.documents_retired}",
+        )
         table.add_row("chunks (new)", str(summary.ingest.chunks_new))
         table.add_row("files skipped", str(len(summary.ingest.skipped)))
     if summary.questions:
@@ -114,9 +128,13 @@ def summary_table(summary: RunSummary) -> Table:
         table.add_row("answer rejects", _reasons(d.rejects))
         if d.train and d.validation:
             table.add_row("examples (train / validation)", f"{d.train.examples} / {d.validation.examples}")
-        table.add_row("estimated training", f"{d.estimated_training_tokens:,} tokens, ${d.estimated_cost_usd:.2f}")
+        table.add_row(
+            "estimated training", f"{d.estimated_training_tokens:,} tokens, ${d.estimated_cost_usd:.2f}"
+        )
     table.add_row("LLM calls (made / cached)", f"{summary.llm_calls} / {summary.cache_hits}")
-    table.add_row("tokens (prompt / completion)", f"{summary.prompt_tokens:,} / {summary.completion_tokens:,}")
+    table.add_row(
+        "tokens (prompt / completion)", f"{summary.prompt_tokens:,} / {summary.completion_tokens:,}"
+    )
     table.add_row("cost", f"${summary.cost_usd:.4f}")
     for path in summary.files:
         table.add_row("output", str(path))

@@ -43,8 +43,10 @@ class StatusReport:
             ("questions", _join(self.questions)),
             ("answers", _join(self.answers)),
         ]
-        rows += [(f"LLM {stage}", f"{calls} calls, {tin:,} in / {tout:,} out tokens, ${cost:.4f}")
-                 for stage, calls, tin, tout, cost in self.ledger]
+        rows += [
+            (f"LLM {stage}", f"{calls} calls, {tin:,} in / {tout:,} out tokens, ${cost:.4f}")
+            for stage, calls, tin, tout, cost in self.ledger
+        ]
         if self.last_run:
             rows.append(("last run", " ".join(self.last_run)))
         return rows
@@ -64,33 +66,54 @@ def workspace_status(settings: Settings) -> StatusReport:
     q_key = generation_key(settings, load_prompt("questions", settings.prompts_dir), identity, model)
     a_key = answer_key(settings, load_prompt("answers", settings.prompts_dir), identity, model)
     if not settings.db_path.is_file():
-        raise FtkitError(f"{settings.workspace}: no ftkit workspace here — run `ftkit ingest DOCS` first or pass --workspace")
+        raise FtkitError(
+            f"{settings.workspace}: no ftkit workspace here — run `ftkit ingest DOCS` first or pass --workspace"
+        )
     report = StatusReport(workspace=settings.workspace)
     with Store(settings.db_path) as store:
-        report.sources = [(r[0], r[1], r[2] or "never") for r in store.db.execute("SELECT spec, kind, last_sync FROM sources")]
+        report.sources = [
+            (r[0], r[1], r[2] or "never")
+            for r in store.db.execute("SELECT spec, kind, last_sync FROM sources")
+        ]
         docs = _counts(store, "SELECT status, count(*) FROM documents GROUP BY status")
         report.documents, report.documents_retired = docs.get("active", 0), docs.get("retired", 0)
-        report.skipped = _counts(store, "SELECT reason, count(*) FROM skipped_files GROUP BY reason ORDER BY 2 DESC")
+        report.skipped = _counts(
+            store, "SELECT reason, count(*) FROM skipped_files GROUP BY reason ORDER BY 2 DESC"
+        )
         report.chunks = int(store.scalar("SELECT count(*) FROM chunks WHERE status = 'active'") or 0)
-        active_sets = ("FROM question_sets s JOIN chunks c ON c.id = s.chunk_id"
-                       " WHERE c.status = 'active' AND s.generation_key = ?")
-        report.chunks_with_questions = int(store.scalar(f"SELECT count(*) {active_sets} AND s.n_accepted > 0", (q_key,)) or 0)
+        active_sets = (
+            "FROM question_sets s JOIN chunks c ON c.id = s.chunk_id"
+            " WHERE c.status = 'active' AND s.generation_key = ?"
+        )
+        report.chunks_with_questions = int(
+            store.scalar(f"SELECT count(*) {active_sets} AND s.n_accepted > 0", (q_key,)) or 0
+        )
         done = int(store.scalar(f"SELECT count(*) {active_sets}", (q_key,)) or 0)
         report.chunks_pending = report.chunks - done
         report.chunks_without_questions = _counts(
-            store, f"SELECT s.reason, count(*) {active_sets} AND s.n_accepted = 0 GROUP BY s.reason ORDER BY 2 DESC", (q_key,)
+            store,
+            f"SELECT s.reason, count(*) {active_sets} AND s.n_accepted = 0 GROUP BY s.reason ORDER BY 2 DESC",
+            (q_key,),
         )
         report.questions = _counts(
-            store, "SELECT coalesce(reason, 'accepted'), count(*) FROM questions WHERE generation_key = ?"
-            " GROUP BY 1 ORDER BY 2 DESC", (q_key,)
+            store,
+            "SELECT coalesce(reason, 'accepted'), count(*) FROM questions WHERE generation_key = ?"
+            " GROUP BY 1 ORDER BY 2 DESC",
+            (q_key,),
         )
         report.answers = _counts(
-            store, "SELECT coalesce(reason, 'accepted'), count(*) FROM answers WHERE answer_key = ? GROUP BY 1 ORDER BY 2 DESC",
+            store,
+            "SELECT coalesce(reason, 'accepted'), count(*) FROM answers WHERE answer_key = ? GROUP BY 1 ORDER BY 2 DESC",
             (a_key,),
         )
-        report.ledger = [tuple(r) for r in store.db.execute(  # type: ignore[misc]
-            "SELECT stage, count(*), sum(prompt_tokens), sum(completion_tokens), sum(cost_usd) FROM llm_calls GROUP BY stage"
-        )]
-        last = store.db.execute("SELECT command, status, started_at FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        report.ledger = [
+            tuple(r)
+            for r in store.db.execute(  # type: ignore[misc]
+                "SELECT stage, count(*), sum(prompt_tokens), sum(completion_tokens), sum(cost_usd) FROM llm_calls GROUP BY stage"
+            )
+        ]
+        last = store.db.execute(
+            "SELECT command, status, started_at FROM runs ORDER BY id DESC LIMIT 1"
+        ).fetchone()
         report.last_run = tuple(last) if last else None  # type: ignore[assignment]
     return report

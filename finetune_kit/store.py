@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from finetune_kit.errors import StoreError
 
@@ -123,7 +124,9 @@ class Store:
             self.db.execute("PRAGMA synchronous=NORMAL")
             migrate(self.db)
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{path}: cannot open the state database ({exc}) — move it aside to start over") from exc
+            raise StoreError(
+                f"{path}: cannot open the state database ({exc}) — move it aside to start over"
+            ) from exc
 
     def close(self) -> None:
         """Close the connection."""
@@ -146,7 +149,7 @@ class Store:
             raise
         self.db.execute("COMMIT")
 
-    def scalar(self, sql: str, params: tuple[object, ...] = ()) -> object:
+    def scalar(self, sql: str, params: tuple[object, ...] = ()) -> Any:
         """The first column of the first row of a query, or None."""
         row = self.db.execute(sql, params).fetchone()
         return row[0] if row else None
@@ -170,7 +173,9 @@ def migrate(db: sqlite3.Connection) -> list[str]:
     done = {row[0] for row in db.execute("SELECT name FROM migrations")}
     known = {name for name, _ in MIGRATIONS}
     if unknown := done - known:
-        raise StoreError(f"state database has migrations {sorted(unknown)} from a newer ftkit — upgrade ftkit")
+        raise StoreError(
+            f"state database has migrations {sorted(unknown)} from a newer ftkit — upgrade ftkit"
+        )
     applied = []
     for name, sql in MIGRATIONS:
         if name in done:

@@ -168,6 +168,7 @@ def test_example_tokens_prompt_completion_by_hand() -> None:
         ('{"messages": [{"role": "tool", "content": "Hi"}]}', "unrecognised role 'tool'"),
         ('{"messages": ["Hi"]}', "a message without a role"),
         ('{"messages": [{"role": null, "content": "Hi"}]}', "unrecognised role None"),
+        ('{"messages": [{"role": ["user"], "content": "Hi"}]}', "unrecognised role ['user']"),
         (
             '{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]}',
             "empty user message",

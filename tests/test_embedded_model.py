@@ -47,7 +47,9 @@ def test_kill_9_mid_run_then_rerun_completes_without_repeating_calls(tmp_path: P
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "FTKIT_"))}
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and (not Path("ws/state.db").exists() or llm_calls(Path("ws/state.db")) < 3):
+    while time.monotonic() < deadline and (
+        not Path("ws/state.db").exists() or llm_calls(Path("ws/state.db")) < 3
+    ):
         time.sleep(0.5)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()

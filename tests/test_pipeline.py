@@ -24,7 +24,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_run_writes_a_validated_dataset_and_rerun_makes_no_calls(runner: CliRunner, fake_llm: FakeOpenAI) -> None:
+def test_run_writes_a_validated_dataset_and_rerun_makes_no_calls(
+    runner: CliRunner, fake_llm: FakeOpenAI
+) -> None:
     code, out, err = ftkit(runner, "run", str(SAMPLE_DOCS), "--product", "Quillstack")
     assert code == 0, err
     train = read_jsonl(Path("ws/dataset/train.jsonl"))
@@ -57,7 +59,9 @@ def test_no_validation_chunk_leaks_into_training(runner: CliRunner, monkeypatch)
         assert ftkit(runner, "run", str(SAMPLE_DOCS), "--seed", "7")[0] == 0
     tag = re.compile(r"section (\w+) in")
     train = {tag.search(r["messages"][1]["content"])[1] for r in read_jsonl(Path("ws/dataset/train.jsonl"))}
-    held = {tag.search(r["messages"][1]["content"])[1] for r in read_jsonl(Path("ws/dataset/validation.jsonl"))}
+    held = {
+        tag.search(r["messages"][1]["content"])[1] for r in read_jsonl(Path("ws/dataset/validation.jsonl"))
+    }
     assert train and held and not (train & held)
 
 
@@ -71,7 +75,9 @@ def test_stages_run_alone_and_editing_one_document_reruns_only_its_chunks(
     assert ftkit(runner, "build-dataset", "--product", "Quillstack")[0] == 0
     calls = len(fake_llm.requests)
     faq = docs / "faq.md"
-    faq.write_text(faq.read_text() + "\n\n## Does Quillstack run on ARM?\n\nYes. Every release ships arm64 builds.\n")
+    faq.write_text(
+        faq.read_text() + "\n\n## Does Quillstack run on ARM?\n\nYes. Every release ships arm64 builds.\n"
+    )
 
     code, out, _ = ftkit(runner, "ingest", str(docs))
     assert code == 0
@@ -84,7 +90,9 @@ def test_stages_run_alone_and_editing_one_document_reruns_only_its_chunks(
 
 
 def test_prompt_completion_format(runner: CliRunner, fake_llm: FakeOpenAI) -> None:
-    code, _, err = ftkit(runner, "run", str(SAMPLE_DOCS), "--product", "Quillstack", "--format", "prompt-completion")
+    code, _, err = ftkit(
+        runner, "run", str(SAMPLE_DOCS), "--product", "Quillstack", "--format", "prompt-completion"
+    )
     assert code == 0, err
     record = read_jsonl(Path("ws/dataset/train.jsonl"))[0]
     assert set(record) == {"prompt", "completion"}
@@ -96,10 +104,14 @@ def test_status_reports_coverage_and_ledger(runner: CliRunner, fake_llm: FakeOpe
     assert ftkit(runner, "run", str(SAMPLE_DOCS), "--product", "Quillstack")[0] == 0
     code, out, _ = ftkit(runner, "status", "--product", "Quillstack")
     assert code == 0
-    assert "chunks not yet processed" in out and "LLM generate-questions" in out and "LLM build-dataset" in out
+    assert (
+        "chunks not yet processed" in out and "LLM generate-questions" in out and "LLM build-dataset" in out
+    )
 
 
-def test_garbage_model_fails_with_one_line_and_keeps_state(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
+def test_garbage_model_fails_with_one_line_and_keeps_state(
+    runner: CliRunner, tmp_path: Path, monkeypatch
+) -> None:
     with FakeOpenAI(lambda body: Reply("lorem ipsum dolor sit amet"), api_key=TEST_KEY) as fake:
         monkeypatch.setenv("OPENAI_BASE_URL", fake.url)
         monkeypatch.setenv("OPENAI_API_KEY", TEST_KEY)
@@ -145,7 +157,10 @@ def test_wrong_key_is_reported_without_the_key(runner: CliRunner, fake_llm: Fake
     ("make", "expected"),
     [
         (lambda p: p / "missing", "Error: {p}/missing: no such file or directory — check the path\n"),
-        (lambda p: p / "empty", "Error: {p}/empty: no documents found — point ftkit at a folder of .md/.mdx/.rst/.html/.txt files or widen --include\n"),
+        (
+            lambda p: p / "empty",
+            "Error: {p}/empty: no documents found — point ftkit at a folder of .md/.mdx/.rst/.html/.txt files or widen --include\n",
+        ),
     ],
 )
 def test_bad_corpus_paths(runner: CliRunner, tmp_path: Path, make, expected: str) -> None:

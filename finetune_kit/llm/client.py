@@ -105,8 +105,16 @@ def _retry_after_seconds(exc: BaseException | None) -> float | None:
 class LLMClient:
     """Cached, retried, concurrency-bounded chat completions against one endpoint."""
 
-    def __init__(self, endpoint: Endpoint, store: Store, *, max_concurrency: int, max_retries: int,
-                 timeout_s: float, run_id: int | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        store: Store,
+        *,
+        max_concurrency: int,
+        max_retries: int,
+        timeout_s: float,
+        run_id: int | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.store = store
         self.run_id = run_id
@@ -193,8 +201,18 @@ class LLMClient:
         self.store.db.execute(
             "INSERT OR REPLACE INTO llm_calls(request_hash, stage, model, request_json, response_json,"
             " prompt_tokens, completion_tokens, cost_usd, run_id, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (key, request.stage, self.endpoint.model, json.dumps(request.payload(self.endpoint.model)),
-             json.dumps(response), prompt_tokens, completion_tokens, cost, self.run_id, utc_now()),
+            (
+                key,
+                request.stage,
+                self.endpoint.model,
+                json.dumps(request.payload(self.endpoint.model)),
+                json.dumps(response),
+                prompt_tokens,
+                completion_tokens,
+                cost,
+                self.run_id,
+                utc_now(),
+            ),
         )
         choices = response.get("choices") or [{}]
         return ChatResult(

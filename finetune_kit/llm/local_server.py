@@ -107,7 +107,12 @@ def _running_server(workspace: Path, model_path: Path) -> tuple[LocalServer | No
 
 
 def _write_state(workspace: Path, server: LocalServer) -> None:
-    state = {"pid": server.pid, "owner": os.getpid(), "base_url": server.base_url, "model_path": str(server.model_path)}
+    state = {
+        "pid": server.pid,
+        "owner": os.getpid(),
+        "base_url": server.base_url,
+        "model_path": str(server.model_path),
+    }
     tmp = workspace / (STATE_FILE + ".tmp")
     tmp.write_text(json.dumps(state))
     os.replace(tmp, workspace / STATE_FILE)
@@ -144,9 +149,23 @@ def _spawn(settings: Settings, model_path: Path, port: int) -> subprocess.Popen[
     # llama.cpp collapses when its threads outnumber free cores; half the cores stays fast under load
     threads = settings.local_threads or max(1, (os.cpu_count() or 2) // 2)
     command = [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--model_alias", LOCAL_MODEL_ALIAS,
-        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(settings.local_context_tokens),
-        "--n_threads", str(threads), "--verbose", "False",
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(model_path),
+        "--model_alias",
+        LOCAL_MODEL_ALIAS,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(settings.local_context_tokens),
+        "--n_threads",
+        str(threads),
+        "--verbose",
+        "False",
     ]
     log_handle = (settings.workspace / LOG_FILE).open("ab")
     with log_handle:

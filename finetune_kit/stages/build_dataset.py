@@ -9,7 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune_kit.config import Settings
-from finetune_kit.dataset import Example, ValidationReport, split_by_chunk, to_record, validate_jsonl, write_jsonl
+from finetune_kit.dataset import (
+    Example,
+    ValidationReport,
+    split_by_chunk,
+    to_record,
+    validate_jsonl,
+    write_jsonl,
+)
 from finetune_kit.errors import RequestRejectedError
 from finetune_kit.llm.client import ChatRequest, LLMClient
 from finetune_kit.progress import NoProgress, Progress
@@ -38,13 +45,21 @@ class DatasetReport:
     estimated_training_tokens: int = 0
     estimated_cost_usd: float = 0.0
     files: list[Path] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # each one line naming the fix; non-empty means unusable
+    problems: list[str] = field(
+        default_factory=list
+    )  # each one line naming the fix; non-empty means unusable
 
 
 def answer_key(settings: Settings, template: PromptTemplate, endpoint_identity: str, model: str) -> str:
     """Identifies the answers made under these settings."""
-    parts = [template.version, endpoint_identity, model, settings.product,
-             settings.answer_temperature, settings.answer_max_tokens]
+    parts = [
+        template.version,
+        endpoint_identity,
+        model,
+        settings.product,
+        settings.answer_temperature,
+        settings.answer_max_tokens,
+    ]
     return "a1:" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -94,13 +109,21 @@ async def answer_questions(
 
 
 async def _answer_one(
-    store: Store, client: LLMClient, settings: Settings, template: PromptTemplate, key: str,
-    row: sqlite3.Row, report: DatasetReport,
+    store: Store,
+    client: LLMClient,
+    settings: Settings,
+    template: PromptTemplate,
+    key: str,
+    row: sqlite3.Row,
+    report: DatasetReport,
 ) -> None:
     prompt = template.render(product=settings.product, chunk=row["chunk"], question=row["text"])
     request = ChatRequest(
-        stage="build-dataset", messages=(("user", prompt),), temperature=settings.answer_temperature,
-        max_tokens=settings.answer_max_tokens, template_version=template.version,
+        stage="build-dataset",
+        messages=(("user", prompt),),
+        temperature=settings.answer_temperature,
+        max_tokens=settings.answer_max_tokens,
+        template_version=template.version,
     )
     try:
         result = await client.chat(request)
@@ -141,18 +164,24 @@ def write_dataset(
     examples: list[Example], settings: Settings, out_dir: Path, report: DatasetReport
 ) -> DatasetReport:
     """Split by chunk, write train/validation JSONL, validate both and estimate training cost."""
-    held_out = split_by_chunk([e.chunk_id for e in examples], settings.validation_fraction, settings.split_seed)
+    held_out = split_by_chunk(
+        [e.chunk_id for e in examples], settings.validation_fraction, settings.split_seed
+    )
     system = default_system_prompt(settings) if settings.dataset_format == "chat" else None
     limit = settings.example_token_limits.get(settings.fine_tune_base_model, 65_536)
-    for name, part in (("train", [e for e in examples if e.chunk_id not in held_out]),
-                       ("validation", [e for e in examples if e.chunk_id in held_out])):
+    for name, part in (
+        ("train", [e for e in examples if e.chunk_id not in held_out]),
+        ("validation", [e for e in examples if e.chunk_id in held_out]),
+    ):
         path = out_dir / f"{name}.jsonl"
         write_jsonl(path, [to_record(e, settings.dataset_format, system) for e in part])
         setattr(report, name, validate_jsonl(path, limit))
         report.files.append(path)
     assert report.train is not None
     report.estimated_training_tokens = report.train.tokens * settings.epochs
-    report.estimated_cost_usd = report.estimated_training_tokens * settings.price_for(settings.fine_tune_base_model).training / 1e6
+    report.estimated_cost_usd = (
+        report.estimated_training_tokens * settings.price_for(settings.fine_tune_base_model).training / 1e6
+    )
     report.problems = dataset_problems(report, settings)
     return report
 

@@ -32,8 +32,16 @@ class QuestionReport:
 
 def generation_key(settings: Settings, template: PromptTemplate, endpoint_identity: str, model: str) -> str:
     """Identifies the question set a chunk gets under these settings; a change means new questions."""
-    parts = [template.version, endpoint_identity, model, settings.product, settings.questions_per_chunk,
-             settings.question_temperature, settings.question_max_tokens, settings.near_duplicate_threshold]
+    parts = [
+        template.version,
+        endpoint_identity,
+        model,
+        settings.product,
+        settings.questions_per_chunk,
+        settings.question_temperature,
+        settings.question_max_tokens,
+        settings.near_duplicate_threshold,
+    ]
     return "g1:" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -54,7 +62,9 @@ async def generate_questions(
     template = load_prompt("questions", settings.prompts_dir)
     key = generation_key(settings, template, client.endpoint.identity, client.endpoint.model)
     todo = pending_chunks(store, key)
-    report = QuestionReport(chunks_total=int(store.scalar("SELECT count(*) FROM chunks WHERE status = 'active'") or 0))
+    report = QuestionReport(
+        chunks_total=int(store.scalar("SELECT count(*) FROM chunks WHERE status = 'active'") or 0)
+    )
     report.chunks_done_before = report.chunks_total - len(todo)
     progress.start("generate questions", len(todo))
 
@@ -89,8 +99,13 @@ async def gather_all(jobs: list) -> None:  # type: ignore[type-arg]
 
 
 async def _questions_for_chunk(
-    store: Store, client: LLMClient, settings: Settings, template: PromptTemplate, key: str,
-    chunk: sqlite3.Row, report: QuestionReport,
+    store: Store,
+    client: LLMClient,
+    settings: Settings,
+    template: PromptTemplate,
+    key: str,
+    chunk: sqlite3.Row,
+    report: QuestionReport,
 ) -> None:
     prompt = template.render(product=settings.product, n=settings.questions_per_chunk, chunk=chunk["text"])
     wanted = settings.questions_per_chunk
@@ -98,8 +113,12 @@ async def _questions_for_chunk(
     reason: str | None = None
     for attempt in range(MAX_ATTEMPTS):
         request = ChatRequest(
-            stage="generate-questions", messages=(("user", prompt),), temperature=settings.question_temperature,
-            max_tokens=settings.question_max_tokens, template_version=template.version, attempt=attempt,
+            stage="generate-questions",
+            messages=(("user", prompt),),
+            temperature=settings.question_temperature,
+            max_tokens=settings.question_max_tokens,
+            template_version=template.version,
+            attempt=attempt,
             stop=(f"\n{wanted + 1}.",),  # small models go on listing; the first N are all we keep
         )
         try:
@@ -108,8 +127,13 @@ async def _questions_for_chunk(
             reason = f"request rejected by the endpoint: {exc}"
             break
         accepted = [c.text for c in judged if c.accepted]
-        judged += select_questions(result.content, wanted, accepted, settings.near_duplicate_threshold,
-                                   truncated=result.finish_reason == "length")
+        judged += select_questions(
+            result.content,
+            wanted,
+            accepted,
+            settings.near_duplicate_threshold,
+            truncated=result.finish_reason == "length",
+        )
         if sum(c.accepted for c in judged) >= wanted:
             break
     _save_question_set(store, chunk["id"], key, wanted, judged, reason, report)
@@ -127,7 +151,12 @@ def _coverage_reason(judged: list[Candidate], wanted: int, n_accepted: int) -> s
 
 
 def _save_question_set(
-    store: Store, chunk_id: str, key: str, wanted: int, judged: list[Candidate], reason: str | None,
+    store: Store,
+    chunk_id: str,
+    key: str,
+    wanted: int,
+    judged: list[Candidate],
+    reason: str | None,
     report: QuestionReport,
 ) -> None:
     n_accepted = sum(c.accepted for c in judged)
@@ -138,8 +167,15 @@ def _save_question_set(
             question_id = "q1:" + hashlib.sha256(f"{chunk_id}\0{key}\0{seq}".encode()).hexdigest()[:24]
             db.execute(
                 "INSERT INTO questions(id, chunk_id, generation_key, seq, text, status, reason) VALUES (?,?,?,?,?,?,?)",
-                (question_id, chunk_id, key, seq, candidate.text,
-                 "accepted" if candidate.accepted else "rejected", candidate.reason),
+                (
+                    question_id,
+                    chunk_id,
+                    key,
+                    seq,
+                    candidate.text,
+                    "accepted" if candidate.accepted else "rejected",
+                    candidate.reason,
+                ),
             )
         db.execute(
             "INSERT OR REPLACE INTO question_sets(chunk_id, generation_key, n_accepted, reason, created_at)"

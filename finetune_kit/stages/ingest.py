@@ -54,7 +54,9 @@ def chunker_key(settings: ChunkSettings) -> str:
     return f"k1:{settings.target_tokens}:{settings.overlap_tokens}:{settings.min_tokens}"
 
 
-def ingest(store: Store, settings: Settings, specs: list[str], progress: Progress | None = None) -> IngestReport:
+def ingest(
+    store: Store, settings: Settings, specs: list[str], progress: Progress | None = None
+) -> IngestReport:
     """Read every source in `specs` (folders, files or git repositories) into the state database."""
     progress = progress or NoProgress()
     report = IngestReport()
@@ -130,7 +132,17 @@ def _ingest_document(
                 "INSERT INTO documents(id, source_id, path, source_url, format, content_hash, chunker_key, text,"
                 " ingested_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET status = 'active',"
                 " retired_at = NULL, chunker_key = excluded.chunker_key",
-                (doc_id, source_id, doc.path, doc.source_url, doc.format, content_hash, key, doc.text, utc_now()),
+                (
+                    doc_id,
+                    source_id,
+                    doc.path,
+                    doc.source_url,
+                    doc.format,
+                    content_hash,
+                    key,
+                    doc.text,
+                    utc_now(),
+                ),
             )
             report.documents_new += 1
         else:
@@ -160,7 +172,9 @@ def _insert_chunks(
 
 
 def _retire_chunks(db: sqlite3.Connection, doc_id: str) -> int:
-    cur = db.execute("UPDATE chunks SET status = 'retired' WHERE document_id = ? AND status = 'active'", (doc_id,))
+    cur = db.execute(
+        "UPDATE chunks SET status = 'retired' WHERE document_id = ? AND status = 'active'", (doc_id,)
+    )
     return int(cur.rowcount)
 
 
@@ -170,7 +184,9 @@ def _retire_documents(
     ids = [row[0] for row in db.execute(f"SELECT id FROM documents WHERE {where}", params)]
     for doc_id in ids:
         report.chunks_retired += _retire_chunks(db, doc_id)
-        db.execute("UPDATE documents SET status = 'retired', retired_at = ? WHERE id = ?", (utc_now(), doc_id))
+        db.execute(
+            "UPDATE documents SET status = 'retired', retired_at = ? WHERE id = ?", (utc_now(), doc_id)
+        )
     return len(ids)
 
 
