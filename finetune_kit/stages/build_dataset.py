@@ -21,7 +21,8 @@ from finetune_kit.errors import RequestRejectedError
 from finetune_kit.llm.client import ChatRequest, LLMClient
 from finetune_kit.progress import NoProgress, Progress
 from finetune_kit.prompts import PromptTemplate, load_prompt
-from finetune_kit.stages.generate_questions import gather_all, generation_key
+from finetune_kit.stages import gather_all
+from finetune_kit.stages.generate_questions import generation_key
 from finetune_kit.store import Store, utc_now
 
 _REFUSAL = re.compile(

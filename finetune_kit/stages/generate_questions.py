@@ -1,6 +1,5 @@
 """Generate questions: N per chunk, parsed robustly, with a coverage ledger saying why a chunk got none."""
 
-import asyncio
 import hashlib
 import json
 import sqlite3
@@ -13,6 +12,7 @@ from finetune_kit.llm.client import ChatRequest, LLMClient
 from finetune_kit.progress import NoProgress, Progress
 from finetune_kit.prompts import PromptTemplate, load_prompt
 from finetune_kit.questions import Candidate, select_questions
+from finetune_kit.stages import gather_all
 from finetune_kit.store import Store, utc_now
 
 MAX_ATTEMPTS = 3  # asks per chunk while the model's output yields fewer than N usable questions
@@ -84,18 +84,6 @@ async def generate_questions(
             " — see `ftkit status` for the reasons; try a larger model with --model"
         )
     return report
-
-
-async def gather_all(jobs: list) -> None:  # type: ignore[type-arg]
-    """Run all jobs; on the first failure cancel the rest and re-raise it (finished items are already saved)."""
-    tasks = [asyncio.ensure_future(job) for job in jobs]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 async def _questions_for_chunk(
