@@ -1,4 +1,5 @@
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,14 +218,19 @@ def test_resolved_provider(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
     [
         ({}, {}, LOCAL_MODEL_ALIAS, LOCAL_MODEL_ALIAS),
         ({"OPENAI_API_KEY": TEST_KEY}, {}, "gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
-        ({"OPENAI_API_KEY": TEST_KEY}, {"base_model": "gpt-4.1-nano-2025-04-14"}, "gpt-4.1-nano-2025-04-14", "gpt-4o-mini"),
+        (
+            {"OPENAI_API_KEY": TEST_KEY},
+            {"base_model": "gpt-4.1-nano-2025-04-14"},
+            "gpt-4.1-nano-2025-04-14",
+            "gpt-4o-mini",
+        ),
         ({}, {"model": "fake-model"}, LOCAL_MODEL_ALIAS, "fake-model"),
     ],
 )
 def test_default_models(
     monkeypatch: pytest.MonkeyPatch,
     env: dict[str, str],
-    flags: dict[str, str],
+    flags: dict[str, Any],
     base_model: str,
     generation_model: str,
 ) -> None:
@@ -256,7 +262,7 @@ def test_price_for(model: str, price: ModelPrice) -> None:
 
 
 def test_prices_from_toml(tmp_path: Path) -> None:
-    write_toml(tmp_path / "ftkit.toml", '[prices.my-model]\ninput = 1.5\noutput = 2.5\n')
+    write_toml(tmp_path / "ftkit.toml", "[prices.my-model]\ninput = 1.5\noutput = 2.5\n")
 
     settings = load_settings()
 

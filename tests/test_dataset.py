@@ -132,7 +132,9 @@ def test_write_jsonl_replaces_an_existing_file(tmp_path: Path) -> None:
 
     write_jsonl(path, [HI])
 
-    assert path.read_text(encoding="utf-8") == json.dumps(HI, separators=(",", ":"), ensure_ascii=False) + "\n"
+    assert (
+        path.read_text(encoding="utf-8") == json.dumps(HI, separators=(",", ":"), ensure_ascii=False) + "\n"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]
 
 
@@ -205,7 +207,9 @@ def test_validate_clean_file(tmp_path: Path) -> None:
 def test_validate_counts_duplicates(tmp_path: Path) -> None:
     other = to_record(EXAMPLE, "chat", None)
     reordered_keys = json.dumps({"messages": [{"content": "Hi", "role": "user"}, HI["messages"][1]]})
-    path = write_lines(tmp_path / "train.jsonl", [json.dumps(HI), json.dumps(other), json.dumps(HI), reordered_keys])
+    path = write_lines(
+        tmp_path / "train.jsonl", [json.dumps(HI), json.dumps(other), json.dumps(HI), reordered_keys]
+    )
 
     report = validate_jsonl(path, token_limit=1000)
 
@@ -220,7 +224,12 @@ def test_validate_caps_tokens_at_the_limit(tmp_path: Path) -> None:
     report = validate_jsonl(path, token_limit=20)
 
     assert n_long > 20
-    assert (report.examples, report.over_limit, report.tokens, report.max_example_tokens) == (3, 2, 13 + 20 + 20, n_long)
+    assert (report.examples, report.over_limit, report.tokens, report.max_example_tokens) == (
+        3,
+        2,
+        13 + 20 + 20,
+        n_long,
+    )
 
 
 def test_validate_example_exactly_at_limit_is_not_over(tmp_path: Path) -> None:

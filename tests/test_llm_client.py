@@ -215,7 +215,9 @@ def test_another_endpoint_or_model_is_a_miss(fake: FakeOpenAI, store: Store, end
 def test_the_api_key_is_not_part_of_the_cache_key(fake: FakeOpenAI, store: Store) -> None:
     endpoint = endpoint_for(fake.url)
 
-    assert request_hash(endpoint, REQUEST) == request_hash(dataclasses.replace(endpoint, api_key="sk-other"), REQUEST)
+    assert request_hash(endpoint, REQUEST) == request_hash(
+        dataclasses.replace(endpoint, api_key="sk-other"), REQUEST
+    )
     assert TEST_KEY not in repr(endpoint)
 
 
@@ -268,7 +270,10 @@ def test_rate_limit_exhausted_raises_llm_error(fake: FakeOpenAI, store: Store) -
 @pytest.mark.parametrize(
     ("reply", "message"),
     [
-        (Reply("'max_tokens' is too large", status=400), "HTTP 400: Error code: 400 - 'max_tokens' is too large"),
+        (
+            Reply("'max_tokens' is too large", status=400),
+            "HTTP 400: Error code: 400 - 'max_tokens' is too large",
+        ),
         (Reply(status=422), "HTTP 422: Error code: 422 - Unprocessable entity."),
     ],
 )

@@ -58,8 +58,14 @@ def test_version_is_a_hash_of_the_text(name: str) -> None:
 def test_version_is_stable_for_the_same_text_anywhere(tmp_path: Path) -> None:
     folder = prompts_dir_with(tmp_path, "answers", VALID["answers"])
 
-    assert load_prompt("answers", folder).version == "p1:" + hashlib.sha256(VALID["answers"].encode()).hexdigest()[:12]
-    assert PromptTemplate("answers", VALID["answers"], Path("elsewhere.txt")).version == load_prompt("answers", folder).version
+    assert (
+        load_prompt("answers", folder).version
+        == "p1:" + hashlib.sha256(VALID["answers"].encode()).hexdigest()[:12]
+    )
+    assert (
+        PromptTemplate("answers", VALID["answers"], Path("elsewhere.txt")).version
+        == load_prompt("answers", folder).version
+    )
 
 
 def test_version_changes_when_text_changes(tmp_path: Path) -> None:
@@ -85,7 +91,10 @@ def test_custom_prompts_dir_is_used(tmp_path: Path) -> None:
     template = load_prompt("questions", folder)
 
     assert template == PromptTemplate("questions", VALID["questions"], folder / "questions.txt")
-    assert template.render(product="Acme", chunk="Port 8080.", n=2) == "Docs of Acme:\nPort 8080.\n\nWrite 2 questions."
+    assert (
+        template.render(product="Acme", chunk="Port 8080.", n=2)
+        == "Docs of Acme:\nPort 8080.\n\nWrite 2 questions."
+    )
 
 
 @pytest.mark.parametrize(

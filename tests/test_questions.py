@@ -35,7 +35,12 @@ THRESHOLD = 0.85
         ),
         pytest.param(
             "- How do I install Acme?\n* What port does the server use?\n• Where are the logs?\n+ Who can log in?",
-            ["How do I install Acme?", "What port does the server use?", "Where are the logs?", "Who can log in?"],
+            [
+                "How do I install Acme?",
+                "What port does the server use?",
+                "Where are the logs?",
+                "Who can log in?",
+            ],
             id="bullets",
         ),
         pytest.param(
@@ -82,7 +87,11 @@ THRESHOLD = 0.85
             id="blank-lines",
         ),
         pytest.param("", [], id="empty"),
-        pytest.param("1.\n2. **\n3. What port does the server use?", ["What port does the server use?"], id="empty-items"),
+        pytest.param(
+            "1.\n2. **\n3. What port does the server use?",
+            ["What port does the server use?"],
+            id="empty-items",
+        ),
     ],
 )
 def test_split_list_items(output: str, items: list[str]) -> None:
@@ -192,7 +201,10 @@ def test_already_accepted_count_toward_wanted_and_dedup() -> None:
 
 
 def test_nothing_is_judged_when_already_has_enough() -> None:
-    assert select_questions("1. How do I install Acme?", wanted=1, already=["Where are logs?"], threshold=0.85) == []
+    assert (
+        select_questions("1. How do I install Acme?", wanted=1, already=["Where are logs?"], threshold=0.85)
+        == []
+    )
 
 
 @pytest.mark.parametrize(
@@ -211,7 +223,9 @@ def test_nothing_is_judged_when_already_has_enough() -> None:
 def test_truncated_last_item_is_dropped(truncated: bool, expected: list[Candidate]) -> None:
     output = "1. How do I install Acme?\n2. What port does the ser"
 
-    assert select_questions(output, wanted=3, already=[], threshold=THRESHOLD, truncated=truncated) == expected
+    assert (
+        select_questions(output, wanted=3, already=[], threshold=THRESHOLD, truncated=truncated) == expected
+    )
 
 
 def test_truncated_keeps_a_complete_last_item() -> None:

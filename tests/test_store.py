@@ -84,7 +84,7 @@ def test_transaction_commits(tmp_path: Path) -> None:
 
 def test_transaction_rolls_back_on_exception(tmp_path: Path) -> None:
     with Store(tmp_path / "state.db") as store:
-        with pytest.raises(RuntimeError, match="^boom$"), store.transaction() as db:
+        with pytest.raises(RuntimeError, match=r"^boom$"), store.transaction() as db:
             db.execute("INSERT INTO sources(id, spec, kind) VALUES ('s1', 'docs/', 'files')")
             db.execute("INSERT INTO sources(id, spec, kind) VALUES ('s2', 'more/', 'files')")
             raise RuntimeError("boom")
@@ -126,7 +126,9 @@ def test_runs_are_recorded(tmp_path: Path) -> None:
     with Store(tmp_path / "state.db") as store:
         run_id = store.start_run("ingest")
         store.finish_run(run_id, "ok", {"documents": 2})
-        row = store.db.execute("SELECT command, status, summary_json FROM runs WHERE id = ?", (run_id,)).fetchone()
+        row = store.db.execute(
+            "SELECT command, status, summary_json FROM runs WHERE id = ?", (run_id,)
+        ).fetchone()
 
     assert (run_id, tuple(row)) == (1, ("ingest", "ok", '{"documents": 2}'))
 
