@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, PrivateAttr, SecretStr, ValidationError
+from pydantic import BaseModel, Field, PrivateAttr, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -109,6 +109,18 @@ class Settings(BaseSettings):
     _openai_api_key: SecretStr | None = PrivateAttr(None)
     _openai_base_url: str | None = PrivateAttr(None)
 
+    @field_validator("prices", mode="after")
+    @classmethod
+    def _merge_prices(cls, value: dict[str, ModelPrice]) -> dict[str, ModelPrice]:
+        """A price set in ftkit.toml adds to (or overrides one row of) the default table."""
+        return {**DEFAULT_PRICES, **value}
+
+    @field_validator("example_token_limits", mode="after")
+    @classmethod
+    def _merge_limits(cls, value: dict[str, int]) -> dict[str, int]:
+        """A limit set in ftkit.toml adds to (or overrides one row of) the default table."""
+        return {**DEFAULT_EXAMPLE_TOKEN_LIMITS, **value}
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -169,6 +181,11 @@ class Settings(BaseSettings):
 def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
     """Build Settings from defaults, `config_file` (or ./ftkit.toml), FTKIT_* env and the given flags."""
     path = config_file or DEFAULT_CONFIG_FILE
+    for name, env in SECRET_SETTINGS.items():
+        if f"FTKIT_{name.upper()}" in os.environ:
+            raise ConfigError(
+                f"FTKIT_{name.upper()} is not read — secrets come from {env} only; export that instead"
+            )
     if config_file is not None and not config_file.is_file():
         raise ConfigError(f"{config_file}: config file not found — check the --config path")
     cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}})

@@ -267,3 +267,18 @@ def test_prices_from_toml(tmp_path: Path) -> None:
     settings = load_settings()
 
     assert settings.price_for("my-model-v2") == ModelPrice(input=1.5, output=2.5, training=0.0)
+    assert settings.price_for("gpt-4o-mini") == ModelPrice(
+        input=0.15, output=0.60, training=3.00
+    )  # defaults kept
+
+
+def test_secret_under_the_ftkit_prefix_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FTKIT_OPENAI_API_KEY", "sk-nope")
+
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings()
+
+    assert str(excinfo.value) == (
+        "FTKIT_OPENAI_API_KEY is not read — secrets come from OPENAI_API_KEY only; export that instead"
+    )
+    assert "sk-nope" not in str(excinfo.value)

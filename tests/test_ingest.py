@@ -22,7 +22,9 @@ def active(store: Store, table: str) -> int:
 
 
 def test_unchanged_reingest_does_nothing(tmp_path: Path) -> None:
-    docs = write_docs(tmp_path / "docs", {"a.md": "# A\n\n" + SECTION.format(title="One"), "b.md": "# B\n\nShort."})
+    docs = write_docs(
+        tmp_path / "docs", {"a.md": "# A\n\n" + SECTION.format(title="One"), "b.md": "# B\n\nShort."}
+    )
     settings = load_settings(workspace=tmp_path / "ws")
     with Store(settings.db_path) as store:
         first = ingest(store, settings, [str(docs)])
@@ -54,7 +56,9 @@ def test_deleted_file_is_retired_with_its_chunks(tmp_path: Path) -> None:
         (docs / "gone.md").unlink()
         report = ingest(store, settings, [str(docs)])
         assert (report.documents_retired, report.chunks_retired) == (1, 1)
-        assert [row[0] for row in store.db.execute("SELECT path FROM documents WHERE status = 'active'")] == ["keep.md"]
+        assert [row[0] for row in store.db.execute("SELECT path FROM documents WHERE status = 'active'")] == [
+            "keep.md"
+        ]
 
 
 def test_new_chunk_settings_rechunk_every_document(tmp_path: Path) -> None:
@@ -85,7 +89,9 @@ def test_git_repository_documents_link_to_their_permalink(tmp_path: Path) -> Non
     subprocess.run([*git, "remote", "add", "origin", "git@github.com:acme/quill.git"], check=True)
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-qm", "docs"], check=True)
-    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    commit = subprocess.run(
+        [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     settings = load_settings(workspace=tmp_path / "ws")
     with Store(settings.db_path) as store:
         ingest(store, settings, [str(repo)])

@@ -315,7 +315,7 @@ def test_closed_port_raises_endpoint_unreachable(store: Store) -> None:
         chat(endpoint_for(url), store, REQUEST, max_retries=0)
 
     assert str(excinfo.value) == (
-        f"cannot reach the LLM endpoint {url} after 1 tries — check OPENAI_BASE_URL and that the server is up, "
+        f"cannot reach the LLM endpoint {url} after 1 try — check OPENAI_BASE_URL and that the server is up, "
         "then re-run (finished work is kept)"
     )
 
@@ -326,7 +326,7 @@ def test_timeout_raises_endpoint_unreachable(fake: FakeOpenAI, store: Store) -> 
     with pytest.raises(EndpointUnreachableError) as excinfo:
         chat(endpoint_for(fake.url), store, REQUEST, max_retries=0, timeout_s=0.2)
 
-    assert str(excinfo.value).startswith(f"cannot reach the LLM endpoint {fake.url} after 1 tries — ")
+    assert str(excinfo.value).startswith(f"cannot reach the LLM endpoint {fake.url} after 1 try — ")
     assert store.scalar("SELECT count(*) FROM llm_calls") == 0
 
 
@@ -368,3 +368,11 @@ def test_concurrency_is_bounded(store: Store) -> None:
         served = len(server.requests)
 
     assert (responder.most, served, [r.content for r in results]) == (2, 6, ["Done?"] * 6)
+
+
+def test_identical_requests_in_flight_at_once_are_paid_for_once(store: Store) -> None:
+    with FakeOpenAI(InFlight(hold_s=0.2), api_key=TEST_KEY) as server:
+        results = chat(endpoint_for(server.url), store, REQUEST, REQUEST, REQUEST, max_concurrency=3)
+        served = len(server.requests)
+
+    assert (served, [r.cached for r in results]) == (1, [False, True, True])

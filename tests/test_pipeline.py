@@ -130,7 +130,7 @@ def test_unreachable_endpoint_is_one_line(runner: CliRunner, monkeypatch) -> Non
     code, _, err = ftkit(runner, "run", str(SAMPLE_DOCS))
     assert code == 1
     assert err == (
-        "Error: cannot reach the LLM endpoint http://127.0.0.1:9/v1 after 1 tries — check OPENAI_BASE_URL and that"
+        "Error: cannot reach the LLM endpoint http://127.0.0.1:9/v1 after 1 try — check OPENAI_BASE_URL and that"
         " the server is up, then re-run (finished work is kept)\n"
     )
 

@@ -122,6 +122,7 @@ class LLMClient:
         self.calls_made = 0
         self.cache_hits = 0
         self._limit = asyncio.Semaphore(max_concurrency)
+        self._in_flight: dict[str, asyncio.Future[None]] = {}
         self._sdk = openai.AsyncOpenAI(
             base_url=endpoint.base_url, api_key=endpoint.api_key, max_retries=0, timeout=timeout_s
         )
@@ -136,10 +137,17 @@ class LLMClient:
         if (cached := self._cached(key)) is not None:
             self.cache_hits += 1
             return cached
-        async with self._limit:
-            response = await self._call_with_retries(request)
-        self.calls_made += 1
-        return self._record(key, request, response)
+        if key in self._in_flight:  # the same request is on its way already: wait for it, do not pay twice
+            await asyncio.shield(self._in_flight[key])
+            return await self.chat(request)
+        self._in_flight[key] = asyncio.get_running_loop().create_future()
+        try:
+            async with self._limit:
+                response = await self._call_with_retries(request)
+            self.calls_made += 1
+            return self._record(key, request, response)
+        finally:
+            self._in_flight.pop(key).set_result(None)
 
     def _cached(self, key: str) -> ChatResult | None:
         row = self.store.db.execute(
@@ -180,14 +188,14 @@ class LLMClient:
             ) from exc
         except (openai.APIConnectionError, openai.APITimeoutError) as exc:
             raise EndpointUnreachableError(
-                f"cannot reach the LLM endpoint {self.endpoint.base_url} after {self.max_retries + 1} tries "
+                f"cannot reach the LLM endpoint {self.endpoint.base_url} after {_tries(self.max_retries + 1)} "
                 "— check OPENAI_BASE_URL and that the server is up, then re-run (finished work is kept)"
             ) from exc
         except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
             raise RequestRejectedError(f"HTTP {exc.status_code}: {_short(exc.message)}") from exc
         except openai.APIStatusError as exc:
             raise LLMError(
-                f"{self.endpoint.base_url} answered HTTP {exc.status_code} after {self.max_retries + 1} tries: "
+                f"{self.endpoint.base_url} answered HTTP {exc.status_code} after {_tries(self.max_retries + 1)}: "
                 f"{_short(exc.message)} — re-run later (finished work is kept)"
             ) from exc
         return completion.model_dump(mode="json")
@@ -223,6 +231,10 @@ class LLMClient:
             cost_usd=cost,
             cached=False,
         )
+
+
+def _tries(n: int) -> str:
+    return "1 try" if n == 1 else f"{n} tries"
 
 
 def _short(message: str, limit: int = 160) -> str:
