@@ -77,8 +77,10 @@ def _global(
     ctx.obj = {"workspace": workspace, "config": config, "debug": debug}
 
 
-def _settings(ctx: typer.Context, **flags: Any) -> Settings:
-    obj = ctx.obj or {}
+def _settings(ctx: typer.Context) -> Settings:
+    """Settings with this command's flags on top: every parameter named after a setting is one."""
+    obj = ctx.find_root().obj or {}
+    flags = {name: value for name, value in ctx.params.items() if name in Settings.model_fields}
     return load_settings(obj.get("config"), workspace=obj.get("workspace"), **flags)
 
 
@@ -152,18 +154,15 @@ def ingest(
     sources: Sources,
     include: Include = None,
     exclude: Exclude = None,
-    code: Code = None,
-    chunk_tokens: ChunkTokens = None,
+    include_code: Code = None,
+    chunk_target_tokens: ChunkTokens = None,
 ) -> None:
     """Read docs (folders, files, git repositories) into documents and chunks."""
     from finetune_kit.pipeline import run_ingest
     from finetune_kit.render import RichProgress, ingest_lines
 
-    settings = _settings(
-        ctx, include=include, exclude=exclude, include_code=code, chunk_target_tokens=chunk_tokens
-    )
     with _progress() as bar:
-        report = run_ingest(settings, sources, RichProgress(bar))
+        report = run_ingest(_settings(ctx), sources, RichProgress(bar))
     for line in ingest_lines(report):
         out.print(line, markup=False)
 
@@ -180,11 +179,8 @@ def generate_questions(
     from finetune_kit.pipeline import run_generate_questions
     from finetune_kit.render import RichProgress
 
-    settings = _settings(
-        ctx, provider=provider, model=model, product=product, questions_per_chunk=questions_per_chunk
-    )
     with _progress() as bar:
-        summary = run_generate_questions(settings, RichProgress(bar))
+        summary = run_generate_questions(_settings(ctx), RichProgress(bar))
     _print_summary(summary)
 
 
@@ -192,32 +188,21 @@ def generate_questions(
 def build_dataset(
     ctx: typer.Context,
     out_dir: OutDir = None,
-    fmt: Format = None,
+    dataset_format: Format = None,
     provider: Provider = None,
     model: Model = None,
     product: Product = None,
     base_model: BaseModel = None,
     epochs: Epochs = None,
-    seed: Seed = None,
+    split_seed: Seed = None,
     min_examples: MinExamples = None,
 ) -> None:
     """Answer each question from its chunk and write validated train/validation JSONL."""
     from finetune_kit.pipeline import run_build_dataset
     from finetune_kit.render import RichProgress
 
-    settings = _settings(
-        ctx,
-        dataset_format=fmt,
-        provider=provider,
-        model=model,
-        product=product,
-        base_model=base_model,
-        epochs=epochs,
-        split_seed=seed,
-        min_examples=min_examples,
-    )
     with _progress() as bar:
-        summary = run_build_dataset(settings, out_dir, RichProgress(bar))
+        summary = run_build_dataset(_settings(ctx), out_dir, RichProgress(bar))
     _print_summary(summary)
 
 
@@ -227,41 +212,25 @@ def run(
     sources: Sources,
     include: Include = None,
     exclude: Exclude = None,
-    code: Code = None,
-    chunk_tokens: ChunkTokens = None,
+    include_code: Code = None,
+    chunk_target_tokens: ChunkTokens = None,
     provider: Provider = None,
     model: Model = None,
     product: Product = None,
     questions_per_chunk: PerChunk = None,
     out_dir: OutDir = None,
-    fmt: Format = None,
+    dataset_format: Format = None,
     base_model: BaseModel = None,
     epochs: Epochs = None,
-    seed: Seed = None,
+    split_seed: Seed = None,
     min_examples: MinExamples = None,
 ) -> None:
     """Run every stage in order: ingest, generate-questions, build-dataset."""
     from finetune_kit.pipeline import run_all
     from finetune_kit.render import RichProgress
 
-    settings = _settings(
-        ctx,
-        include=include,
-        exclude=exclude,
-        include_code=code,
-        chunk_target_tokens=chunk_tokens,
-        provider=provider,
-        model=model,
-        product=product,
-        questions_per_chunk=questions_per_chunk,
-        dataset_format=fmt,
-        base_model=base_model,
-        epochs=epochs,
-        split_seed=seed,
-        min_examples=min_examples,
-    )
     with _progress() as bar:
-        summary = run_all(settings, sources, out_dir, RichProgress(bar))
+        summary = run_all(_settings(ctx), sources, out_dir, RichProgress(bar))
     _print_summary(summary)
 
 
@@ -273,8 +242,7 @@ def status(
     from finetune_kit.render import status_table
     from finetune_kit.status import workspace_status
 
-    settings = _settings(ctx, provider=provider, model=model, product=product)
-    out.print(status_table(workspace_status(settings)))
+    out.print(status_table(workspace_status(_settings(ctx))))
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -188,3 +188,13 @@ def test_debug_shows_traceback(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(app, ["--debug", "--workspace", "ws", "ingest", str(tmp_path / "missing")])
     assert result.exit_code == 1
     assert "Traceback" in result.stderr and "SourceError" in result.stderr
+
+
+def test_flags_reach_the_settings(runner: CliRunner, fake_llm: FakeOpenAI) -> None:
+    args = ["run", str(SAMPLE_DOCS), "-n", "2", "--chunk-tokens", "200", "--min-examples", "5", "--epochs", "2"]
+    code, out, err = ftkit(runner, *args)
+    assert code == 0, err
+    db = sqlite3.connect("ws/state.db")
+    assert db.execute("SELECT max(n_tokens) FROM chunks").fetchone()[0] <= 200
+    assert {n for (n,) in db.execute("SELECT n_accepted FROM question_sets")} == {2}
+    assert "Estimated training: " in out and " tokens, $" in out

@@ -15,7 +15,7 @@ from finetune_kit.questions import Candidate, select_questions
 from finetune_kit.stages import gather_all
 from finetune_kit.store import Store, utc_now
 
-MAX_ATTEMPTS = 3  # asks per chunk while the model's output yields fewer than N usable questions
+MAX_ATTEMPTS = 3  # asks per chunk while the model's output yields no usable question
 
 
 @dataclass
@@ -122,8 +122,8 @@ async def _questions_for_chunk(
             settings.near_duplicate_threshold,
             truncated=result.finish_reason == "length",
         )
-        if sum(c.accepted for c in judged) >= wanted:
-            break
+        if any(c.accepted for c in judged):
+            break  # a partial set is kept (and its shortfall recorded); re-asking is for chunks with nothing
     _save_question_set(store, chunk["id"], key, wanted, judged, reason, report)
 
 
