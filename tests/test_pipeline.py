@@ -191,7 +191,18 @@ def test_debug_shows_traceback(runner: CliRunner, tmp_path: Path) -> None:
 
 
 def test_flags_reach_the_settings(runner: CliRunner, fake_llm: FakeOpenAI) -> None:
-    args = ["run", str(SAMPLE_DOCS), "-n", "2", "--chunk-tokens", "200", "--min-examples", "5", "--epochs", "2"]
+    args = [
+        "run",
+        str(SAMPLE_DOCS),
+        "-n",
+        "2",
+        "--chunk-tokens",
+        "200",
+        "--min-examples",
+        "5",
+        "--epochs",
+        "2",
+    ]
     code, out, err = ftkit(runner, *args)
     assert code == 0, err
     db = sqlite3.connect("ws/state.db")
