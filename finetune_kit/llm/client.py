@@ -134,7 +134,7 @@ class LLMClient:
     async def chat(self, request: ChatRequest) -> ChatResult:
         """The completion for `request`: from the cache if this exact call was paid for before."""
         key = request_hash(self.endpoint, request)
-        if (cached := self._cached(key)) is not None:
+        if (cached := cached_result(self.store, key)) is not None:
             self.cache_hits += 1
             return cached
         if key in self._in_flight:  # the same request is on its way already: wait for it, do not pay twice
@@ -145,26 +145,9 @@ class LLMClient:
             async with self._limit:
                 response = await self._call_with_retries(request)
             self.calls_made += 1
-            return self._record(key, request, response)
+            return record_response(self.store, self.endpoint, request, response, self.run_id)
         finally:
             self._in_flight.pop(key).set_result(None)
-
-    def _cached(self, key: str) -> ChatResult | None:
-        row = self.store.db.execute(
-            "SELECT response_json, prompt_tokens, completion_tokens, cost_usd FROM llm_calls WHERE request_hash = ?",
-            (key,),
-        ).fetchone()
-        if row is None:
-            return None
-        choice = json.loads(row["response_json"])["choices"][0]
-        return ChatResult(
-            content=choice["message"].get("content") or "",
-            finish_reason=choice.get("finish_reason") or "stop",
-            prompt_tokens=row["prompt_tokens"],
-            completion_tokens=row["completion_tokens"],
-            cost_usd=row["cost_usd"],
-            cached=True,
-        )
 
     async def _call_with_retries(self, request: ChatRequest) -> dict[str, Any]:
         payload = request.payload(self.endpoint.model)
@@ -200,37 +183,69 @@ class LLMClient:
             ) from exc
         return completion.model_dump(mode="json")
 
-    def _record(self, key: str, request: ChatRequest, response: dict[str, Any]) -> ChatResult:
-        usage = response.get("usage") or {}
-        prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        completion_tokens = int(usage.get("completion_tokens") or 0)
-        price = self.endpoint.price
-        cost = (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
-        self.store.db.execute(
-            "INSERT OR REPLACE INTO llm_calls(request_hash, stage, model, request_json, response_json,"
-            " prompt_tokens, completion_tokens, cost_usd, run_id, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (
-                key,
-                request.stage,
-                self.endpoint.model,
-                json.dumps(request.payload(self.endpoint.model)),
-                json.dumps(response),
-                prompt_tokens,
-                completion_tokens,
-                cost,
-                self.run_id,
-                utc_now(),
-            ),
-        )
-        choices = response.get("choices") or [{}]
-        return ChatResult(
-            content=(choices[0].get("message") or {}).get("content") or "",
-            finish_reason=choices[0].get("finish_reason") or "stop",
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            cost_usd=cost,
-            cached=False,
-        )
+
+def cached_result(store: Store, key: str) -> ChatResult | None:
+    """The stored result of the request with hash `key`, if it was ever paid for."""
+    row = store.db.execute(
+        "SELECT response_json, prompt_tokens, completion_tokens, cost_usd FROM llm_calls WHERE request_hash = ?",
+        (key,),
+    ).fetchone()
+    if row is None:
+        return None
+    return _result(
+        json.loads(row["response_json"]),
+        row["prompt_tokens"],
+        row["completion_tokens"],
+        row["cost_usd"],
+        cached=True,
+    )
+
+
+def record_response(
+    store: Store,
+    endpoint: Endpoint,
+    request: ChatRequest,
+    response: dict[str, Any],
+    run_id: int | None,
+    price_factor: float = 1.0,
+) -> ChatResult:
+    """Store a paid-for completion under its request hash (the cache and the cost ledger) and return it."""
+    usage = response.get("usage") or {}
+    prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    completion_tokens = int(usage.get("completion_tokens") or 0)
+    price = endpoint.price
+    cost = price_factor * (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
+    store.db.execute(
+        "INSERT OR REPLACE INTO llm_calls(request_hash, stage, model, request_json, response_json,"
+        " prompt_tokens, completion_tokens, cost_usd, run_id, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (
+            request_hash(endpoint, request),
+            request.stage,
+            endpoint.model,
+            json.dumps(request.payload(endpoint.model)),
+            json.dumps(response),
+            prompt_tokens,
+            completion_tokens,
+            cost,
+            run_id,
+            utc_now(),
+        ),
+    )
+    return _result(response, prompt_tokens, completion_tokens, cost, cached=False)
+
+
+def _result(
+    response: dict[str, Any], prompt_tokens: int, completion_tokens: int, cost: float, cached: bool
+) -> ChatResult:
+    choice = (response.get("choices") or [{}])[0]
+    return ChatResult(
+        content=(choice.get("message") or {}).get("content") or "",
+        finish_reason=choice.get("finish_reason") or "stop",
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        cost_usd=cost,
+        cached=cached,
+    )
 
 
 def _tries(n: int) -> str:
