@@ -1,8 +1,14 @@
 """Pipeline stages: each can run alone, be killed at any point, and be re-run without repeating work."""
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
+
+from finetune_kit.llm.client import ChatRequest
+
+# Fetches a round of requests into the cache before a stage reads them (the Batch API); returns, for each request
+# that could not be answered, its request hash and why.
+Prefill = Callable[[list[ChatRequest]], Awaitable[dict[str, str]]]
 
 
 async def gather_all(jobs: list[Coroutine[Any, Any, None]]) -> None:

@@ -18,10 +18,10 @@ from finetune_kit.dataset import (
     write_jsonl,
 )
 from finetune_kit.errors import RequestRejectedError
-from finetune_kit.llm.client import ChatRequest, LLMClient
+from finetune_kit.llm.client import ChatRequest, LLMClient, request_hash
 from finetune_kit.progress import NoProgress, Progress
 from finetune_kit.prompts import PromptTemplate, load_prompt
-from finetune_kit.stages import gather_all
+from finetune_kit.stages import Prefill, gather_all
 from finetune_kit.stages.generate_questions import generation_key
 from finetune_kit.store import Store, utc_now
 
@@ -79,27 +79,58 @@ def judge_answer(text: str, finish_reason: str) -> str | None:
     return None
 
 
-async def answer_questions(
-    store: Store, client: LLMClient, settings: Settings, progress: Progress | None = None
-) -> DatasetReport:
-    """Answer every accepted question (of the current question set) that has no answer under these settings."""
-    progress = progress or NoProgress()
-    report = DatasetReport()
-    questions_template = load_prompt("questions", settings.prompts_dir)
-    template = load_prompt("answers", settings.prompts_dir)
-    identity, model = client.endpoint.identity, client.endpoint.model
-    q_key = generation_key(settings, questions_template, identity, model)
-    a_key = answer_key(settings, template, identity, model)
-    todo = store.db.execute(
+def answer_request(
+    settings: Settings, template: PromptTemplate, chunk_text: str, question: str
+) -> ChatRequest:
+    """The request that answers `question` from its own chunk."""
+    return ChatRequest(
+        stage="build-dataset",
+        messages=(("user", template.render(product=settings.product, chunk=chunk_text, question=question)),),
+        temperature=settings.answer_temperature,
+        max_tokens=settings.answer_max_tokens,
+        template_version=template.version,
+    )
+
+
+def unanswered_questions(store: Store, settings: Settings, identity: str, model: str) -> list[sqlite3.Row]:
+    """Accepted questions of the current question set with no answer under the current settings."""
+    q_key = generation_key(settings, load_prompt("questions", settings.prompts_dir), identity, model)
+    a_key = answer_key(settings, load_prompt("answers", settings.prompts_dir), identity, model)
+    return store.db.execute(
         "SELECT q.id, q.text, c.text AS chunk FROM questions q JOIN chunks c ON c.id = q.chunk_id"
         " WHERE c.status = 'active' AND q.generation_key = ? AND q.status = 'accepted'"
         " AND q.id NOT IN (SELECT question_id FROM answers WHERE answer_key = ?) ORDER BY c.document_id, c.seq, q.seq",
         (q_key, a_key),
     ).fetchall()
+
+
+def planned_answer_requests(store: Store, settings: Settings, identity: str, model: str) -> list[ChatRequest]:
+    """The requests build-dataset would make now for the questions that exist so far."""
+    template = load_prompt("answers", settings.prompts_dir)
+    rows = unanswered_questions(store, settings, identity, model)
+    return [answer_request(settings, template, row["chunk"], row["text"]) for row in rows]
+
+
+async def answer_questions(
+    store: Store,
+    client: LLMClient,
+    settings: Settings,
+    progress: Progress | None = None,
+    prefill: Prefill | None = None,
+) -> DatasetReport:
+    """Answer every accepted question (of the current question set) that has no answer under these settings."""
+    progress = progress or NoProgress()
+    report = DatasetReport()
+    template = load_prompt("answers", settings.prompts_dir)
+    key = answer_key(settings, template, client.endpoint.identity, client.endpoint.model)
+    todo = unanswered_questions(store, settings, client.endpoint.identity, client.endpoint.model)
+    requests = {row["id"]: answer_request(settings, template, row["chunk"], row["text"]) for row in todo}
+    failed = await prefill(list(requests.values())) if prefill and requests else {}
     progress.start("answer questions", len(todo))
 
     async def one(row: sqlite3.Row) -> None:
-        await _answer_one(store, client, settings, template, a_key, row, report)
+        text, reason = await _answer(client, requests[row["id"]], failed)
+        _save_answer(store, row["id"], key, text, reason, report)
         progress.advance()
 
     try:
@@ -109,32 +140,24 @@ async def answer_questions(
     return report
 
 
-async def _answer_one(
-    store: Store,
-    client: LLMClient,
-    settings: Settings,
-    template: PromptTemplate,
-    key: str,
-    row: sqlite3.Row,
-    report: DatasetReport,
-) -> None:
-    prompt = template.render(product=settings.product, chunk=row["chunk"], question=row["text"])
-    request = ChatRequest(
-        stage="build-dataset",
-        messages=(("user", prompt),),
-        temperature=settings.answer_temperature,
-        max_tokens=settings.answer_max_tokens,
-        template_version=template.version,
-    )
+async def _answer(client: LLMClient, request: ChatRequest, failed: dict[str, str]) -> tuple[str, str | None]:
+    """The answer's text and, if it cannot be a training target, why."""
+    if (batch_error := failed.get(request_hash(client.endpoint, request))) is not None:
+        return "", f"batch request failed: {batch_error}"
     try:
         result = await client.chat(request)
-        text, reason = result.content.strip(), judge_answer(result.content, result.finish_reason)
     except RequestRejectedError as exc:
-        text, reason = "", f"request rejected by the endpoint: {exc}"
+        return "", f"request rejected by the endpoint: {exc}"
+    return result.content.strip(), judge_answer(result.content, result.finish_reason)
+
+
+def _save_answer(
+    store: Store, question_id: str, key: str, text: str, reason: str | None, report: DatasetReport
+) -> None:
     store.db.execute(
         "INSERT OR REPLACE INTO answers(question_id, answer_key, text, status, reason, created_at)"
         " VALUES (?,?,?,?,?,?)",
-        (row["id"], key, text, "rejected" if reason else "accepted", reason, utc_now()),
+        (question_id, key, text, "rejected" if reason else "accepted", reason, utc_now()),
     )
     report.answered += 1
     report.answers_accepted += reason is None

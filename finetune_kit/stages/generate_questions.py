@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 from finetune_kit.config import Settings
 from finetune_kit.errors import LLMError, RequestRejectedError
-from finetune_kit.llm.client import ChatRequest, LLMClient
+from finetune_kit.llm.client import ChatRequest, LLMClient, request_hash
 from finetune_kit.progress import NoProgress, Progress
 from finetune_kit.prompts import PromptTemplate, load_prompt
 from finetune_kit.questions import Candidate, select_questions
-from finetune_kit.stages import gather_all
+from finetune_kit.stages import Prefill, gather_all
 from finetune_kit.store import Store, utc_now
 
 MAX_ATTEMPTS = 3  # asks per chunk while the model's output yields no usable question
@@ -54,77 +54,133 @@ def pending_chunks(store: Store, key: str) -> list[sqlite3.Row]:
     ).fetchall()
 
 
+def question_request(
+    settings: Settings, template: PromptTemplate, chunk_text: str, attempt: int
+) -> ChatRequest:
+    """The request that asks for a chunk's questions (a re-ask differs only in `attempt`)."""
+    wanted = settings.questions_per_chunk
+    return ChatRequest(
+        stage="generate-questions",
+        messages=(("user", template.render(product=settings.product, n=wanted, chunk=chunk_text)),),
+        temperature=settings.question_temperature,
+        max_tokens=settings.question_max_tokens,
+        template_version=template.version,
+        attempt=attempt,
+        stop=(f"\n{wanted + 1}.",),  # small models go on listing; the first N are all we keep
+    )
+
+
+def planned_question_requests(
+    store: Store, settings: Settings, identity: str, model: str
+) -> list[ChatRequest]:
+    """The first-round requests generate-questions would make now (re-asks come on top when output is unusable)."""
+    template = load_prompt("questions", settings.prompts_dir)
+    key = generation_key(settings, template, identity, model)
+    return [question_request(settings, template, chunk["text"], 0) for chunk in pending_chunks(store, key)]
+
+
 async def generate_questions(
-    store: Store, client: LLMClient, settings: Settings, progress: Progress | None = None
+    store: Store,
+    client: LLMClient,
+    settings: Settings,
+    progress: Progress | None = None,
+    prefill: Prefill | None = None,
 ) -> QuestionReport:
-    """Give every active chunk N accepted questions or a recorded reason; skips chunks already done."""
+    """Give every active chunk N accepted questions or a recorded reason; skips chunks already done.
+
+    Chunks are asked in rounds: a chunk whose answer held no usable question is asked again in the next round,
+    up to MAX_ATTEMPTS. `prefill` (the Batch API) fetches a whole round into the cache before it is read.
+    """
     progress = progress or NoProgress()
     template = load_prompt("questions", settings.prompts_dir)
     key = generation_key(settings, template, client.endpoint.identity, client.endpoint.model)
     todo = pending_chunks(store, key)
     report = QuestionReport(
-        chunks_total=int(store.scalar("SELECT count(*) FROM chunks WHERE status = 'active'") or 0)
+        chunks_total=int(store.scalar("SELECT count(*) FROM chunks WHERE status = 'active'"))
     )
     report.chunks_done_before = report.chunks_total - len(todo)
+    run = _QuestionRun(store, client, settings, template, key, report, progress, prefill)
     progress.start("generate questions", len(todo))
-
-    async def one(chunk: sqlite3.Row) -> None:
-        await _questions_for_chunk(store, client, settings, template, key, chunk, report)
-        progress.advance()
-
     try:
-        await gather_all([one(chunk) for chunk in todo])
+        for attempt in range(MAX_ATTEMPTS):
+            todo = await run.ask_round(todo, attempt)
     finally:
         progress.finish()
-    if report.chunks_total and not store.scalar(
-        "SELECT count(*) FROM questions WHERE generation_key = ? AND status = 'accepted'", (key,)
-    ):
-        raise LLMError(
-            f"model '{client.endpoint.model}' produced no usable questions for any of {report.chunks_total} chunks"
-            " — see `ftkit status` for the reasons; try a larger model with --model"
-        )
+    _fail_if_nothing_usable(store, key, client.endpoint.model, report)
     return report
 
 
-async def _questions_for_chunk(
-    store: Store,
+@dataclass
+class _QuestionRun:
+    """One generate-questions run: asks rounds of chunks and saves each chunk's question set once it is settled."""
+
+    store: Store
+    client: LLMClient
+    settings: Settings
+    template: PromptTemplate
+    key: str
+    report: QuestionReport
+    progress: Progress
+    prefill: Prefill | None
+    judged: dict[str, list[Candidate]] = field(default_factory=dict)
+
+    async def ask_round(self, chunks: list[sqlite3.Row], attempt: int) -> list[sqlite3.Row]:
+        """Ask every chunk once; returns the chunks to ask again (their output held no usable question)."""
+        requests = {
+            c["id"]: question_request(self.settings, self.template, c["text"], attempt) for c in chunks
+        }
+        failed = await self.prefill(list(requests.values())) if self.prefill and requests else {}
+        again: list[sqlite3.Row] = []
+
+        async def ask(chunk: sqlite3.Row) -> None:
+            judged = self.judged.setdefault(chunk["id"], [])
+            reason = await _ask(self.client, self.settings, requests[chunk["id"]], judged, failed)
+            if reason is None and not any(c.accepted for c in judged) and attempt + 1 < MAX_ATTEMPTS:
+                again.append(chunk)
+                return
+            wanted = self.settings.questions_per_chunk
+            _save_question_set(self.store, chunk["id"], self.key, wanted, judged, reason, self.report)
+            self.progress.advance()
+
+        await gather_all([ask(chunk) for chunk in chunks])
+        return again
+
+
+async def _ask(
     client: LLMClient,
     settings: Settings,
-    template: PromptTemplate,
-    key: str,
-    chunk: sqlite3.Row,
-    report: QuestionReport,
-) -> None:
-    prompt = template.render(product=settings.product, n=settings.questions_per_chunk, chunk=chunk["text"])
-    wanted = settings.questions_per_chunk
-    judged: list[Candidate] = []
-    reason: str | None = None
-    for attempt in range(MAX_ATTEMPTS):
-        request = ChatRequest(
-            stage="generate-questions",
-            messages=(("user", prompt),),
-            temperature=settings.question_temperature,
-            max_tokens=settings.question_max_tokens,
-            template_version=template.version,
-            attempt=attempt,
-            stop=(f"\n{wanted + 1}.",),  # small models go on listing; the first N are all we keep
+    request: ChatRequest,
+    judged: list[Candidate],
+    failed: dict[str, str],
+) -> str | None:
+    """Ask once and judge the output into `judged`; returns why the chunk cannot be asked again, if so."""
+    if (batch_error := failed.get(request_hash(client.endpoint, request))) is not None:
+        return f"batch request failed: {batch_error}"
+    try:
+        result = await client.chat(request)
+    except RequestRejectedError as exc:
+        return f"request rejected by the endpoint: {exc}"
+    accepted = [c.text for c in judged if c.accepted]
+    judged += select_questions(
+        result.content,
+        settings.questions_per_chunk,
+        accepted,
+        settings.near_duplicate_threshold,
+        truncated=result.finish_reason == "length",
+    )
+    return None
+
+
+def _fail_if_nothing_usable(store: Store, key: str, model: str, report: QuestionReport) -> None:
+    """A model that produced nothing usable for any chunk is a configuration problem, not a coverage gap."""
+    accepted = store.scalar(
+        "SELECT count(*) FROM questions WHERE generation_key = ? AND status = 'accepted'", (key,)
+    )
+    if report.chunks_total and not accepted:
+        raise LLMError(
+            f"model '{model}' produced no usable questions for any of {report.chunks_total} chunks"
+            " — see `ftkit status` for the reasons; try a larger model with --model"
         )
-        try:
-            result = await client.chat(request)
-        except RequestRejectedError as exc:
-            reason = f"request rejected by the endpoint: {exc}"
-            break
-        accepted = [c.text for c in judged if c.accepted]
-        judged += select_questions(
-            result.content,
-            wanted,
-            accepted,
-            settings.near_duplicate_threshold,
-            truncated=result.finish_reason == "length",
-        )
-        if any(c.accepted for c in judged):
-            break  # a partial set is kept (and its shortfall recorded); re-asking is for chunks with nothing
-    _save_question_set(store, chunk["id"], key, wanted, judged, reason, report)
 
 
 def _coverage_reason(judged: list[Candidate], wanted: int, n_accepted: int) -> str | None:
