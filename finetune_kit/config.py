@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     min_examples: int = Field(10, ge=1)
     base_model: str | None = None
     epochs: int = Field(3, ge=1)
+
+    # spending
+    max_cost_usd: float | None = Field(None, ge=0)
+    batch: bool = False
     prices: dict[str, ModelPrice] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
     example_token_limits: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_EXAMPLE_TOKEN_LIMITS))
 

@@ -37,6 +37,10 @@ class RequestRejectedError(LLMError):
     """The endpoint refused one request as invalid (HTTP 400/422): that item fails, the stage goes on."""
 
 
+class BudgetExceededError(LLMError):
+    """The next call could take the run past --max-cost."""
+
+
 class LocalServerError(LLMError):
     """The embedded llama.cpp server could not be started."""
 

@@ -13,6 +13,7 @@ from tenacity.wait import wait_base
 
 from finetune_kit.config import ModelPrice
 from finetune_kit.errors import AuthenticationError, EndpointUnreachableError, LLMError, RequestRejectedError
+from finetune_kit.llm.budget import Budget
 from finetune_kit.store import Store, utc_now
 
 log = logging.getLogger(__name__)
@@ -114,10 +115,12 @@ class LLMClient:
         max_retries: int,
         timeout_s: float,
         run_id: int | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.store = store
         self.run_id = run_id
+        self.budget = budget or Budget(limit_usd=None)
         self.max_retries = max_retries
         self.calls_made = 0
         self.cache_hits = 0
@@ -141,12 +144,15 @@ class LLMClient:
             await asyncio.shield(self._in_flight[key])
             return await self.chat(request)
         self._in_flight[key] = asyncio.get_running_loop().create_future()
+        reserved, result = self.budget.reserve(request, self.endpoint.price), None
         try:
             async with self._limit:
                 response = await self._call_with_retries(request)
             self.calls_made += 1
-            return record_response(self.store, self.endpoint, request, response, self.run_id)
+            result = record_response(self.store, self.endpoint, request, response, self.run_id)
+            return result
         finally:
+            self.budget.settle(reserved, result.cost_usd if result else 0.0)
             self._in_flight.pop(key).set_result(None)
 
     async def _call_with_retries(self, request: ChatRequest) -> dict[str, Any]:
