@@ -41,8 +41,10 @@ def _report(ctx: typer.Context, message: str) -> None:
 
 def _redact(text: str) -> str:
     """Never print a key, even if a server echoed it back."""
-    key = os.environ.get("OPENAI_API_KEY")
-    return text.replace(key, "***") if key and len(key) > 4 else text
+    for name in ("OPENAI_API_KEY", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET"):
+        key = os.environ.get(name)
+        text = text.replace(key, "***") if key and len(key) > 4 else text
+    return text
 
 
 app = typer.Typer(
@@ -125,6 +127,19 @@ Seed = Annotated[int | None, typer.Option("--seed", metavar="N", help="Seed of t
 MinExamples = Annotated[
     int | None, typer.Option("--min-examples", metavar="N", help="Fewest training examples accepted.")
 ]
+DryRun = Annotated[
+    bool, typer.Option("--dry-run", help="Print the calls, tokens and dollars it would spend; send nothing.")
+]
+MaxCost = Annotated[
+    float | None,
+    typer.Option(
+        "--max-cost", metavar="USD", help="Stop cleanly before this run spends more than USD dollars."
+    ),
+]
+Batch = Annotated[
+    bool | None,
+    typer.Option("--batch/--no-batch", help="Use the OpenAI Batch API (half price, results within 24 h)."),
+]
 Sources = Annotated[
     list[str],
     typer.Argument(metavar="SOURCE", help="Folders, files or git repositories (path or clone URL)."),
@@ -138,8 +153,12 @@ def _progress() -> Any:
 
 
 def _print_summary(summary: Any) -> None:
-    from finetune_kit.render import dataset_lines, summary_table
+    from finetune_kit.render import dataset_lines, estimate_table, summary_table
 
+    if summary.estimates:
+        out.print(estimate_table(summary.estimates))
+        out.print("Dry run: nothing was sent. Cached calls are free and left out.", markup=False)
+        return
     out.print(summary_table(summary))
     if summary.dataset is not None:
         for line in dataset_lines(summary.dataset):
@@ -174,13 +193,16 @@ def generate_questions(
     model: Model = None,
     product: Product = None,
     questions_per_chunk: PerChunk = None,
+    max_cost_usd: MaxCost = None,
+    batch: Batch = None,
+    dry_run: DryRun = False,
 ) -> None:
     """Have the model write N questions per chunk; chunks already done are skipped."""
     from finetune_kit.pipeline import run_generate_questions
     from finetune_kit.render import RichProgress
 
     with _progress() as bar:
-        summary = run_generate_questions(_settings(ctx), RichProgress(bar))
+        summary = run_generate_questions(_settings(ctx), RichProgress(bar), dry_run)
     _print_summary(summary)
 
 
@@ -196,13 +218,16 @@ def build_dataset(
     epochs: Epochs = None,
     split_seed: Seed = None,
     min_examples: MinExamples = None,
+    max_cost_usd: MaxCost = None,
+    batch: Batch = None,
+    dry_run: DryRun = False,
 ) -> None:
     """Answer each question from its chunk and write validated train/validation JSONL."""
     from finetune_kit.pipeline import run_build_dataset
     from finetune_kit.render import RichProgress
 
     with _progress() as bar:
-        summary = run_build_dataset(_settings(ctx), out_dir, RichProgress(bar))
+        summary = run_build_dataset(_settings(ctx), out_dir, RichProgress(bar), dry_run)
     _print_summary(summary)
 
 
@@ -224,13 +249,16 @@ def run(
     epochs: Epochs = None,
     split_seed: Seed = None,
     min_examples: MinExamples = None,
+    max_cost_usd: MaxCost = None,
+    batch: Batch = None,
+    dry_run: DryRun = False,
 ) -> None:
     """Run every stage in order: ingest, generate-questions, build-dataset."""
     from finetune_kit.pipeline import run_all
     from finetune_kit.render import RichProgress
 
     with _progress() as bar:
-        summary = run_all(_settings(ctx), sources, out_dir, RichProgress(bar))
+        summary = run_all(_settings(ctx), sources, out_dir, RichProgress(bar), dry_run)
     _print_summary(summary)
 
 
@@ -243,6 +271,94 @@ def status(
     from finetune_kit.status import workspace_status
 
     out.print(status_table(workspace_status(_settings(ctx))))
+
+
+BotModel = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        metavar="NAME",
+        help="Model that answers (default: newest fine-tuned, else the base model).",
+    ),
+]
+Host = Annotated[
+    str | None,
+    typer.Option("--host", metavar="HOST", help="HTTP mode: address to listen on (default 127.0.0.1)."),
+]
+Port = Annotated[
+    int | None,
+    typer.Option("--port", metavar="PORT", help="HTTP mode: port (default 3000; 0 picks a free one)."),
+]
+Channels = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--channel", metavar="ID", help="Answer only in this channel ID (repeatable; default: all)."
+    ),
+]
+Dms = Annotated[bool | None, typer.Option("--dms/--no-dms", help="Answer direct messages (default: yes).")]
+SystemPrompt = Annotated[
+    str | None,
+    typer.Option(
+        "--system-prompt", metavar="TEXT", help="System prompt (default: the dataset's, as trained)."
+    ),
+]
+Temperature = Annotated[
+    float | None, typer.Option("--temperature", metavar="T", help="Sampling temperature (default 0.2).")
+]
+MaxTokens = Annotated[
+    int | None, typer.Option("--max-tokens", metavar="N", help="Longest answer in tokens (default 512).")
+]
+Timeout = Annotated[
+    float | None,
+    typer.Option("--timeout", metavar="SECONDS", help="Give up on the model after this long (default 60)."),
+]
+Concurrency = Annotated[
+    int | None, typer.Option("--concurrency", metavar="N", help="Model calls at once (default 4).")
+]
+Stream = Annotated[
+    bool | None, typer.Option("--stream/--no-stream", help="Show the answer as it is written (default: yes).")
+]
+
+
+@app.command()
+def slack(
+    ctx: typer.Context,
+    slack_model: BotModel = None,
+    provider: Provider = None,
+    product: Product = None,
+    slack_host: Host = None,
+    slack_port: Port = None,
+    slack_allowed_channels: Channels = None,
+    slack_answer_dms: Dms = None,
+    slack_system_prompt: SystemPrompt = None,
+    slack_temperature: Temperature = None,
+    slack_max_answer_tokens: MaxTokens = None,
+    slack_timeout_s: Timeout = None,
+    slack_concurrency: Concurrency = None,
+    slack_stream: Stream = None,
+) -> None:
+    """Answer questions in Slack threads with the support model (Socket Mode or HTTP events)."""
+    import logging
+
+    from finetune_kit.slack_bot import ReadyInfo, serve
+
+    debug = (ctx.find_root().obj or {}).get("debug") or os.environ.get("FTKIT_DEBUG")
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
+    )
+    for noisy in ("slack_bolt", "slack_sdk", "httpx2", "openai"):  # bolt warns of the client we pass it
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.ERROR)
+
+    def ready(info: ReadyInfo) -> None:
+        where = (
+            f"Listening for Slack events at {info.url}" if info.url else "Connected to Slack in Socket Mode"
+        )
+        out.print(f"{where}, answering with {info.model}. Ctrl-C stops.", markup=False)
+
+    try:
+        serve(_settings(ctx), ready)
+    except KeyboardInterrupt:
+        out.print("Stopped. Questions left unanswered are answered at the next start.", markup=False)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -1,6 +1,7 @@
 """Typed settings: defaults < ftkit.toml < environment (FTKIT_*) < flags. Secrets come from the environment only."""
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,13 @@ SECRET_SETTINGS = {
     "openai_api_key": "OPENAI_API_KEY",
     "api_key": "OPENAI_API_KEY",
     "openai_base_url": "OPENAI_BASE_URL",
+    "slack_bot_token": "SLACK_BOT_TOKEN",
+    "slack_app_token": "SLACK_APP_TOKEN",
+    "slack_signing_secret": "SLACK_SIGNING_SECRET",
+    "slack_api_url": "SLACK_API_URL",
 }
+SLACK_DEFAULT_API_URL = "https://slack.com/api/"
+_SLACK_CONVERSATION_ID = re.compile(r"[CGD][A-Z0-9]{2,}")
 
 
 class ModelPrice(BaseModel):
@@ -71,6 +78,10 @@ class Settings(BaseSettings):
     provider: Literal["auto", "local", "openai"] = "auto"
     model: str | None = None
     max_concurrency: int = Field(8, ge=1)
+    requests_per_minute: int | None = Field(
+        None, ge=1
+    )  # unset: learned from the server's x-ratelimit headers
+    tokens_per_minute: int | None = Field(None, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(4, ge=0)
     local_model_path: Path | None = None
@@ -106,12 +117,34 @@ class Settings(BaseSettings):
     # spending
     max_cost_usd: float | None = Field(None, ge=0)
     batch: bool = False
+    batch_poll_interval_s: float = Field(30.0, gt=0)
     prices: dict[str, ModelPrice] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
     example_token_limits: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_EXAMPLE_TOKEN_LIMITS))
+
+    # slack bot
+    slack_model: str | None = None  # unset: the newest fine-tuned model, else the base model
+    slack_system_prompt: str | None = (
+        None  # unset: the dataset's system prompt, which the model was trained on
+    )
+    slack_temperature: float = Field(0.2, ge=0, le=2)
+    slack_max_answer_tokens: int = Field(512, ge=16)
+    slack_context_tokens: int | None = Field(None, ge=256)  # unset: local_context_tokens, or 16384 for APIs
+    slack_timeout_s: float = Field(60.0, gt=0)
+    slack_concurrency: int = Field(4, ge=1)
+    slack_stream: bool = True
+    slack_update_interval_s: float = Field(1.0, ge=0.05)
+    slack_allowed_channels: list[str] = []  # empty: every channel the bot is invited to
+    slack_answer_dms: bool = True
+    slack_host: str = "127.0.0.1"
+    slack_port: int = Field(3000, ge=0, le=65535)
 
     # read from the environment only (never from ftkit.toml or flags), never serialised
     _openai_api_key: SecretStr | None = PrivateAttr(None)
     _openai_base_url: str | None = PrivateAttr(None)
+    _slack_bot_token: SecretStr | None = PrivateAttr(None)
+    _slack_app_token: SecretStr | None = PrivateAttr(None)
+    _slack_signing_secret: SecretStr | None = PrivateAttr(None)
+    _slack_api_url: str | None = PrivateAttr(None)
 
     @field_validator("prices", mode="after")
     @classmethod
@@ -124,6 +157,17 @@ class Settings(BaseSettings):
     def _merge_limits(cls, value: dict[str, int]) -> dict[str, int]:
         """A limit set in ftkit.toml adds to (or overrides one row of) the default table."""
         return {**DEFAULT_EXAMPLE_TOKEN_LIMITS, **value}
+
+    @field_validator("slack_allowed_channels", mode="after")
+    @classmethod
+    def _channel_ids(cls, value: list[str]) -> list[str]:
+        """Slack events name conversations by ID, so the allow-list must hold IDs, not names."""
+        for channel in value:
+            if not _SLACK_CONVERSATION_ID.fullmatch(channel):
+                raise ValueError(
+                    f"'{channel}' is not a channel ID — copy the ID (C…) from the channel's details in Slack"
+                )
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -146,6 +190,27 @@ class Settings(BaseSettings):
     def openai_base_url(self) -> str | None:
         """OPENAI_BASE_URL from the environment."""
         return self._openai_base_url
+
+    @property
+    def slack_bot_token(self) -> SecretStr | None:
+        """SLACK_BOT_TOKEN (xoxb-…) from the environment."""
+        return self._slack_bot_token
+
+    @property
+    def slack_app_token(self) -> SecretStr | None:
+        """SLACK_APP_TOKEN (xapp-…) from the environment; when set, the bot uses Socket Mode."""
+        return self._slack_app_token
+
+    @property
+    def slack_signing_secret(self) -> SecretStr | None:
+        """SLACK_SIGNING_SECRET from the environment; HTTP mode verifies every request with it."""
+        return self._slack_signing_secret
+
+    @property
+    def slack_api_url(self) -> str:
+        """The Slack Web API base URL: SLACK_API_URL (GovSlack, a proxy, a test fake) or slack.com."""
+        url = self._slack_api_url or SLACK_DEFAULT_API_URL
+        return url if url.endswith("/") else url + "/"
 
     @property
     def resolved_provider(self) -> Literal["local", "openai"]:
@@ -206,6 +271,10 @@ def _with_environment_secrets(settings: Settings) -> Settings:
     key = os.environ.get("OPENAI_API_KEY") or None
     settings._openai_api_key = SecretStr(key) if key else None
     settings._openai_base_url = os.environ.get("OPENAI_BASE_URL") or None
+    for name in ("slack_bot_token", "slack_app_token", "slack_signing_secret"):
+        value = os.environ.get(SECRET_SETTINGS[name]) or None
+        setattr(settings, f"_{name}", SecretStr(value) if value else None)
+    settings._slack_api_url = os.environ.get("SLACK_API_URL") or None
     return settings
 
 

@@ -2,14 +2,19 @@
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune_kit.config import Settings
-from finetune_kit.llm.client import LLMClient
+from finetune_kit.errors import ConfigError
+from finetune_kit.estimate import StageEstimate, estimate_generation
+from finetune_kit.llm.budget import Budget
+from finetune_kit.llm.client import ChatRequest, Endpoint, LLMClient
 from finetune_kit.llm.endpoint import open_endpoint
 from finetune_kit.progress import NoProgress, Progress
+from finetune_kit.stages import Prefill
 from finetune_kit.stages.build_dataset import (
     DatasetReport,
     accepted_examples,
@@ -19,6 +24,9 @@ from finetune_kit.stages.build_dataset import (
 from finetune_kit.stages.generate_questions import QuestionReport, generate_questions
 from finetune_kit.stages.ingest import IngestReport, ingest
 from finetune_kit.store import Store
+
+log = logging.getLogger(__name__)
+DRY = " --dry-run"
 
 
 @dataclass
@@ -35,6 +43,8 @@ class RunSummary:
     cost_usd: float = 0.0
     endpoint_identity: str = ""
     model: str = ""
+    estimates: list[StageEstimate] = field(default_factory=list)  # dry runs only
+    batch_ids: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
 
 
@@ -58,32 +68,47 @@ def run_ingest(settings: Settings, specs: list[str], progress: Progress | None =
         return ingest(store, settings, specs, progress)
 
 
-def run_generate_questions(settings: Settings, progress: Progress | None = None) -> RunSummary:
-    """`ftkit generate-questions` on every chunk that lacks questions."""
-    with recorded_run(settings, "generate-questions") as (store, run_id):
+def run_generate_questions(
+    settings: Settings, progress: Progress | None = None, dry_run: bool = False
+) -> RunSummary:
+    """`ftkit generate-questions` on every chunk that lacks questions (or, dry, what that would cost)."""
+    with recorded_run(settings, "generate-questions" + DRY * dry_run) as (store, run_id):
         summary = RunSummary()
-        asyncio.run(_generation(store, settings, run_id, summary, progress or NoProgress(), answer=False))
+        if dry_run:
+            summary.estimates = estimate_generation(store, settings, answers=False)
+        else:
+            asyncio.run(_generation(store, settings, run_id, summary, progress or NoProgress(), answer=False))
         return summary
 
 
 def run_build_dataset(
-    settings: Settings, out_dir: Path | None, progress: Progress | None = None
+    settings: Settings, out_dir: Path | None, progress: Progress | None = None, dry_run: bool = False
 ) -> RunSummary:
-    """`ftkit build-dataset`: answer, then write and validate train/validation JSONL."""
-    with recorded_run(settings, "build-dataset") as (store, run_id):
+    """`ftkit build-dataset`: answer, then write and validate train/validation JSONL (or, dry, what it would cost)."""
+    with recorded_run(settings, "build-dataset" + DRY * dry_run) as (store, run_id):
         summary = RunSummary()
+        if dry_run:
+            summary.estimates = estimate_generation(store, settings, questions=False)
+            return summary
         asyncio.run(_generation(store, settings, run_id, summary, progress or NoProgress(), questions=False))
         _write(store, settings, out_dir, summary)
         return summary
 
 
 def run_all(
-    settings: Settings, specs: list[str], out_dir: Path | None, progress: Progress | None = None
+    settings: Settings,
+    specs: list[str],
+    out_dir: Path | None,
+    progress: Progress | None = None,
+    dry_run: bool = False,
 ) -> RunSummary:
-    """`ftkit run`: ingest, generate questions, answer and write the dataset, in order."""
+    """`ftkit run`: ingest, generate questions, answer and write the dataset (dry: ingest, then estimate)."""
     progress = progress or NoProgress()
-    with recorded_run(settings, "run") as (store, run_id):
+    with recorded_run(settings, "run" + DRY * dry_run) as (store, run_id):
         summary = RunSummary(ingest=ingest(store, settings, specs, progress))
+        if dry_run:
+            summary.estimates = estimate_generation(store, settings)
+            return summary
         asyncio.run(_generation(store, settings, run_id, summary, progress))
         _write(store, settings, out_dir, summary)
         return summary
@@ -98,6 +123,10 @@ async def _generation(
     questions: bool = True,
     answer: bool = True,
 ) -> None:
+    if settings.batch and settings.resolved_provider != "openai":
+        raise ConfigError(
+            "--batch uses the OpenAI Batch API — set OPENAI_API_KEY (or --provider openai), or drop --batch"
+        )
     with open_endpoint(settings) as endpoint:
         concurrency = settings.max_concurrency if settings.resolved_provider == "openai" else 1
         client = LLMClient(
@@ -107,16 +136,43 @@ async def _generation(
             max_retries=settings.max_retries,
             timeout_s=settings.request_timeout_s,
             run_id=run_id,
+            budget=Budget(limit_usd=settings.max_cost_usd),
+            requests_per_minute=settings.requests_per_minute,
+            tokens_per_minute=settings.tokens_per_minute,
         )
+        prefill = _batch_prefill(store, settings, endpoint, run_id, summary) if settings.batch else None
         try:
             if questions:
-                summary.questions = await generate_questions(store, client, settings, progress)
+                summary.questions = await generate_questions(store, client, settings, progress, prefill)
             if answer:
-                summary.dataset = await answer_questions(store, client, settings, progress)
+                summary.dataset = await answer_questions(store, client, settings, progress, prefill)
         finally:
             await client.close()
             _account(store, run_id, client, summary)
         summary.endpoint_identity, summary.model = endpoint.identity, endpoint.model
+
+
+def _batch_prefill(
+    store: Store, settings: Settings, endpoint: Endpoint, run_id: int, summary: RunSummary
+) -> Prefill:
+    """Fetch each round of requests through the OpenAI Batch API (half price) before the stage reads it."""
+    from finetune_kit.llm.batch import prefill_with_batch
+
+    async def prefill(requests: list[ChatRequest]) -> dict[str, str]:
+        report = await prefill_with_batch(
+            store,
+            endpoint,
+            requests,
+            run_id=run_id,
+            poll_interval_s=settings.batch_poll_interval_s,
+            on_status=lambda status: log.info(
+                "batch %s: %s (%d/%d done)", status.batch_id, status.status, status.completed, status.total
+            ),
+        )
+        summary.batch_ids += report.batch_ids
+        return report.failed
+
+    return prefill
 
 
 def _account(store: Store, run_id: int, client: LLMClient, summary: RunSummary) -> None:

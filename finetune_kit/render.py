@@ -18,6 +18,7 @@ from rich.progress import Progress as RichProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from finetune_kit.estimate import StageEstimate
 from finetune_kit.pipeline import RunSummary
 from finetune_kit.stages.build_dataset import DatasetReport
 from finetune_kit.stages.ingest import IngestReport
@@ -138,6 +139,31 @@ def summary_table(summary: RunSummary) -> Table:
     table.add_row("cost", f"${summary.cost_usd:.4f}")
     for path in summary.files:
         table.add_row("output", str(path))
+    return table
+
+
+def estimate_table(estimates: list[StageEstimate]) -> Table:
+    """What a dry run found: per stage, the calls, tokens and worst-case dollars."""
+    table = Table(title="dry run: what this would spend at most", show_header=True, header_style="bold")
+    for column in ("stage", "calls", "prompt tokens", "max completion tokens", "max cost"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    if any(e.extrapolated for e in estimates):
+        table.caption = "* includes answers to the questions it has yet to write, N per chunk"
+    for e in estimates:
+        table.add_row(
+            e.stage + " *" * e.extrapolated,
+            f"{e.calls:,}",
+            f"{e.prompt_tokens:,}",
+            f"{e.max_completion_tokens:,}",
+            f"${e.max_cost_usd:.4f}",
+        )
+    table.add_row(
+        "total",
+        f"{sum(e.calls for e in estimates):,}",
+        f"{sum(e.prompt_tokens for e in estimates):,}",
+        f"{sum(e.max_completion_tokens for e in estimates):,}",
+        f"${sum(e.max_cost_usd for e in estimates):.4f}",
+    )
     return table
 
 

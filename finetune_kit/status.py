@@ -11,6 +11,8 @@ from finetune_kit.stages.build_dataset import answer_key
 from finetune_kit.stages.generate_questions import generation_key
 from finetune_kit.store import Store
 
+RECENT_RUNS = 5  # runs listed, newest first, with what each one spent
+
 
 @dataclass
 class StatusReport:
@@ -28,7 +30,9 @@ class StatusReport:
     questions: dict[str, int] = field(default_factory=dict)  # "accepted" or reject reason → count
     answers: dict[str, int] = field(default_factory=dict)
     ledger: list[tuple[str, int, int, int, float]] = field(default_factory=list)  # stage, calls, in, out, $
-    last_run: tuple[str, str, str] | None = None
+    runs: list[tuple[int, str, str, str, int, float]] = field(
+        default_factory=list
+    )  # id, command, status, start, calls, $
 
     def rows(self) -> list[tuple[str, str]]:
         """(label, value) rows for a table."""
@@ -47,8 +51,10 @@ class StatusReport:
             (f"LLM {stage}", f"{calls} calls, {tin:,} in / {tout:,} out tokens, ${cost:.4f}")
             for stage, calls, tin, tout, cost in self.ledger
         ]
-        if self.last_run:
-            rows.append(("last run", " ".join(self.last_run)))
+        rows += [
+            (f"run {run_id}", f"{command} — {status}, {started}, {calls} calls, ${cost:.4f}")
+            for run_id, command, status, started, calls, cost in self.runs
+        ]
         return rows
 
 
@@ -112,8 +118,12 @@ def workspace_status(settings: Settings) -> StatusReport:
                 "SELECT stage, count(*), sum(prompt_tokens), sum(completion_tokens), sum(cost_usd) FROM llm_calls GROUP BY stage"
             )
         ]
-        last = store.db.execute(
-            "SELECT command, status, started_at FROM runs ORDER BY id DESC LIMIT 1"
-        ).fetchone()
-        report.last_run = tuple(last) if last else None  # type: ignore[assignment]
+        report.runs = [
+            tuple(row)  # type: ignore[misc]
+            for row in store.db.execute(
+                "SELECT r.id, r.command, r.status, r.started_at, count(c.request_hash), coalesce(sum(c.cost_usd), 0)"
+                " FROM runs r LEFT JOIN llm_calls c ON c.run_id = r.id GROUP BY r.id ORDER BY r.id DESC LIMIT ?",
+                (RECENT_RUNS,),
+            )
+        ]
     return report

@@ -102,6 +102,71 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0002_batches",
+        """
+        CREATE TABLE batches (
+            id TEXT PRIMARY KEY,
+            request_set TEXT NOT NULL,
+            stage TEXT,
+            input_file_id TEXT,
+            status TEXT,
+            output_file_id TEXT,
+            error_file_id TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            merged_at TEXT
+        );
+        CREATE INDEX batches_by_request_set ON batches(request_set);
+        CREATE TABLE batch_requests (
+            batch_id TEXT NOT NULL REFERENCES batches(id),
+            request_hash TEXT NOT NULL,
+            PRIMARY KEY (batch_id, request_hash)
+        );
+        """,
+    ),
+    (
+        "0003_slack",
+        """
+        CREATE TABLE slack_events (
+            event_id TEXT PRIMARY KEY,
+            event_type TEXT NOT NULL,
+            received_at TEXT NOT NULL
+        );
+        CREATE TABLE slack_answers (
+            id INTEGER PRIMARY KEY,
+            channel TEXT NOT NULL,
+            question_ts TEXT NOT NULL,
+            thread_ts TEXT NOT NULL,
+            user_id TEXT,
+            question TEXT NOT NULL,
+            placeholder_ts TEXT,
+            status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'answered', 'failed')),
+            answer TEXT,
+            error TEXT,
+            model TEXT,
+            latency_ms INTEGER,
+            created_at TEXT NOT NULL,
+            finished_at TEXT,
+            UNIQUE (channel, question_ts)
+        );
+        CREATE INDEX slack_answers_by_thread ON slack_answers(channel, thread_ts);
+        CREATE TABLE slack_replies (
+            channel TEXT NOT NULL,
+            ts TEXT NOT NULL,
+            answer_id INTEGER NOT NULL REFERENCES slack_answers(id),
+            PRIMARY KEY (channel, ts)
+        );
+        CREATE TABLE slack_feedback (
+            answer_id INTEGER NOT NULL REFERENCES slack_answers(id),
+            user_id TEXT NOT NULL,
+            reaction TEXT NOT NULL,
+            rating INTEGER NOT NULL CHECK (rating IN (-1, 1)),
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (answer_id, user_id, reaction)
+        );
+        """,
+    ),
 ]
 
 

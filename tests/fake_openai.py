@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import email.message
+import email.policy
 import functools
 import hashlib
 import itertools
 import json
+import math
 import os
+import random
 import re
 import sys
 import tempfile
 import threading
 import time
-from collections import deque
+import urllib.parse
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -32,9 +37,14 @@ SPEC_SCHEMA_NAMES = (
     "CreateChatCompletionStreamResponse",
     "ListModelsResponse",
     "ErrorResponse",
+    "CreateFileRequest",
+    "OpenAIFile",
+    "CreateBatchRequest",
+    "Batch",
+    "ListBatchesResponse",
 )
 # Bump when the extraction below changes, so stale on-disk caches are ignored.
-_EXTRACTION_VERSION = "1"
+_EXTRACTION_VERSION = "2"
 _SPEC_URI = "urn:openai-openapi"
 
 
@@ -56,6 +66,32 @@ class InvalidRequest:
     message: str
     body: object
 
+
+@dataclass(frozen=True)
+class Faults:
+    """Seeded fault injection: the share of chat completions answered each way instead of by the responder."""
+
+    rate_limited: float = 0.0  # 429 with Retry-After
+    server_error: float = 0.0  # 500
+    timeout: float = (
+        0.0  # the responder's answer, sent after `timeout_s` (set it beyond the client's timeout)
+    )
+    malformed: float = 0.0  # an empty answer, or prose that holds no list of questions
+    seed: int = 0
+    retry_after_s: float = 0.05
+    timeout_s: float = 2.5
+
+    def pick(self, roll: float) -> str | None:
+        """The fault for a uniform `roll` in [0, 1), or None for a normal answer."""
+        bound = 0.0
+        for kind in ("rate_limited", "server_error", "timeout", "malformed"):
+            bound += getattr(self, kind)
+            if roll < bound:
+                return kind
+        return None
+
+
+MALFORMED_CONTENTS = ("", "Sorry, I cannot help with that.")
 
 Responder = Callable[[dict], Reply]
 
@@ -277,6 +313,14 @@ def docs_responder(body: dict) -> Reply:
     return Reply(content=f'The documentation says: "{sentence}."')
 
 
+def openai_duration(seconds: float) -> str:
+    """A duration as OpenAI writes it in `x-ratelimit-reset-*`: "120ms", "1s", "6m0s", "1m30.5s"."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    minutes, rest = divmod(round(seconds, 3), 60)
+    return (f"{int(minutes)}m" if minutes else "") + f"{rest:g}s"
+
+
 # --- The HTTP server ---------------------------------------------------------------------------------
 
 # status -> (error type, error code, default message), as the OpenAI API answers them.
@@ -312,6 +356,8 @@ def _usage(body: dict, content: str) -> dict[str, int]:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 drops connections a burst of concurrent clients opens (SYN retried 1 s on)
+    request_queue_size = 128
     fake: FakeOpenAI
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -367,10 +413,25 @@ class _Handler(BaseHTTPRequestHandler):
 class FakeOpenAI:
     """An OpenAI-compatible chat completions server on a free 127.0.0.1 port, for use as a context manager."""
 
-    def __init__(self, responder: Responder | None = None, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        responder: Responder | None = None,
+        api_key: str | None = None,
+        *,
+        rpm: int | None = None,
+        rpm_burst_s: float = 1.0,
+        faults: Faults | None = None,
+    ) -> None:
         self.responder: Responder = responder or docs_responder
         self.api_key = api_key
+        self.rpm, self.rpm_burst_s = rpm, rpm_burst_s  # a server-side token bucket of requests per minute
+        self.rate_limited = 0  # requests answered 429 because the bucket was empty
+        self.faults = faults
+        self.faults_injected: Counter[str] = Counter()
+        self._rng = random.Random(faults.seed if faults else 0)
+        self._bucket, self._bucket_at = math.inf, time.monotonic()
         self.requests: list[dict] = []
+        self.batch_api = FakeBatchAPI(self)  # /v1/files and /v1/batches
         self.invalid_requests: list[InvalidRequest] = []
         self.responder_errors: list[Exception] = []
         self._replies: deque[Reply] = deque()
@@ -425,6 +486,8 @@ class FakeOpenAI:
             handler.send_json(400, error_body(400, problem), request_id)
         elif is_chat and body is not None:
             self._complete(handler, body, request_id)
+        elif self.batch_api.handles(path):
+            self.batch_api.dispatch(handler, method, path, raw_body, request_id)
         elif method == "GET" and path == "/v1/models":
             handler.send_json(200, self._models(), request_id)
         else:
@@ -463,11 +526,59 @@ class FakeOpenAI:
                 self.responder_errors.append(exc)
             return Reply(status=500, content=f"The fake's responder raised {exc!r}")
 
+    def _take_from_bucket(self) -> tuple[bool, dict[str, str]]:
+        """Take one request from the rpm bucket: (admitted, the x-ratelimit headers OpenAI sends)."""
+        if self.rpm is None:
+            return True, {}
+        per_s = self.rpm / 60
+        capacity = max(1.0, per_s * self.rpm_burst_s)
+        with self._lock:
+            now = time.monotonic()
+            self._bucket = min(capacity, self._bucket + (now - self._bucket_at) * per_s)
+            self._bucket_at = now
+            admitted = self._bucket >= 1
+            self._bucket -= admitted
+            self.rate_limited += not admitted
+            level = self._bucket
+        headers = {
+            "x-ratelimit-limit-requests": str(self.rpm),
+            "x-ratelimit-remaining-requests": str(math.floor(level)),
+            "x-ratelimit-reset-requests": openai_duration((capacity - level) / per_s),
+        }
+        if not admitted:
+            wait_s = (1 - level) / per_s
+            headers |= {
+                "retry-after": str(math.ceil(wait_s)),
+                "retry-after-ms": str(math.ceil(wait_s * 1000)),
+            }
+        return admitted, headers
+
+    def _injected_fault(self, body: dict) -> Reply | None:
+        """A faulty reply, drawn with the seeded probabilities of `faults`, or None."""
+        if self.faults is None:
+            return None
+        with self._lock:
+            kind, variant = self.faults.pick(self._rng.random()), self._rng.random()
+            if kind:
+                self.faults_injected[kind] += 1
+        wait_s = self.faults.retry_after_s
+        if kind == "rate_limited":
+            retry = {"retry-after": str(math.ceil(wait_s)), "retry-after-ms": str(round(wait_s * 1000))}
+            return Reply(status=429, headers=retry)
+        if kind == "server_error":
+            return Reply("injected server error", status=500)
+        if kind == "timeout":
+            return replace(self._next_reply(body), delay_s=self.faults.timeout_s)
+        if kind == "malformed":
+            return Reply(MALFORMED_CONTENTS[int(variant * len(MALFORMED_CONTENTS))])
+        return None
+
     def _complete(self, handler: _Handler, body: dict, request_id: dict[str, str]) -> None:
-        reply = self._next_reply(body)
+        admitted, limits = self._take_from_bucket()
+        reply = (self._injected_fault(body) or self._next_reply(body)) if admitted else Reply(status=429)
         if reply.delay_s > 0:
             self._stopping.wait(reply.delay_s)
-        headers = {**request_id, **reply.headers}
+        headers = {**request_id, **limits, **reply.headers}
         if reply.status != 200:
             handler.send_json(reply.status, error_body(reply.status, reply.content), headers)
         elif body.get("stream"):
@@ -527,3 +638,382 @@ class FakeOpenAI:
             {"id": m, "object": "model", "created": 1700000000, "owned_by": "fake-openai"} for m in MODEL_IDS
         ]
         return {"object": "list", "data": data}
+
+
+# --- The Files and Batch APIs ------------------------------------------------------------------------
+
+_BATCH_STEPS = ("validating", "in_progress", "finalizing", "completed")
+_BATCH_TERMINAL = ("completed", "failed", "expired", "cancelled")
+_FILE_PATH = re.compile(r"/v1/files/([^/]+)(/content)?")
+_BATCH_PATH = re.compile(r"/v1/batches/([^/]+)(/cancel)?")
+_EXPIRED_LINE = {
+    "code": "batch_expired",
+    "message": "This request could not be executed before the completion window expired.",
+}
+
+
+@dataclass
+class LineFailure:
+    """How the fake answers one batch line instead of asking the responder, chosen by its custom_id."""
+
+    status: int | None = 500  # None: the line gets no result at all
+    in_error_file: bool = False  # listed in the error file (as the live API does), not in the output file
+    times: int | None = None  # fail this many batches, then answer normally; None: every time
+
+
+@dataclass
+class FakeFile:
+    """One uploaded or generated file."""
+
+    id: str
+    filename: str
+    purpose: str
+    data: bytes
+    created_at: int
+
+    def as_object(self) -> dict[str, Any]:
+        """The spec's OpenAIFile object."""
+        expires = {"expires_at": self.created_at + 30 * 86400} if self.purpose == "batch" else {}
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": len(self.data),
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+            **expires,
+        }
+
+
+@dataclass
+class FakeBatch:
+    """One batch: its request, its parsed input lines and where it stands."""
+
+    id: str
+    request: dict[str, Any]
+    lines: list[dict[str, Any]]
+    errors: list[dict[str, Any]]
+    created_at: int
+    started: float
+    status: str = "validating"
+    polls: int = 0
+    times: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=lambda: {"total": 0, "completed": 0, "failed": 0})
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+
+    def as_object(self) -> dict[str, Any]:
+        """The spec's Batch object (fields without a value are left out, as the spec types them non-null)."""
+        batch: dict[str, Any] = {
+            "id": self.id,
+            "object": "batch",
+            "endpoint": self.request["endpoint"],
+            "model": self.lines[0]["body"].get("model") if self.lines and not self.errors else None,
+            "errors": {"object": "list", "data": self.errors} if self.errors else None,
+            "input_file_id": self.request["input_file_id"],
+            "completion_window": self.request["completion_window"],
+            "status": self.status,
+            "output_file_id": self.output_file_id,
+            "error_file_id": self.error_file_id,
+            "created_at": self.created_at,
+            "expires_at": self.created_at + 86400,
+            **self.times,
+            "request_counts": self.counts,
+        }
+        return {k: v for k, v in batch.items() if v is not None} | {"metadata": self.request.get("metadata")}
+
+
+class FakeBatchAPI:
+    """The fake's /v1/files and /v1/batches: a batch advances one status every `polls_per_step` retrieves.
+
+    validating → in_progress → finalizing → completed; lines are answered by the fake's responder when the
+    batch finalizes. Set `seconds_per_step` to advance with time instead, `line_failures` to fail chosen
+    custom_ids, and `expire_after_lines` to make batches expire with only that many lines answered.
+    """
+
+    def __init__(self, fake: FakeOpenAI) -> None:
+        self.fake = fake
+        self.files: dict[str, FakeFile] = {}
+        self.batches: dict[str, FakeBatch] = {}
+        self.calls: list[str] = []  # "METHOD /path" of every files and batches request, in order
+        self.polls_per_step = 1
+        self.seconds_per_step: float | None = None
+        self.line_failures: dict[str, LineFailure] = {}
+        self.expire_after_lines: int | None = None
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+
+    @staticmethod
+    def handles(path: str) -> bool:
+        """True for the paths this API serves."""
+        return path == "/v1/files" or path.startswith(("/v1/files/", "/v1/batches"))
+
+    def dispatch(
+        self, handler: _Handler, method: str, path: str, raw_body: bytes, headers: dict[str, str]
+    ) -> None:
+        """Answer one files or batches request."""
+        with self._lock:
+            self.calls.append(f"{method} {path}")
+            status, payload = self._route(handler, method, path, raw_body)
+        if isinstance(payload, bytes):
+            _send_file(handler, payload, headers)
+        else:
+            handler.send_json(status, payload, headers)
+
+    def _route(self, handler: _Handler, method: str, path: str, raw_body: bytes) -> tuple[int, Any]:
+        file_path, batch_path = _FILE_PATH.fullmatch(path), _BATCH_PATH.fullmatch(path)
+        if method == "POST" and path == "/v1/files":
+            return self._upload(handler.headers.get("Content-Type", ""), raw_body)
+        if method == "GET" and file_path and file_path.group(1) in self.files:
+            stored = self.files[file_path.group(1)]
+            return 200, stored.data if file_path.group(2) else stored.as_object()
+        if method == "POST" and path == "/v1/batches":
+            return self._create(raw_body)
+        if method == "GET" and path == "/v1/batches":
+            return self._list(handler.path)
+        if batch_path and batch_path.group(1) in self.batches:
+            batch = self.batches[batch_path.group(1)]
+            if method == "GET" and not batch_path.group(2):
+                batch.polls += 1
+                self._advance(batch)
+                return 200, batch.as_object()
+            if method == "POST" and batch_path.group(2):
+                return self._cancel(batch)
+        if file_path or batch_path:
+            return 404, error_body(404, f"No such object: {path.rsplit('/', 1)[-1]}")
+        return 404, error_body(404, f"Invalid URL ({method} {path})")
+
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}{next(self._ids):06d}"
+
+    def _store_file(self, filename: str, purpose: str, data: bytes) -> FakeFile:
+        stored = FakeFile(self._new_id("file-fake"), filename, purpose, data, int(time.time()))
+        self.files[stored.id] = stored
+        return stored
+
+    def _upload(self, content_type: str, raw_body: bytes) -> tuple[int, Any]:
+        """POST /v1/files: a multipart form with `file` and `purpose`."""
+        form = _form_fields(content_type, raw_body)
+        if "file" not in form:
+            return 400, error_body(400, "Missing required parameter: 'file'.", "file")
+        fields = {name: value if name == "file" else value.decode() for name, (_, value) in form.items()}
+        problem = spec_violation(fields | {"file": form["file"][0] or "upload"}, "CreateFileRequest")
+        if problem is not None:
+            return 400, error_body(400, problem)
+        stored = self._store_file(form["file"][0] or "upload", str(fields["purpose"]), form["file"][1])
+        return 200, stored.as_object()
+
+    def _create(self, raw_body: bytes) -> tuple[int, Any]:
+        """POST /v1/batches: check the request and the input file; invalid lines fail the batch later."""
+        try:
+            body = json.loads(raw_body)
+        except ValueError:
+            body = None
+        problem = (
+            spec_violation(body, "CreateBatchRequest") if isinstance(body, dict) else "expected a JSON object"
+        )
+        if problem is not None or not isinstance(body, dict):
+            return 400, error_body(400, problem or "")
+        source = self.files.get(body["input_file_id"])
+        if source is None or source.purpose != "batch":
+            message = (
+                f"Invalid 'input_file_id': '{body['input_file_id']}' is not a file with purpose 'batch'."
+            )
+            return 400, error_body(400, message, "input_file_id")
+        if body["endpoint"] != "/v1/chat/completions":
+            return 400, error_body(400, "The fake runs /v1/chat/completions batches only.", "endpoint")
+        lines, errors = self._parse_lines(source.data, body["endpoint"])
+        now = int(time.time())
+        batch = FakeBatch(self._new_id("batch_fake"), body, lines, errors, now, time.monotonic())
+        batch.counts["total"] = len(lines)
+        self.batches[batch.id] = batch
+        return 200, batch.as_object()
+
+    def _parse_lines(self, data: bytes, endpoint: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The input file's request lines, and a BatchError for each invalid one (bodies checked by the spec)."""
+        lines: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for number, text in enumerate(data.decode(errors="replace").splitlines(), 1):
+            try:
+                line = json.loads(text)
+            except ValueError:
+                line = None
+            problem = _line_problem(line, endpoint, seen)
+            if problem is None and isinstance(line, dict):
+                problem = spec_violation(line["body"], "CreateChatCompletionRequest")
+                with self.fake._lock:
+                    if problem is not None:
+                        self.fake.invalid_requests.append(InvalidRequest(problem, line["body"]))
+            if problem is not None:
+                errors.append({"code": "invalid_request", "message": problem, "param": None, "line": number})
+            elif isinstance(line, dict):
+                seen.add(line["custom_id"])
+                lines.append(line)
+        if not lines and not errors:
+            errors.append(
+                {"code": "empty_file", "message": "The input file is empty.", "param": None, "line": None}
+            )
+        return lines, errors
+
+    def _list(self, raw_path: str) -> tuple[int, Any]:
+        """GET /v1/batches: newest first, paged with `after` and `limit` (1 to 100, default 20)."""
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(raw_path).query)
+        limit = int(query.get("limit", ["20"])[0])
+        if not 1 <= limit <= 100:
+            return 400, error_body(400, "Invalid 'limit': must be between 1 and 100.", "limit")
+        newest_first = list(reversed(self.batches.values()))
+        after = query.get("after", [None])[0]
+        ids = [batch.id for batch in newest_first]
+        start = ids.index(after) + 1 if after in ids else 0
+        page = [batch.as_object() for batch in newest_first[start : start + limit]]
+        ends = {"first_id": page[0]["id"], "last_id": page[-1]["id"]} if page else {}
+        return 200, {"object": "list", "data": page, **ends, "has_more": start + limit < len(ids)}
+
+    def _cancel(self, batch: FakeBatch) -> tuple[int, Any]:
+        """POST /v1/batches/{id}/cancel: `cancelling` now, `cancelled` at the next retrieve."""
+        if batch.status not in ("validating", "in_progress"):
+            return 400, error_body(400, f"Cannot cancel a batch with status '{batch.status}'.")
+        batch.status = "cancelling"
+        batch.times["cancelling_at"] = int(time.time())
+        return 200, batch.as_object()
+
+    def _step(self, batch: FakeBatch) -> int:
+        """How many statuses past `validating` the batch should be by now."""
+        if self.seconds_per_step is None:
+            return batch.polls // max(1, self.polls_per_step)
+        if self.seconds_per_step <= 0:
+            return len(_BATCH_STEPS)
+        return int((time.monotonic() - batch.started) / self.seconds_per_step)
+
+    def _advance(self, batch: FakeBatch) -> None:
+        """Move a batch on to where its polls (or its age) put it, one status at a time."""
+        if batch.status == "cancelling":
+            self._finish(batch, "cancelled", [], [])
+        while batch.status not in _BATCH_TERMINAL and batch.status != "cancelling":
+            index = _BATCH_STEPS.index(batch.status)
+            if index >= min(self._step(batch), len(_BATCH_STEPS) - 1):
+                return
+            now = int(time.time())
+            if batch.errors:
+                batch.status, batch.times["failed_at"] = "failed", now
+            elif index == 0:
+                batch.status, batch.times["in_progress_at"] = "in_progress", now
+            elif index == 1 and self.expire_after_lines is not None:
+                answered, unanswered = self._answer(batch.lines[: self.expire_after_lines])
+                expired = [
+                    _result_line(self._new_id("batch_req_"), line["custom_id"], None, _EXPIRED_LINE)
+                    for line in batch.lines[self.expire_after_lines :]
+                ]
+                self._finish(batch, "expired", answered, unanswered + expired)
+            elif index == 1:
+                batch.status, batch.times["finalizing_at"] = "finalizing", now
+            else:
+                self._finish(batch, "completed", *self._answer(batch.lines))
+
+    def _answer(self, lines: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Run the lines through the responder (or their configured failure): (output lines, error lines)."""
+        output: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        for line in lines:
+            failure = self._failure_for(line["custom_id"])
+            if failure is None:
+                reply = self.fake._next_reply(line["body"])
+            elif failure.status is None:
+                continue
+            else:
+                reply = Reply("Injected batch line failure.", status=failure.status)
+            request_id = self._new_id("req_batch")
+            body = (
+                self.fake._completion(line["body"], reply, request_id)
+                if reply.status == 200
+                else error_body(reply.status, reply.content)
+            )
+            response = {"status_code": reply.status, "request_id": request_id, "body": body}
+            result = _result_line(self._new_id("batch_req_"), line["custom_id"], response, None)
+            # The live API lists failed requests in the error file; a LineFailure may put them in the output.
+            in_error_file = failure.in_error_file if failure else reply.status != 200
+            (errors if in_error_file else output).append(result)
+        return output, errors
+
+    def _failure_for(self, custom_id: str) -> LineFailure | None:
+        """The failure configured for a line this time, counting down its `times`."""
+        failure = self.line_failures.get(custom_id)
+        if failure is None or failure.times is None:
+            return failure
+        failure.times -= 1
+        return failure if failure.times >= 0 else None
+
+    def _finish(
+        self, batch: FakeBatch, status: str, output: list[dict[str, Any]], errors: list[dict[str, Any]]
+    ) -> None:
+        """Write the result files and end the batch in a terminal status."""
+        if output:
+            batch.output_file_id = self._store_file(
+                f"{batch.id}_output.jsonl", "batch_output", _jsonl(output)
+            ).id
+        if errors:
+            batch.error_file_id = self._store_file(
+                f"{batch.id}_error.jsonl", "batch_output", _jsonl(errors)
+            ).id
+        answered = sum(1 for line in output if (line["response"] or {}).get("status_code") == 200)
+        batch.counts = {
+            "total": len(batch.lines),
+            "completed": answered,
+            "failed": len(output) + len(errors) - answered,
+        }
+        batch.status = status
+        batch.times[f"{status}_at"] = int(time.time())
+
+
+def _line_problem(line: object, endpoint: str, seen: set[str]) -> str | None:
+    """Why one input line is not a request line for this batch (its body is checked separately)."""
+    if not isinstance(line, dict):
+        return "The line is not a JSON object."
+    custom_id = line.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return "Missing 'custom_id'."
+    if custom_id in seen:
+        return f"The custom_id '{custom_id}' appears more than once."
+    if line.get("method") != "POST":
+        return "The 'method' must be 'POST'."
+    if line.get("url") != endpoint:
+        return f"The 'url' must be the batch's endpoint '{endpoint}'."
+    if not isinstance(line.get("body"), dict):
+        return "Missing 'body'."
+    return None
+
+
+def _result_line(line_id: str, custom_id: str, response: dict | None, error: dict | None) -> dict[str, Any]:
+    """One line of a batch's output or error file."""
+    return {"id": line_id, "custom_id": custom_id, "response": response, "error": error}
+
+
+def _jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+def _form_fields(content_type: str, raw_body: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """The fields of a multipart/form-data body: name -> (filename, value)."""
+    message = email.message_from_bytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + raw_body, policy=email.policy.HTTP
+    )
+    fields: dict[str, tuple[str | None, bytes]] = {}
+    for part in message.iter_parts() if isinstance(message, email.message.EmailMessage) else []:
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if isinstance(name, str):
+            fields[name] = (part.get_filename(), payload if isinstance(payload, bytes) else b"")
+    return fields
+
+
+def _send_file(handler: _Handler, data: bytes, headers: dict[str, str]) -> None:
+    """A file's raw content, as GET /v1/files/{id}/content answers it."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/octet-stream")
+    handler.send_header("Content-Length", str(len(data)))
+    for name, value in headers.items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(data)

@@ -26,7 +26,7 @@ def readme_section(command: str) -> str:
 
 
 def test_the_cli_has_the_pipeline_commands() -> None:
-    assert COMMANDS == ["build-dataset", "generate-questions", "ingest", "run", "status"]
+    assert COMMANDS == ["build-dataset", "generate-questions", "ingest", "run", "slack", "status"]
 
 
 @pytest.mark.parametrize("name", COMMANDS)

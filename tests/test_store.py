@@ -31,6 +31,12 @@ def test_fresh_database_has_the_tables(tmp_path: Path) -> None:
         "questions",
         "answers",
         "llm_calls",
+        "batches",
+        "batch_requests",
+        "slack_events",
+        "slack_answers",
+        "slack_replies",
+        "slack_feedback",
     }
 
 

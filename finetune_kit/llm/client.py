@@ -13,7 +13,8 @@ from tenacity.wait import wait_base
 
 from finetune_kit.config import ModelPrice
 from finetune_kit.errors import AuthenticationError, EndpointUnreachableError, LLMError, RequestRejectedError
-from finetune_kit.llm.budget import Budget
+from finetune_kit.llm.budget import Budget, prompt_tokens
+from finetune_kit.llm.rate_limit import RateLimiter, cool_down_s, retry_after_s
 from finetune_kit.store import Store, utc_now
 
 log = logging.getLogger(__name__)
@@ -81,26 +82,30 @@ def request_hash(endpoint: Endpoint, request: ChatRequest) -> str:
 
 
 class _WaitRetryAfter(wait_base):
-    """Honour a server's Retry-After header, else back off exponentially with jitter."""
+    """Honour a server's Retry-After header, else back off exponentially with jitter.
+
+    A 429 that says when to come back waits in the rate limiter's shared cool-down instead, not here.
+    """
 
     def __init__(self) -> None:
         self.fallback = wait_exponential_jitter(multiplier=0.5, max=30, jitter=0.5)
 
     def __call__(self, retry_state: Any) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
-        retry_after = _retry_after_seconds(exc)
+        response = getattr(exc, "response", None)
+        headers = response.headers if response is not None else {}
+        if isinstance(exc, openai.RateLimitError) and cool_down_s(headers) is not None:
+            return 0.0
+        retry_after = retry_after_s(headers)
         return retry_after if retry_after is not None else float(self.fallback(retry_state))
 
 
-def _retry_after_seconds(exc: BaseException | None) -> float | None:
-    response = getattr(exc, "response", None)
-    if response is None:
-        return None
-    value = response.headers.get("retry-after")
-    try:
-        return min(max(float(value), 0.0), 120.0) if value is not None else None
-    except ValueError:
-        return None
+def _log_retry(retry_state: Any) -> None:
+    exc = retry_state.outcome.exception() if retry_state.outcome else None
+    wait = retry_state.next_action.sleep if retry_state.next_action else 0.0
+    log.info(
+        "attempt %d failed (%s); retrying in %.2f s", retry_state.attempt_number, _short(str(exc), 80), wait
+    )
 
 
 class LLMClient:
@@ -116,6 +121,8 @@ class LLMClient:
         timeout_s: float,
         run_id: int | None = None,
         budget: Budget | None = None,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.store = store
@@ -124,7 +131,11 @@ class LLMClient:
         self.max_retries = max_retries
         self.calls_made = 0
         self.cache_hits = 0
-        self._limit = asyncio.Semaphore(max_concurrency)
+        self.limiter = RateLimiter(
+            max_concurrency=max_concurrency,
+            requests_per_minute=requests_per_minute,
+            tokens_per_minute=tokens_per_minute,
+        )
         self._in_flight: dict[str, asyncio.Future[None]] = {}
         self._sdk = openai.AsyncOpenAI(
             base_url=endpoint.base_url, api_key=endpoint.api_key, max_retries=0, timeout=timeout_s
@@ -146,8 +157,7 @@ class LLMClient:
         self._in_flight[key] = asyncio.get_running_loop().create_future()
         reserved, result = self.budget.reserve(request, self.endpoint.price), None
         try:
-            async with self._limit:
-                response = await self._call_with_retries(request)
+            response = await self._call_with_retries(request)
             self.calls_made += 1
             result = record_response(self.store, self.endpoint, request, response, self.run_id)
             return result
@@ -161,12 +171,13 @@ class LLMClient:
             retry=retry_if_exception(lambda exc: isinstance(exc, TRANSIENT_ERRORS)),
             wait=_WaitRetryAfter(),
             stop=stop_after_attempt(self.max_retries + 1),
+            before_sleep=_log_retry,
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
-                    completion = await self._sdk.chat.completions.create(**payload)
+                    response = await self._attempt(request, payload)
         except openai.AuthenticationError as exc:
             raise AuthenticationError(
                 f"{self.endpoint.base_url} rejected the API key (401) — check OPENAI_API_KEY"
@@ -187,7 +198,26 @@ class LLMClient:
                 f"{self.endpoint.base_url} answered HTTP {exc.status_code} after {_tries(self.max_retries + 1)}: "
                 f"{_short(exc.message)} — re-run later (finished work is kept)"
             ) from exc
-        return completion.model_dump(mode="json")
+        return response
+
+    async def _attempt(self, request: ChatRequest, payload: dict[str, Any]) -> dict[str, Any]:
+        """One HTTP request, paced by the rate limiter, which learns from the response's headers."""
+        tokens = prompt_tokens(request) + request.max_tokens if self.limiter.counts_tokens else 0
+        permit = await self.limiter.acquire(tokens)
+        try:
+            raw = await self._sdk.chat.completions.with_raw_response.create(**payload)
+        except openai.RateLimitError as exc:
+            self.limiter.observe(exc.response.headers)
+            self.limiter.on_rate_limited(cool_down_s(exc.response.headers), permit)
+            log.info(
+                "rate limited (429): pausing all requests; now %d in flight at most", self.limiter.concurrency
+            )
+            raise
+        finally:
+            self.limiter.release()
+        self.limiter.observe(raw.headers)
+        self.limiter.on_success()
+        return raw.parse().model_dump(mode="json")
 
 
 def cached_result(store: Store, key: str) -> ChatResult | None:
