@@ -476,13 +476,29 @@ def test_a_long_answer_is_split_below_slacks_limit(
     assert len(running.rows("SELECT ts FROM slack_replies")) == 3
 
 
-def test_a_streamed_answer_is_shown_and_then_replaced_by_the_whole_answer(
-    start_bot: Callable[..., RunningBot], model: FakeOpenAI
+@pytest.mark.parametrize(("interval_s", "previews"), [(0.05, True), (30.0, False)])
+def test_a_streamed_answer_is_previewed_at_the_update_interval_then_replaced_whole(
+    start_bot: Callable[..., RunningBot], model: FakeOpenAI, interval_s: float, previews: bool
 ) -> None:
-    running = start_bot(slack_stream=True)
-    running.deliver(mention(running.slack, "stream please"))
+    model.queue(Reply("Set the port with --port in the config file.", delay_s=0.3))  # streams after 0.3 s
+    running = start_bot(slack_stream=True, slack_update_interval_s=interval_s)
+    running.deliver(mention(running.slack, "port?"))
     running.settle()
     assert model.requests[0]["stream"] is True
+    updates = [call.args["text"] for call in running.slack.calls_to("chat.update")]
+    assert updates[-1] == "Set the port with --port in the config file."
+    assert all(u.endswith(" …") and updates[-1].startswith(u[:-2]) for u in updates[:-1])
+    assert bool(updates[:-1]) is previews
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_streaming_can_be_turned_off(
+    start_bot: Callable[..., RunningBot], model: FakeOpenAI, stream: bool
+) -> None:
+    running = start_bot(slack_stream=stream)
+    running.deliver(mention(running.slack, "stream please"))
+    running.settle()
+    assert model.requests[0].get("stream", False) is stream
     assert answers(running.slack) == ["Answer to: stream please"]
 
 

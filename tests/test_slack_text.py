@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 from slack_sdk import WebClient
 
-from finetune_kit.slack.answerer import Turn, fit_to_context
+from finetune_kit.config import load_settings
+from finetune_kit.errors import ConfigError
+from finetune_kit.llm.client import Endpoint
+from finetune_kit.slack.answerer import OpenAIAnswerer, Turn, bot_model, context_tokens, fit_to_context
 from finetune_kit.slack.preview import StreamPreview
 from finetune_kit.slack.records import BotRecords
 from finetune_kit.slack.text import mentions, slack_to_plain, split_message, to_mrkdwn
@@ -151,3 +154,48 @@ def test_event_ids_are_remembered_for_a_day(tmp_path: Path) -> None:
     assert records.forget_old_events(datetime.now(UTC) + timedelta(hours=25)) == 1
     assert records.first_delivery("Ev1", "app_mention")
     records.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "window"),
+    [
+        ({"provider": "local"}, 2048),
+        ({"provider": "local", "local_context_tokens": 4096}, 4096),
+        ({"provider": "openai"}, 16_384),
+        ({"provider": "openai", "slack_context_tokens": 128_000}, 128_000),
+    ],
+)
+def test_the_context_window_follows_the_model(flags: dict, window: int) -> None:
+    assert context_tokens(load_settings(**flags)) == window
+
+
+@pytest.mark.parametrize(
+    ("flags", "model"),
+    [
+        ({"provider": "local"}, "smollm2-135m-instruct"),
+        ({"provider": "openai"}, "gpt-4o-mini-2024-07-18"),
+        (
+            {"provider": "openai", "model": "gpt-4.1", "base_model": "gpt-4.1-mini-2025-04-14"},
+            "gpt-4.1-mini-2025-04-14",
+        ),
+        (
+            {"provider": "openai", "model": "gpt-4.1", "slack_model": "ft:gpt-4o-mini:acme::x1"},
+            "ft:gpt-4o-mini:acme::x1",
+        ),
+    ],
+)
+def test_the_bot_answers_with_its_pinned_model_else_the_base_model_not_the_generation_model(
+    flags: dict, model: str
+) -> None:
+    assert bot_model(load_settings(**flags)) == model
+
+
+def test_an_answer_budget_that_leaves_no_room_for_the_question_is_a_config_error() -> None:
+    settings = load_settings(provider="local", slack_max_answer_tokens=2000)
+    endpoint = Endpoint(base_url="http://127.0.0.1:9/v1", api_key="x", model="m", identity="t")
+    with pytest.raises(ConfigError) as raised:
+        OpenAIAnswerer.from_settings(endpoint, settings)
+    assert str(raised.value) == (
+        "slack_max_answer_tokens (2000) leaves no room for the question in a 2048-token context — "
+        "lower slack_max_answer_tokens or raise slack_context_tokens"
+    )
