@@ -114,6 +114,16 @@ class Settings(BaseSettings):
     base_model: str | None = None
     epochs: int = Field(3, ge=1)
 
+    # training (`ftkit train`); epochs and base_model above are shared with the dataset's cost estimate
+    training_backend: Literal["auto", "openai", "local"] = "auto"  # auto: openai with a key, else local
+    dataset_dir: Path | None = None  # unset: <workspace>/dataset, where build-dataset writes
+    training_batch_size: int | None = Field(None, ge=1, le=256)  # unset: the service picks ("auto")
+    learning_rate_multiplier: float | None = Field(None, gt=0)  # unset: the service picks ("auto")
+    training_suffix: str | None = Field(None, min_length=1, max_length=64)
+    training_seed: int | None = Field(None, ge=0, le=2_147_483_647)
+    training_poll_interval_s: float = Field(10.0, gt=0)
+    training_max_poll_interval_s: float = Field(60.0, gt=0)
+
     # spending
     max_cost_usd: float | None = Field(None, ge=0)
     batch: bool = False
@@ -232,6 +242,18 @@ class Settings(BaseSettings):
         if self.base_model:
             return self.base_model
         return LOCAL_MODEL_ALIAS if self.resolved_provider == "local" else "gpt-4o-mini-2024-07-18"
+
+    @property
+    def resolved_training_backend(self) -> Literal["local", "openai"]:
+        """`auto` means the hosted service when a key or base URL is set, else local LoRA training."""
+        if self.training_backend != "auto":
+            return self.training_backend
+        return "openai" if self.openai_api_key or self.openai_base_url else "local"
+
+    @property
+    def dataset_path(self) -> Path:
+        """The folder holding train.jsonl and validation.jsonl."""
+        return self.dataset_dir if self.dataset_dir is not None else self.workspace / "dataset"
 
     @property
     def db_path(self) -> Path:

@@ -41,6 +41,10 @@ class BudgetExceededError(LLMError):
     """The next call could take the run past --max-cost."""
 
 
+class BatchFailedError(LLMError):
+    """An OpenAI batch ended failed, expired or cancelled, or is unknown to the server."""
+
+
 class LocalServerError(LLMError):
     """The embedded llama.cpp server could not be started."""
 

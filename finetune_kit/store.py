@@ -167,6 +167,67 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0004_training",
+        """
+        CREATE TABLE training_files (
+            backend TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            purpose TEXT NOT NULL,
+            file_id TEXT NOT NULL,
+            uploaded_at TEXT NOT NULL,
+            PRIMARY KEY (backend, sha256, purpose)
+        );
+        CREATE TABLE jobs (
+            key TEXT PRIMARY KEY,
+            id TEXT UNIQUE,
+            backend TEXT NOT NULL,
+            status TEXT NOT NULL,
+            base_model TEXT NOT NULL,
+            dataset_hash TEXT NOT NULL,
+            params_json TEXT NOT NULL,
+            train_file_id TEXT NOT NULL,
+            validation_file_id TEXT,
+            fine_tuned_model TEXT,
+            error TEXT,
+            estimated_finish INTEGER,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            finished_at TEXT,
+            last_event_id TEXT
+        );
+        CREATE TABLE job_events (
+            job_id TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            level TEXT NOT NULL,
+            message TEXT NOT NULL,
+            data_json TEXT,
+            PRIMARY KEY (job_id, event_id)
+        );
+        CREATE TABLE job_metrics (
+            job_id TEXT NOT NULL,
+            step INTEGER NOT NULL,
+            total_steps INTEGER,
+            train_loss REAL,
+            valid_loss REAL,
+            full_valid_loss REAL,
+            train_accuracy REAL,
+            valid_accuracy REAL,
+            recorded_at TEXT NOT NULL,
+            PRIMARY KEY (job_id, step)
+        );
+        CREATE TABLE finetuned_models (
+            name TEXT PRIMARY KEY,
+            backend TEXT NOT NULL,
+            base_model TEXT NOT NULL,
+            job_id TEXT NOT NULL,
+            dataset_hash TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            metrics_json TEXT NOT NULL
+        );
+        """,
+    ),
 ]
 
 

@@ -13,9 +13,9 @@ import openai
 import pytest
 
 from finetune_kit.config import ModelPrice
-from finetune_kit.errors import LLMError
+from finetune_kit.errors import BatchFailedError, LLMError
 from finetune_kit.llm import batch as batch_module
-from finetune_kit.llm.batch import BatchFailedError, BatchReport, BatchStatus, prefill_with_batch
+from finetune_kit.llm.batch import BatchReport, BatchStatus, prefill_with_batch
 from finetune_kit.llm.client import ChatRequest, Endpoint, LLMClient, cached_result, request_hash
 from finetune_kit.store import Store
 from tests.fake_openai import FakeOpenAI, LineFailure, docs_responder, spec_violation

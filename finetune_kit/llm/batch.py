@@ -15,8 +15,15 @@ from typing import Any, Final
 import openai
 from openai.types import Batch
 
-from finetune_kit.errors import AuthenticationError, EndpointUnreachableError, LLMError
-from finetune_kit.llm.client import ChatRequest, Endpoint, cached_result, record_response, request_hash
+from finetune_kit.errors import AuthenticationError, BatchFailedError, EndpointUnreachableError, LLMError
+from finetune_kit.llm.client import (
+    ChatRequest,
+    Endpoint,
+    cached_result,
+    one_line,
+    record_response,
+    request_hash,
+)
 from finetune_kit.store import Store, utc_now
 
 log = logging.getLogger(__name__)
@@ -31,10 +38,6 @@ TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 REMOTE_LOOKBACK_S = 25 * 3600
 # Answers a second try cannot change: reported at once rather than retried.
 FINAL_HTTP_STATUSES = frozenset({400, 401, 403, 404, 422})
-
-
-class BatchFailedError(LLMError):
-    """An OpenAI batch ended failed, expired or cancelled, or is unknown to the server."""
 
 
 @dataclass(frozen=True)
@@ -376,7 +379,7 @@ def _line_failure(line: dict[str, Any]) -> _Failure:
     """Why a result line holds no answer, and whether a second try could change that."""
     response = _mapping(line.get("response"))
     error = _mapping(line.get("error")) or _mapping(_mapping(response.get("body")).get("error"))
-    message = _one_line(str(error.get("message") or "no error message"))
+    message = one_line(str(error.get("message") or "no error message"))
     status = response.get("status_code")
     if status is None:
         return _Failure(f"{error.get('code') or 'error'}: {message}", retryable=True)
@@ -390,7 +393,7 @@ def _batch_error(batch: Batch, merged: int) -> BatchFailedError | None:
     if batch.status == "failed":
         reasons = "; ".join(e.message for e in (batch.errors.data or []) if e.message) if batch.errors else ""
         return BatchFailedError(
-            f"batch {batch.id} failed: {_one_line(reasons or 'no reason given')} — fix the cause and re-run, "
+            f"batch {batch.id} failed: {one_line(reasons or 'no reason given')} — fix the cause and re-run, "
             "or drop --batch"
         )
     total = batch.request_counts.total if batch.request_counts else 0
@@ -427,15 +430,10 @@ def _api_errors(endpoint: Endpoint, action: str) -> Iterator[None]:
         ) from exc
     except openai.APIStatusError as exc:
         raise LLMError(
-            f"{endpoint.base_url} answered HTTP {exc.status_code} while {action}: {_one_line(exc.message)} "
+            f"{endpoint.base_url} answered HTTP {exc.status_code} while {action}: {one_line(exc.message)} "
             "— re-run later (a submitted batch is picked up again, not sent twice)"
         ) from exc
 
 
 def _mapping(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
-
-
-def _one_line(text: str, limit: int = 160) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -104,7 +104,7 @@ def _log_retry(retry_state: Any) -> None:
     exc = retry_state.outcome.exception() if retry_state.outcome else None
     wait = retry_state.next_action.sleep if retry_state.next_action else 0.0
     log.info(
-        "attempt %d failed (%s); retrying in %.2f s", retry_state.attempt_number, _short(str(exc), 80), wait
+        "attempt %d failed (%s); retrying in %.2f s", retry_state.attempt_number, one_line(str(exc), 80), wait
     )
 
 
@@ -192,11 +192,11 @@ class LLMClient:
                 "— check OPENAI_BASE_URL and that the server is up, then re-run (finished work is kept)"
             ) from exc
         except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
-            raise RequestRejectedError(f"HTTP {exc.status_code}: {_short(exc.message)}") from exc
+            raise RequestRejectedError(f"HTTP {exc.status_code}: {one_line(exc.message)}") from exc
         except openai.APIStatusError as exc:
             raise LLMError(
                 f"{self.endpoint.base_url} answered HTTP {exc.status_code} after {_tries(self.max_retries + 1)}: "
-                f"{_short(exc.message)} — re-run later (finished work is kept)"
+                f"{one_line(exc.message)} — re-run later (finished work is kept)"
             ) from exc
         return response
 
@@ -288,6 +288,7 @@ def _tries(n: int) -> str:
     return "1 try" if n == 1 else f"{n} tries"
 
 
-def _short(message: str, limit: int = 160) -> str:
+def one_line(message: str, limit: int = 160) -> str:
+    """`message` on one line, cut to `limit` characters."""
     line = " ".join(message.split())
     return line if len(line) <= limit else line[: limit - 1] + "…"
