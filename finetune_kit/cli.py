@@ -361,6 +361,158 @@ def slack(
         out.print("Stopped. Questions left unanswered are answered at the next start.", markup=False)
 
 
+train_app = typer.Typer(
+    cls=_FtkitGroup,
+    help="Fine-tune a model on the dataset and follow the job (re-attachable).",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+app.add_typer(train_app, name="train")
+
+Watch = Annotated[bool, typer.Option("--watch", help="Follow the job to its end (exit 1 if it fails).")]
+TrainBaseModel = Annotated[
+    str | None,
+    typer.Option("--base-model", metavar="NAME", help="Model to fine-tune (default gpt-4o-mini-2024-07-18)."),
+]
+TrainEpochs = Annotated[
+    int | None, typer.Option("--epochs", metavar="N", help="Training epochs (default 3).")
+]
+BatchSize = Annotated[
+    int | None,
+    typer.Option("--batch-size", metavar="N", help="Examples per batch (default: the service picks)."),
+]
+LearningRate = Annotated[
+    float | None,
+    typer.Option("--learning-rate-multiplier", metavar="X", help="Learning-rate multiplier (default: auto)."),
+]
+Suffix = Annotated[
+    str | None, typer.Option("--suffix", metavar="TEXT", help="Added to the fine-tuned model's name.")
+]
+TrainSeed = Annotated[int | None, typer.Option("--seed", metavar="N", help="Seed of the training run.")]
+TrainBackend = Annotated[
+    str | None,
+    typer.Option(
+        "--backend", metavar="auto|openai|local", help="openai (or Azure via OPENAI_BASE_URL); local soon."
+    ),
+]
+DatasetDir = Annotated[
+    Path | None,
+    typer.Option("--dataset", metavar="DIR", help="Folder with train.jsonl (default <workspace>/dataset)."),
+]
+JobArg = Annotated[
+    str | None, typer.Argument(metavar="[JOB]", help="Job id (default: the newest job).", show_default=False)
+]
+
+
+@train_app.callback(invoke_without_command=True)
+def train(
+    ctx: typer.Context,
+    watch: Watch = False,
+    base_model: TrainBaseModel = None,
+    epochs: TrainEpochs = None,
+    training_batch_size: BatchSize = None,
+    learning_rate_multiplier: LearningRate = None,
+    training_suffix: Suffix = None,
+    training_seed: TrainSeed = None,
+    training_backend: TrainBackend = None,
+    dataset_dir: DatasetDir = None,
+) -> None:
+    """Upload the dataset and start a fine-tune, or re-attach to the job these inputs started."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from finetune_kit.store import Store
+    from finetune_kit.training import open_backend, training_params
+    from finetune_kit.training.jobs import start_job
+    from finetune_kit.training.report import started_line
+
+    settings = _settings(ctx)
+    with open_backend(settings) as backend, Store(settings.db_path) as store:
+        started = start_job(store, backend, settings.dataset_path, training_params(settings))
+        _say(started_line(started))
+        if watch:
+            _follow(settings, store, backend, started.record)
+        else:
+            _say(f"Follow it with `ftkit train watch {started.record.id}`.")
+
+
+@train_app.command("watch")
+def train_watch(ctx: typer.Context, job: JobArg = None) -> None:
+    """Re-attach to a fine-tuning job and follow it to its end (exit 1 if it fails)."""
+    from finetune_kit.store import Store
+    from finetune_kit.training import open_backend
+    from finetune_kit.training.jobs import find_job
+
+    settings = _settings(ctx)
+    with Store(settings.db_path) as store:
+        record = find_job(store, job)
+        with open_backend(settings, record.backend.split(":", 1)[0]) as backend:
+            _follow(settings, store, backend, record)
+
+
+@train_app.command("cancel")
+def train_cancel(ctx: typer.Context, job: JobArg = None) -> None:
+    """Cancel a fine-tuning job (default: the newest job)."""
+    from finetune_kit.store import Store
+    from finetune_kit.training import open_backend
+    from finetune_kit.training.jobs import cancel_job, find_job
+
+    settings = _settings(ctx)
+    with Store(settings.db_path) as store:
+        record = find_job(store, job)
+        with open_backend(settings, record.backend.split(":", 1)[0]) as backend:
+            cancelled = cancel_job(store, backend, record)
+    _say(f"Asked to cancel job {cancelled.id}: now {cancelled.status}.")
+
+
+def _follow(settings: Settings, store: Any, backend: Any, record: Any) -> None:
+    """Watch a job, printing each update; Ctrl-C detaches (exit 130) and leaves the job running."""
+    from finetune_kit.training import polling
+    from finetune_kit.training.report import result_lines, update_line
+    from finetune_kit.training.watch import raise_if_unsuccessful, watch_job
+
+    _say(f"Watching job {record.id} ({record.status}). Ctrl-C detaches; the job keeps running.")
+
+    def show(update: Any) -> None:
+        if (line := update_line(update)) is not None:
+            _say(line)
+
+    try:
+        result = watch_job(store, backend, record, show, polling(settings), settings.workspace / "training")
+    except KeyboardInterrupt:
+        _say(f"Detached from job {record.id}; it keeps running. `ftkit train watch {record.id}` re-attaches.")
+        raise typer.Exit(130) from None
+    for line in result_lines(result):
+        _say(line)
+    raise_if_unsuccessful(result.job)
+
+
+@app.command()
+def models(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the registry as JSON.")] = False,
+) -> None:
+    """List the fine-tuned models in the registry, newest first."""
+    from finetune_kit.store import Store
+    from finetune_kit.training.registry import list_models
+    from finetune_kit.training.report import models_json, models_lines
+
+    with Store(_settings(ctx).db_path) as store:
+        registered = list_models(store)
+    if as_json:
+        typer.echo(models_json(registered))
+        return
+    for line in models_lines(registered) or [
+        "No fine-tuned models yet — `ftkit train --watch` registers them."
+    ]:
+        _say(line)
+
+
+def _say(line: str) -> None:
+    """One plain line on stdout: no markup, no emoji codes (model names hold colons)."""
+    out.print(line, markup=False, emoji=False)
+
+
 def _terminate(signum: int, frame: object) -> None:
     """Treat SIGTERM like Ctrl-C, so the embedded server is stopped and the run recorded as interrupted."""
     raise KeyboardInterrupt

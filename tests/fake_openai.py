@@ -42,9 +42,13 @@ SPEC_SCHEMA_NAMES = (
     "CreateBatchRequest",
     "Batch",
     "ListBatchesResponse",
+    "CreateFineTuningJobRequest",
+    "FineTuningJob",
+    "ListFineTuningJobEventsResponse",
+    "ListFineTuningJobCheckpointsResponse",
 )
 # Bump when the extraction below changes, so stale on-disk caches are ignored.
-_EXTRACTION_VERSION = "2"
+_EXTRACTION_VERSION = "4"
 _SPEC_URI = "urn:openai-openapi"
 
 
@@ -125,12 +129,14 @@ def _schema_closure(schemas: dict[str, Any], roots: tuple[str, ...]) -> dict[str
 
 
 def _translate_nullable(node: Any) -> Any:
-    """Rewrite OpenAPI 3.0's `nullable: true` (which JSON Schema 2020-12 ignores) as `anyOf [null, ...]`."""
+    """Rewrite OpenAPI 3.0's `nullable: true` as `anyOf [null, ...]`, and its boolean `exclusiveMinimum`."""
     if isinstance(node, list):
         return [_translate_nullable(item) for item in node]
     if not isinstance(node, dict):
         return node
     translated = {key: _translate_nullable(value) for key, value in node.items()}
+    if translated.get("exclusiveMinimum") is True and "minimum" in translated:  # 3.0's boolean form
+        translated["exclusiveMinimum"] = translated.pop("minimum")
     if translated.pop("nullable", False) is True:
         return {"anyOf": [{"type": "null"}, translated]}
     return translated
@@ -432,6 +438,7 @@ class FakeOpenAI:
         self._bucket, self._bucket_at = math.inf, time.monotonic()
         self.requests: list[dict] = []
         self.batch_api = FakeBatchAPI(self)  # /v1/files and /v1/batches
+        self.fine_tuning = FakeFineTuningAPI(self)  # /v1/fine_tuning/jobs
         self.invalid_requests: list[InvalidRequest] = []
         self.responder_errors: list[Exception] = []
         self._replies: deque[Reply] = deque()
@@ -488,6 +495,8 @@ class FakeOpenAI:
             self._complete(handler, body, request_id)
         elif self.batch_api.handles(path):
             self.batch_api.dispatch(handler, method, path, raw_body, request_id)
+        elif self.fine_tuning.handles(path):
+            self.fine_tuning.dispatch(handler, method, path, raw_body, request_id)
         elif method == "GET" and path == "/v1/models":
             handler.send_json(200, self._models(), request_id)
         else:
@@ -1017,3 +1026,262 @@ def _send_file(handler: _Handler, data: bytes, headers: dict[str, str]) -> None:
         handler.send_header(name, value)
     handler.end_headers()
     handler.wfile.write(data)
+
+
+# --- The fine-tuning API -----------------------------------------------------------------------------
+
+_FT_PATH = re.compile(r"/v1/fine_tuning/jobs(?:/([^/]+)(?:/(events|checkpoints|cancel))?)?")
+_FT_TERMINAL = ("succeeded", "failed", "cancelled")
+_FT_DENIED = "This organization does not have access to fine-tuning."
+
+
+@dataclass
+class FakeFineTuningJob:
+    """One fine-tuning job: its request, where it stands and its log (oldest first)."""
+
+    id: str
+    request: dict[str, Any]
+    created_at: int
+    status: str = "validating_files"
+    step: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    estimated_finish: int | None = None
+    trained_tokens: int | None = None
+
+    def as_object(self) -> dict[str, Any]:
+        """The spec's FineTuningJob object."""
+        method = self.request.get("method") or {"type": "supervised", "supervised": {}}
+        hyper = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
+        hyper |= (method.get("supervised") or {}).get("hyperparameters") or {}
+        return {
+            "object": "fine_tuning.job",
+            "id": self.id,
+            "model": self.request["model"],
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+            "fine_tuned_model": self.fine_tuned_model,
+            "organization_id": "org-fake",
+            "result_files": [],
+            "status": self.status,
+            "validation_file": self.request.get("validation_file"),
+            "training_file": self.request["training_file"],
+            "hyperparameters": hyper,
+            "method": {"type": method["type"], "supervised": {"hyperparameters": hyper}},
+            "trained_tokens": self.trained_tokens,
+            "error": self.error,
+            "seed": self.request.get("seed") if self.request.get("seed") is not None else 42,
+            "estimated_finish": self.estimated_finish,
+            "metadata": self.request.get("metadata"),
+        }
+
+
+class FakeFineTuningAPI:
+    """The fake's /v1/fine_tuning/jobs: a job advances one state (or one training step) per retrieve.
+
+    validating_files → queued → running (`total_steps` steps, one metrics event each) → succeeded. Set
+    `fail_at_step` to fail the job there, `hold_at_step` to keep it running there until cleared, `deny_create`
+    to answer job creation 403 (OpenAI's closure of self-serve fine-tuning), `events_page_cap` to page events
+    in smaller pages than asked. Files come from the batch API's /v1/files store.
+    """
+
+    def __init__(self, fake: FakeOpenAI) -> None:
+        self.fake = fake
+        self.jobs: dict[str, FakeFineTuningJob] = {}
+        self.calls: list[str] = []  # "METHOD /path" of every fine-tuning request, in order
+        self.total_steps = 4
+        self.fail_at_step: int | None = None
+        self.failure = {"code": "invalid_training_file", "message": "Training file has 3 invalid examples."}
+        self.hold_at_step: int | None = None
+        self.deny_create = False
+        self.events_page_cap: int | None = None
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+
+    @staticmethod
+    def handles(path: str) -> bool:
+        """True for the paths this API serves."""
+        return path.startswith("/v1/fine_tuning/jobs")
+
+    def created_jobs(self) -> int:
+        """How many jobs were created."""
+        return sum(1 for call in self.calls if call == "POST /v1/fine_tuning/jobs")
+
+    def dispatch(
+        self, handler: _Handler, method: str, path: str, raw_body: bytes, headers: dict[str, str]
+    ) -> None:
+        """Answer one fine-tuning request."""
+        with self._lock:
+            self.calls.append(f"{method} {path}")
+            status, payload = self._route(method, path, handler.path, raw_body)
+        handler.send_json(status, payload, headers)
+
+    def _route(self, method: str, path: str, raw_path: str, raw_body: bytes) -> tuple[int, Any]:
+        match = _FT_PATH.fullmatch(path)
+        if match is None:
+            return 404, error_body(404, f"Invalid URL ({method} {path})")
+        job_id, action = match.groups()
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(raw_path).query)
+        if job_id is None:
+            if method == "POST":
+                return self._create(raw_body)
+            return self._list_jobs(query) if method == "GET" else (404, error_body(404))
+        job = self.jobs.get(job_id)
+        if job is None:
+            return 404, error_body(404, f"Could not find fine-tune: {job_id}", "fine_tune_id")
+        if method == "GET" and action is None:
+            self._advance(job)
+            return 200, job.as_object()
+        if method == "GET" and action == "events":
+            return self._page(list(reversed(job.events)), query, self.events_page_cap)
+        if method == "GET" and action == "checkpoints":
+            return self._page(list(reversed(job.checkpoints)), query, None)
+        if method == "POST" and action == "cancel":
+            return self._cancel(job)
+        return 404, error_body(404, f"Invalid URL ({method} {path})")
+
+    def _create(self, raw_body: bytes) -> tuple[int, Any]:
+        """POST /v1/fine_tuning/jobs: the body is checked against the spec, the files against the store."""
+        try:
+            body = json.loads(raw_body)
+        except ValueError:
+            body = None
+        problem = (
+            spec_violation(body, "CreateFineTuningJobRequest")
+            if isinstance(body, dict)
+            else "expected a JSON object"
+        )
+        if problem is not None or not isinstance(body, dict):
+            with self.fake._lock:
+                self.fake.invalid_requests.append(InvalidRequest(problem or "", body))
+            return 400, error_body(400, problem or "")
+        if self.deny_create:
+            return 403, error_body(403, _FT_DENIED)
+        for param in ("training_file", "validation_file"):
+            file_id = body.get(param)
+            stored = self.fake.batch_api.files.get(file_id) if file_id else None
+            if file_id and (stored is None or stored.purpose != "fine-tune"):
+                return 400, error_body(
+                    400, f"Invalid file '{file_id}': not a file with purpose 'fine-tune'.", param
+                )
+        job = FakeFineTuningJob(f"ftjob-fake{next(self._ids):06d}", body, int(time.time()))
+        self.jobs[job.id] = job
+        self._log(job, f"Created fine-tuning job: {job.id}")
+        self._log(job, f"Validating training file: {body['training_file']}")
+        return 200, job.as_object()
+
+    def _list_jobs(self, query: dict[str, list[str]]) -> tuple[int, Any]:
+        """GET /v1/fine_tuning/jobs, newest first, filtered by `metadata[key]=value`."""
+        wanted = {key[9:-1]: values[0] for key, values in query.items() if key.startswith("metadata[")}
+        jobs = [
+            job
+            for job in reversed(self.jobs.values())
+            if all((job.request.get("metadata") or {}).get(k) == v for k, v in wanted.items())
+        ]
+        return self._page([job.as_object() for job in jobs], query, None)
+
+    @staticmethod
+    def _page(
+        newest_first: list[dict[str, Any]], query: dict[str, list[str]], cap: int | None
+    ) -> tuple[int, Any]:
+        """A cursor page: the items after the id `after`, at most `limit` (default 20)."""
+        limit = int(query.get("limit", ["20"])[0])
+        limit = min(limit, cap) if cap else limit
+        ids = [item["id"] for item in newest_first]
+        after = query.get("after", [None])[0]
+        start = ids.index(after) + 1 if after in ids else 0
+        page = newest_first[start : start + limit]
+        ends = (
+            {"first_id": page[0]["id"], "last_id": page[-1]["id"]}
+            if page
+            else {"first_id": None, "last_id": None}
+        )
+        return 200, {"object": "list", "data": page, "has_more": start + limit < len(ids), **ends}
+
+    def _cancel(self, job: FakeFineTuningJob) -> tuple[int, Any]:
+        """POST /v1/fine_tuning/jobs/{id}/cancel: cancelled at once, unless already finished."""
+        if job.status in _FT_TERMINAL:
+            return 400, error_body(400, f"Job has already completed: {job.id}")
+        job.status, job.finished_at = "cancelled", int(time.time())
+        self._log(job, "Fine-tuning job cancelled")
+        return 200, job.as_object()
+
+    def _advance(self, job: FakeFineTuningJob) -> None:
+        """One state further, or one training step further while running."""
+        if job.status == "validating_files":
+            job.status = "queued"
+            self._log(job, "Files validated, moving job to queued state")
+        elif job.status == "queued":
+            job.status, job.estimated_finish = "running", int(time.time()) + 600
+            self._log(job, "Fine-tuning job started")
+        elif job.status == "running" and job.step == self.fail_at_step:
+            job.status, job.finished_at = "failed", int(time.time())
+            job.error = {"code": self.failure["code"], "message": self.failure["message"], "param": None}
+            self._log(job, f"Fine-tuning job failed: {self.failure['message']}", level="error")
+        elif job.status == "running" and job.step < self.total_steps:
+            if self.hold_at_step is None or job.step < self.hold_at_step:
+                self._train_step(job)
+        elif job.status == "running":
+            self._succeed(job)
+
+    def _train_step(self, job: FakeFineTuningJob) -> None:
+        job.step += 1
+        train_loss, valid_loss = round(2.0 / job.step, 4), round(2.2 / job.step, 4)
+        data = {
+            "step": job.step,
+            "train_loss": train_loss,
+            "valid_loss": valid_loss,
+            "total_steps": self.total_steps,
+            "train_mean_token_accuracy": round(1 - train_loss / 3, 4),
+        }
+        message = (
+            f"Step {job.step}/{self.total_steps}: training loss={train_loss}, validation loss={valid_loss}"
+        )
+        self._log(job, message, data=data)
+        if job.step >= self.total_steps - 1:
+            self._checkpoint(job, data)
+
+    def _succeed(self, job: FakeFineTuningJob) -> None:
+        suffix = job.request.get("suffix") or ""
+        job.fine_tuned_model = f"ft:{job.request['model']}:fake-org:{suffix}:{job.id[-6:]}"
+        job.status, job.finished_at, job.trained_tokens = (
+            "succeeded",
+            int(time.time()),
+            1000 * self.total_steps,
+        )
+        self._log(job, f"New fine-tuned model created: {job.fine_tuned_model}")
+        self._log(job, "The job has successfully completed")
+
+    def _checkpoint(self, job: FakeFineTuningJob, data: dict[str, Any]) -> None:
+        model = f"ft:{job.request['model']}:fake-org::{job.id[-6:]}:ckpt-step-{job.step}"
+        job.checkpoints.append(
+            {
+                "object": "fine_tuning.job.checkpoint",
+                "id": f"ftckpt-fake{next(self._ids):06d}",
+                "created_at": int(time.time()),
+                "fine_tuned_model_checkpoint": model,
+                "fine_tuning_job_id": job.id,
+                "step_number": job.step,
+                "metrics": {
+                    "step": data["step"],
+                    "train_loss": data["train_loss"],
+                    "valid_loss": data["valid_loss"],
+                },
+            }
+        )
+
+    def _log(
+        self, job: FakeFineTuningJob, message: str, *, level: str = "info", data: dict | None = None
+    ) -> None:
+        event: dict[str, Any] = {
+            "object": "fine_tuning.job.event",
+            "id": f"ftevent-fake{next(self._ids):06d}",
+            "created_at": int(time.time()),
+            "level": level,
+            "message": message,
+            "type": "metrics" if data else "message",
+        }
+        job.events.append(event | ({"data": data} if data else {}))

@@ -37,6 +37,11 @@ def test_fresh_database_has_the_tables(tmp_path: Path) -> None:
         "slack_answers",
         "slack_replies",
         "slack_feedback",
+        "training_files",
+        "jobs",
+        "job_events",
+        "job_metrics",
+        "finetuned_models",
     }
 
 

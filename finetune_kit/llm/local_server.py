@@ -72,7 +72,7 @@ def local_server(settings: Settings) -> Iterator[LocalServer]:
     settings.workspace.mkdir(parents=True, exist_ok=True)
     with _start_lock(settings.workspace):
         server, owner = _running_server(settings.workspace, model_path)
-        shared = server is not None and _pid_alive(owner)  # another ftkit (or an outer context) owns it
+        shared = server is not None and pid_alive(owner)  # another ftkit (or an outer context) owns it
         if server is None:
             server = _wait_until_ready(settings, model_path)
         elif not shared:  # its owner died (kill -9): adopt it and stop it when done
@@ -100,7 +100,7 @@ def _running_server(workspace: Path, model_path: Path) -> tuple[LocalServer | No
         state = json.loads((workspace / STATE_FILE).read_text())
     except (OSError, ValueError):
         return None, 0
-    if state.get("model_path") != str(model_path) or not _pid_alive(int(state.get("pid", 0))):
+    if state.get("model_path") != str(model_path) or not pid_alive(int(state.get("pid", 0))):
         return None, 0
     server = LocalServer(state["base_url"], model_path, int(state["pid"]))
     return (server if _answers(server.base_url) else None), int(state.get("owner", 0))
@@ -118,7 +118,8 @@ def _write_state(workspace: Path, server: LocalServer) -> None:
     os.replace(tmp, workspace / STATE_FILE)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True if process `pid` runs; a zombie (exited, not yet reaped by its new parent) counts as dead."""
     if pid <= 0:
         return False
     try:
@@ -127,7 +128,11 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(0) is all we know
+    return state not in ("Z", "X")
 
 
 def _answers(base_url: str) -> bool:
@@ -207,10 +212,10 @@ def _stop(workspace: Path, pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         _reap(pid)
         time.sleep(0.1)
-    if _pid_alive(pid):
+    if pid_alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
         _reap(pid)

@@ -59,8 +59,15 @@ def bot_model(settings: Settings) -> str:
 
 
 def registered_model(settings: Settings) -> str | None:
-    """The newest succeeded fine-tuned model in the workspace registry (none exists yet: training lands it)."""
-    return None
+    """The newest succeeded fine-tuned model in the workspace registry, or None."""
+    if not settings.db_path.exists():
+        return None
+    from finetune_kit.store import Store
+    from finetune_kit.training.registry import latest_model
+
+    with Store(settings.db_path) as store:
+        model = latest_model(store)
+    return model.name if model else None
 
 
 def context_tokens(settings: Settings) -> int:

@@ -33,9 +33,13 @@ class OpenAIBackend:
 
     name = "openai"
 
-    def __init__(self, base_url: str, api_key: str, *, timeout_s: float = 120.0, max_retries: int = 4) -> None:
+    def __init__(
+        self, base_url: str, api_key: str, *, timeout_s: float = 120.0, max_retries: int = 4
+    ) -> None:
         self.identity = "openai:" + base_url.rstrip("/")
-        self.sdk = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=max_retries)
+        self.sdk = openai.OpenAI(
+            base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=max_retries
+        )
 
     def close(self) -> None:
         """Close the HTTP connections."""
@@ -49,24 +53,32 @@ class OpenAIBackend:
         return uploaded.id
 
     def create_job(
-        self, params: TrainingParams, train_file_id: str, validation_file_id: str | None, metadata: dict[str, str]
+        self,
+        params: TrainingParams,
+        train_file_id: str,
+        validation_file_id: str | None,
+        metadata: dict[str, str],
     ) -> FineTuneJob:
         """Start a supervised fine-tune; a 403 explains OpenAI's 2026 closure of self-serve fine-tuning."""
-        hyperparameters = {
+        hyperparameters: dict[str, Any] = {
             "n_epochs": params.n_epochs or "auto",
             "batch_size": params.batch_size or "auto",
             "learning_rate_multiplier": params.learning_rate_multiplier or "auto",
         }
         optional: dict[str, Any] = {
             name: value
-            for name, value in (("suffix", params.suffix), ("seed", params.seed), ("validation_file", validation_file_id))
+            for name, value in (
+                ("suffix", params.suffix),
+                ("seed", params.seed),
+                ("validation_file", validation_file_id),
+            )
             if value is not None
         }
         with _api_errors("create the fine-tuning job", refused_hint=CLOSURE_HINT):
             job = self.sdk.fine_tuning.jobs.create(
                 model=params.base_model,
                 training_file=train_file_id,
-                method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},  # type: ignore[typeddict-item]
+                method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},  # type: ignore[arg-type]
                 metadata=metadata,
                 **optional,
             )
@@ -90,8 +102,9 @@ class OpenAIBackend:
         cursor: str | None = None
         with _api_errors(f"read the events of job {job_id}"):
             while True:
-                extra = {"after": cursor} if cursor else {}
-                page = self.sdk.fine_tuning.jobs.list_events(job_id, limit=EVENTS_PAGE, **extra)
+                page = self.sdk.fine_tuning.jobs.list_events(
+                    job_id, limit=EVENTS_PAGE, after=cursor if cursor else openai.omit
+                )
                 for event in page.data:
                     if event.id == after:
                         return [_event(e) for e in reversed(newest_first)]
@@ -136,7 +149,9 @@ def _job(job: FineTuningJob) -> FineTuneJob:
 
 def _event(event: FineTuningJobEvent) -> JobEvent:
     data = event.data if isinstance(event.data, dict) else {}
-    return JobEvent(id=event.id, created_at=event.created_at, level=event.level, message=event.message, data=data)
+    return JobEvent(
+        id=event.id, created_at=event.created_at, level=event.level, message=event.message, data=data
+    )
 
 
 def _message(exc: openai.APIStatusError) -> str:
@@ -152,15 +167,20 @@ def _api_errors(doing: str, refused_hint: str | None = None) -> Iterator[None]:
     try:
         yield
     except openai.AuthenticationError as exc:
-        raise AuthenticationError("the fine-tuning service rejected the API key — check OPENAI_API_KEY") from exc
+        raise AuthenticationError(
+            "the fine-tuning service rejected the API key — check OPENAI_API_KEY"
+        ) from exc
     except openai.APIConnectionError as exc:
         raise EndpointUnreachableError(
             f"cannot reach the fine-tuning service to {doing} — check OPENAI_BASE_URL and the network;"
             " the job state is saved, re-run the command to continue"
         ) from exc
     except openai.PermissionDeniedError as exc:
-        raise TrainingError(f"cannot {doing}: {_message(exc)} — {refused_hint or 'check the key's permissions'}") from exc
+        hint = refused_hint or "check that the key may use fine-tuning"
+        raise TrainingError(f"cannot {doing}: {_message(exc)} — {hint}") from exc
     except openai.NotFoundError as exc:
-        raise TrainingError(f"cannot {doing}: {_message(exc)} — `ftkit models` and the state DB list known jobs") from exc
+        raise TrainingError(
+            f"cannot {doing}: {_message(exc)} — `ftkit models` and the state DB list known jobs"
+        ) from exc
     except openai.APIStatusError as exc:
         raise TrainingError(f"cannot {doing}: {_message(exc)}") from exc
