@@ -101,6 +101,7 @@ def test_first_call_goes_to_the_server_and_is_recorded(fake: FakeOpenAI, store: 
             ],
             "temperature": 0.7,
             "max_tokens": 64,
+            "seed": 0,
         }
     ]
     assert fake.invalid_requests == []
@@ -188,8 +189,8 @@ def test_a_different_request_is_a_miss(fake: FakeOpenAI, store: Store, changed: 
     ("changed", "sent"),
     [
         ({"attempt": 2}, {"seed": 2}),
-        ({"stop": ("\n3.", "\n\n")}, {"stop": ["\n3.", "\n\n"]}),
-        ({"template_version": "p1:111111111111"}, {}),
+        ({"stop": ("\n3.", "\n\n")}, {"seed": 0, "stop": ["\n3.", "\n\n"]}),
+        ({"template_version": "p1:111111111111"}, {"seed": 0}),
     ],
 )
 def test_request_fields_in_the_payload(fake: FakeOpenAI, store: Store, changed: dict, sent: dict) -> None:

@@ -58,7 +58,7 @@ class ChatRequest:
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
             **({"stop": list(self.stop)} if self.stop else {}),
-            **({"seed": self.attempt} if self.attempt else {}),
+            "seed": self.attempt,  # reproducible sampling where the server supports it; a re-ask differs
         }
 
 
