@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "llama-server.json"
 LOG_FILE = "llama-server.log"
 START_TIMEOUT_S = 180.0
+EXISTING_SERVER_TIMEOUT_S = 10.0  # a server busy generating for a killed client can be slow to answer
 
 
 @dataclass(frozen=True)
@@ -95,15 +96,26 @@ def _start_lock(workspace: Path) -> Iterator[None]:
 
 
 def _running_server(workspace: Path, model_path: Path) -> tuple[LocalServer | None, int]:
-    """The workspace's live server for `model_path` (if any) and the pid of the ftkit process that owns it."""
+    """The workspace's live server for `model_path` (if any) and the pid of the ftkit process that owns it.
+
+    A recorded server that is orphaned (its owner died) and unusable (another model, or not answering) is
+    stopped here, so a kill -9 never leaves a server running for good.
+    """
     try:
         state = json.loads((workspace / STATE_FILE).read_text())
     except (OSError, ValueError):
         return None, 0
-    if state.get("model_path") != str(model_path) or not pid_alive(int(state.get("pid", 0))):
+    pid, owner = int(state.get("pid", 0)), int(state.get("owner", 0))
+    if not pid_alive(pid):
         return None, 0
-    server = LocalServer(state["base_url"], model_path, int(state["pid"]))
-    return (server if _answers(server.base_url) else None), int(state.get("owner", 0))
+    server = LocalServer(state["base_url"], model_path, pid)
+    if state.get("model_path") == str(model_path) and _answers(
+        server.base_url, timeout_s=EXISTING_SERVER_TIMEOUT_S
+    ):
+        return server, owner
+    if not pid_alive(owner):
+        _stop(workspace, pid)
+    return None, 0
 
 
 def _write_state(workspace: Path, server: LocalServer) -> None:
@@ -135,9 +147,9 @@ def pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _answers(base_url: str) -> bool:
+def _answers(base_url: str, timeout_s: float = 2.0) -> bool:
     try:
-        with urllib.request.urlopen(f"{base_url}/models", timeout=2.0) as response:
+        with urllib.request.urlopen(f"{base_url}/models", timeout=timeout_s) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
