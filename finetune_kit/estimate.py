@@ -57,11 +57,8 @@ def estimate_generation(
     def uncached(requests: list[ChatRequest]) -> list[ChatRequest]:
         return [r for r in requests if cached_result(store, request_hash(endpoint, r)) is None]
 
-    key = generation_key(
-        settings, load_prompt("questions", settings.prompts_dir), endpoint.identity, endpoint.model
-    )
-    chunks = pending_chunks(store, key)
     template = load_prompt("questions", settings.prompts_dir)
+    chunks = pending_chunks(store, generation_key(settings, template, endpoint.identity, endpoint.model))
     estimates = []
     if questions:
         asks = uncached([question_request(settings, template, chunk["text"], 0) for chunk in chunks])

@@ -1,7 +1,6 @@
 """Turn reports into text and tables for the terminal (cli.py does the printing)."""
 
 from collections import Counter
-from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
@@ -175,8 +174,3 @@ def status_table(report: StatusReport) -> Table:
     for label, value in report.rows():
         table.add_row(label, value)
     return table
-
-
-def paths_lines(files: list[Path]) -> list[str]:
-    """Output paths, one a line."""
-    return [f"  {path}" for path in files]

@@ -70,15 +70,6 @@ def question_request(
     )
 
 
-def planned_question_requests(
-    store: Store, settings: Settings, identity: str, model: str
-) -> list[ChatRequest]:
-    """The first-round requests generate-questions would make now (re-asks come on top when output is unusable)."""
-    template = load_prompt("questions", settings.prompts_dir)
-    key = generation_key(settings, template, identity, model)
-    return [question_request(settings, template, chunk["text"], 0) for chunk in pending_chunks(store, key)]
-
-
 async def generate_questions(
     store: Store,
     client: LLMClient,
