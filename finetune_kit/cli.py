@@ -41,7 +41,13 @@ def _report(ctx: typer.Context, message: str) -> None:
 
 def _redact(text: str) -> str:
     """Never print a key, even if a server echoed it back."""
-    for name in ("OPENAI_API_KEY", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET"):
+    for name in (
+        "OPENAI_API_KEY",
+        "SLACK_BOT_TOKEN",
+        "SLACK_APP_TOKEN",
+        "SLACK_SIGNING_SECRET",
+        "AIRTABLE_API_KEY",
+    ):
         key = os.environ.get(name)
         text = text.replace(key, "***") if key and len(key) > 4 else text
     return text
@@ -82,7 +88,8 @@ def _global(
 def _settings(ctx: typer.Context) -> Settings:
     """Settings with this command's flags on top: every parameter named after a setting is one."""
     obj = ctx.find_root().obj or {}
-    flags = {name: value for name, value in ctx.params.items() if name in Settings.model_fields}
+    # a repeatable option that was not given arrives as (); it must not hide ftkit.toml's list
+    flags = {k: v for k, v in ctx.params.items() if k in Settings.model_fields and v != ()}
     return load_settings(obj.get("config"), workspace=obj.get("workspace"), **flags)
 
 
@@ -142,7 +149,43 @@ Batch = Annotated[
 ]
 Sources = Annotated[
     list[str],
-    typer.Argument(metavar="SOURCE", help="Folders, files or git repositories (path or clone URL)."),
+    typer.Argument(
+        metavar="SOURCE",
+        help="Folders, files, git repositories (path or clone URL), Airtable tables (airtable:BASE_ID/TABLE),"
+        " Slack export .zip files or websites (https://host/sitemap.xml or a start page).",
+    ),
+]
+AirtableView = Annotated[
+    str | None,
+    typer.Option("--airtable-view", metavar="VIEW", help="Airtable: read only this view's records."),
+]
+AirtableFormula = Annotated[
+    str | None,
+    typer.Option(
+        "--airtable-formula", metavar="FORMULA", help="Airtable: only records matching this formula."
+    ),
+]
+AirtableTitle = Annotated[
+    str | None,
+    typer.Option(
+        "--airtable-title-field", metavar="FIELD", help="Airtable: field holding the title (default Name)."
+    ),
+]
+AirtableBody = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--airtable-body-field",
+        metavar="FIELD",
+        help="Airtable: field holding text (repeatable; default Notes).",
+    ),
+]
+AirtableUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--airtable-url-field",
+        metavar="FIELD",
+        help="Airtable: field holding the URL (default: the record's page).",
+    ),
 ]
 
 
@@ -175,8 +218,13 @@ def ingest(
     exclude: Exclude = None,
     include_code: Code = None,
     chunk_target_tokens: ChunkTokens = None,
+    airtable_view: AirtableView = None,
+    airtable_formula: AirtableFormula = None,
+    airtable_title_field: AirtableTitle = None,
+    airtable_body_fields: AirtableBody = None,
+    airtable_url_field: AirtableUrl = None,
 ) -> None:
-    """Read docs (folders, files, git repositories) into documents and chunks."""
+    """Read docs (folders, files, git repos, Airtable, Slack exports, websites) into documents and chunks."""
     from finetune_kit.pipeline import run_ingest
     from finetune_kit.render import RichProgress, ingest_lines
 
@@ -271,6 +319,27 @@ def status(
     from finetune_kit.status import workspace_status
 
     out.print(status_table(workspace_status(_settings(ctx))))
+
+
+@app.command("sources")
+def sources_command(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the sources as JSON.")] = False,
+) -> None:
+    """List each ingested source: its documents, chunks, skipped files and last sync."""
+    import json
+
+    from finetune_kit.sources_report import list_sources
+
+    found = list_sources(_settings(ctx))
+    if as_json:
+        typer.echo(json.dumps([source.as_dict() for source in found], indent=2))
+        return
+    if not found:
+        _say("No sources yet — `ftkit ingest DOCS` adds one.")
+        return
+    for source in found:
+        _say(source.line())
 
 
 BotModel = Annotated[

@@ -25,9 +25,11 @@ SECRET_SETTINGS = {
     "slack_app_token": "SLACK_APP_TOKEN",
     "slack_signing_secret": "SLACK_SIGNING_SECRET",
     "slack_api_url": "SLACK_API_URL",
+    "airtable_api_key": "AIRTABLE_API_KEY",
 }
 SLACK_DEFAULT_API_URL = "https://slack.com/api/"
 _SLACK_CONVERSATION_ID = re.compile(r"[CGD][A-Z0-9]{2,}")
+_AIRTABLE_TABLE = re.compile(r"app[A-Za-z0-9]+/[^/].*")  # BASE_ID/TABLE (a table name or tbl… ID)
 
 
 class ModelPrice(BaseModel):
@@ -96,6 +98,12 @@ class Settings(BaseSettings):
     chunk_overlap_tokens: int = 64
     chunk_min_tokens: int = 40
 
+    # websites (`ftkit ingest https://…`) and Slack exports (`ftkit ingest export.zip`)
+    crawl_concurrency: int = Field(4, ge=1, le=32)  # requests in flight to one site
+    crawl_max_pages: int = Field(500, ge=1)
+    crawl_timeout_s: float = Field(30.0, gt=0)
+    slack_workspace_url: str | None = None  # https://acme.slack.com, for thread permalinks
+
     # generation
     prompts_dir: Path | None = None
     questions_per_chunk: int = Field(3, ge=1, le=20)
@@ -148,6 +156,19 @@ class Settings(BaseSettings):
     slack_host: str = "127.0.0.1"
     slack_port: int = Field(3000, ge=0, le=65535)
 
+    # airtable (source `airtable:BASE_ID/TABLE` and the models-table sink); the key is AIRTABLE_API_KEY
+    airtable_api_url: str = "https://api.airtable.com"  # a proxy, or a test fake
+    airtable_view: str | None = None  # unset: every record of the table
+    airtable_formula: str | None = None  # filterByFormula, e.g. "{Status} = 'Published'"
+    airtable_title_field: str = "Name"
+    airtable_body_fields: list[str] = Field(default_factory=lambda: ["Notes"], min_length=1)
+    airtable_url_field: str | None = None  # unset: the record's page on airtable.com
+    airtable_requests_per_second: float = Field(5.0, gt=0)  # Airtable allows 5 per base
+    airtable_backoff_s: float = Field(30.0, ge=0)  # Airtable asks for 30 s after a 429
+    airtable_max_retries: int = Field(3, ge=0)
+    airtable_timeout_s: float = Field(30.0, gt=0)
+    airtable_models_table: str | None = None  # "BASE_ID/TABLE": fine-tuned models are upserted there
+
     # read from the environment only (never from ftkit.toml or flags), never serialised
     _openai_api_key: SecretStr | None = PrivateAttr(None)
     _openai_base_url: str | None = PrivateAttr(None)
@@ -155,6 +176,7 @@ class Settings(BaseSettings):
     _slack_app_token: SecretStr | None = PrivateAttr(None)
     _slack_signing_secret: SecretStr | None = PrivateAttr(None)
     _slack_api_url: str | None = PrivateAttr(None)
+    _airtable_api_key: SecretStr | None = PrivateAttr(None)
 
     @field_validator("prices", mode="after")
     @classmethod
@@ -177,6 +199,16 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"'{channel}' is not a channel ID — copy the ID (C…) from the channel's details in Slack"
                 )
+        return value
+
+    @field_validator("airtable_models_table", mode="after")
+    @classmethod
+    def _airtable_table(cls, value: str | None) -> str | None:
+        """The models table is named as BASE_ID/TABLE, like the `airtable:` source."""
+        if value is not None and not _AIRTABLE_TABLE.fullmatch(value):
+            raise ValueError(
+                f"'{value}' is not BASE_ID/TABLE — copy the base ID (app…) from the base's URL, e.g. appXXXXXXXXXXXXXX/Models"
+            )
         return value
 
     @classmethod
@@ -221,6 +253,11 @@ class Settings(BaseSettings):
         """The Slack Web API base URL: SLACK_API_URL (GovSlack, a proxy, a test fake) or slack.com."""
         url = self._slack_api_url or SLACK_DEFAULT_API_URL
         return url if url.endswith("/") else url + "/"
+
+    @property
+    def airtable_api_key(self) -> SecretStr | None:
+        """AIRTABLE_API_KEY (a personal access token) from the environment."""
+        return self._airtable_api_key
 
     @property
     def resolved_provider(self) -> Literal["local", "openai"]:
@@ -297,6 +334,8 @@ def _with_environment_secrets(settings: Settings) -> Settings:
         value = os.environ.get(SECRET_SETTINGS[name]) or None
         setattr(settings, f"_{name}", SecretStr(value) if value else None)
     settings._slack_api_url = os.environ.get("SLACK_API_URL") or None
+    airtable_key = os.environ.get("AIRTABLE_API_KEY") or None
+    settings._airtable_api_key = SecretStr(airtable_key) if airtable_key else None
     return settings
 
 

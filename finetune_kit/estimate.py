@@ -8,7 +8,12 @@ from finetune_kit.llm.client import ChatRequest, Endpoint, cached_result, reques
 from finetune_kit.llm.endpoint import endpoint_identity
 from finetune_kit.prompts import load_prompt
 from finetune_kit.stages.build_dataset import answer_request, planned_answer_requests
-from finetune_kit.stages.generate_questions import generation_key, pending_chunks, question_request
+from finetune_kit.stages.generate_questions import (
+    generation_key,
+    load_question_templates,
+    pending_chunks,
+    question_request,
+)
 from finetune_kit.store import Store
 
 BATCH_PRICE_FACTOR = 0.5  # the Batch API bills half the standard price
@@ -57,11 +62,15 @@ def estimate_generation(
     def uncached(requests: list[ChatRequest]) -> list[ChatRequest]:
         return [r for r in requests if cached_result(store, request_hash(endpoint, r)) is None]
 
-    template = load_prompt("questions", settings.prompts_dir)
-    chunks = pending_chunks(store, generation_key(settings, template, endpoint.identity, endpoint.model))
+    templates = load_question_templates(settings)
+    chunks = pending_chunks(
+        store, generation_key(settings, templates.docs, endpoint.identity, endpoint.model)
+    )
     estimates = []
     if questions:
-        asks = uncached([question_request(settings, template, chunk["text"], 0) for chunk in chunks])
+        asks = uncached(
+            [question_request(settings, templates.for_format(c["format"]), c["text"], 0) for c in chunks]
+        )
         estimates.append(estimate_stage("generate-questions", asks, endpoint, factor))
     if answers:
         existing = uncached(planned_answer_requests(store, settings, endpoint.identity, endpoint.model))

@@ -1,6 +1,7 @@
 """Prompt templates: plain text with {placeholders}, versioned by a hash of their content."""
 
 import hashlib
+import logging
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,8 +10,13 @@ from finetune_kit.errors import ConfigError
 
 REQUIRED_PLACEHOLDERS = {
     "questions": {"product", "n", "chunk"},
+    "code_questions": {"product", "n", "chunk"},  # the questions template for chunks of source code
     "answers": {"product", "chunk", "question"},
 }
+# A prompts_dir written before these templates existed lacks them; the bundled one is used then.
+BUNDLED_WHEN_MISSING = {"code_questions"}
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,8 +44,11 @@ def default_prompts_dir() -> Path:
 
 
 def load_prompt(name: str, prompts_dir: Path | None = None) -> PromptTemplate:
-    """Read and check template `name` (questions or answers) from `prompts_dir` or the bundled set."""
+    """Read and check template `name` (questions, code_questions or answers) from `prompts_dir` or the bundled set."""
     path = (prompts_dir or default_prompts_dir()) / f"{name}.txt"
+    if prompts_dir is not None and name in BUNDLED_WHEN_MISSING and not path.exists():
+        logger.debug("%s has no %s.txt; using the bundled one", prompts_dir, name)
+        path = default_prompts_dir() / f"{name}.txt"
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

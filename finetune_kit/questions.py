@@ -15,6 +15,7 @@ _PROMPT_ECHO = (
     "one per line",
     "numbered list",
     "documentation above",
+    "code above",
 )
 MIN_WORDS = 3
 MAX_WORDS = 60

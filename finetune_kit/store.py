@@ -228,6 +228,25 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        # per crawled page: HTTP validators and sitemap lastmod, so a re-crawl skips unchanged pages; written
+        # during the crawl, before ingest creates the source row, hence no foreign key
+        "0007_web_pages",
+        """
+        CREATE TABLE web_pages (
+            source_id TEXT NOT NULL,
+            url TEXT NOT NULL,
+            path TEXT NOT NULL,
+            etag TEXT,
+            last_modified TEXT,
+            lastmod TEXT,
+            text_sha256 TEXT NOT NULL,
+            links_json TEXT NOT NULL,
+            fetched_at TEXT NOT NULL,
+            PRIMARY KEY (source_id, url)
+        );
+        """,
+    ),
 ]
 
 

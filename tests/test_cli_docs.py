@@ -46,6 +46,7 @@ def test_the_cli_has_the_pipeline_commands() -> None:
         "models",
         "run",
         "slack",
+        "sources",
         "status",
         "train",
         "train cancel",

@@ -42,6 +42,7 @@ def test_fresh_database_has_the_tables(tmp_path: Path) -> None:
         "job_events",
         "job_metrics",
         "finetuned_models",
+        "web_pages",
     }
 
 

@@ -30,10 +30,36 @@ class QuestionReport:
     chunks_without_questions: Counter[str] = field(default_factory=Counter)
 
 
+@dataclass(frozen=True)
+class QuestionTemplates:
+    """The template that asks for questions about documentation, and the one for source code."""
+
+    docs: PromptTemplate
+    code: PromptTemplate
+
+    def for_format(self, fmt: str) -> PromptTemplate:
+        """The template for a chunk of a document of this format."""
+        return self.code if fmt == "code" else self.docs
+
+
+def load_question_templates(settings: Settings) -> QuestionTemplates:
+    """Both question templates, from settings.prompts_dir or the bundled set."""
+    return QuestionTemplates(
+        docs=load_prompt("questions", settings.prompts_dir),
+        code=load_prompt("code_questions", settings.prompts_dir),
+    )
+
+
 def generation_key(settings: Settings, template: PromptTemplate, endpoint_identity: str, model: str) -> str:
-    """Identifies the question set a chunk gets under these settings; a change means new questions."""
+    """Identifies the question set a chunk gets under these settings; a change means new questions.
+
+    One key covers both templates (`template` is the docs one), so build-dataset and status find every chunk's
+    questions with it; a request still carries only its own template's version, so editing one template leaves
+    the other's answers in the request cache.
+    """
     parts = [
         template.version,
+        load_prompt("code_questions", settings.prompts_dir).version,
         endpoint_identity,
         model,
         settings.product,
@@ -48,8 +74,9 @@ def generation_key(settings: Settings, template: PromptTemplate, endpoint_identi
 def pending_chunks(store: Store, key: str) -> list[sqlite3.Row]:
     """Active chunks with no question set for `key` yet."""
     return store.db.execute(
-        "SELECT id, text FROM chunks WHERE status = 'active' AND id NOT IN"
-        " (SELECT chunk_id FROM question_sets WHERE generation_key = ?) ORDER BY document_id, seq",
+        "SELECT c.id, c.text, d.format FROM chunks c JOIN documents d ON d.id = c.document_id"
+        " WHERE c.status = 'active' AND c.id NOT IN"
+        " (SELECT chunk_id FROM question_sets WHERE generation_key = ?) ORDER BY c.document_id, c.seq",
         (key,),
     ).fetchall()
 
@@ -83,14 +110,14 @@ async def generate_questions(
     up to MAX_ATTEMPTS. `prefill` (the Batch API) fetches a whole round into the cache before it is read.
     """
     progress = progress or NoProgress()
-    template = load_prompt("questions", settings.prompts_dir)
-    key = generation_key(settings, template, client.endpoint.identity, client.endpoint.model)
+    templates = load_question_templates(settings)
+    key = generation_key(settings, templates.docs, client.endpoint.identity, client.endpoint.model)
     todo = pending_chunks(store, key)
     report = QuestionReport(
         chunks_total=int(store.scalar("SELECT count(*) FROM chunks WHERE status = 'active'"))
     )
     report.chunks_done_before = report.chunks_total - len(todo)
-    run = _QuestionRun(store, client, settings, template, key, report, progress, prefill)
+    run = _QuestionRun(store, client, settings, templates, key, report, progress, prefill)
     progress.start("generate questions", len(todo))
     try:
         for attempt in range(MAX_ATTEMPTS):
@@ -108,7 +135,7 @@ class _QuestionRun:
     store: Store
     client: LLMClient
     settings: Settings
-    template: PromptTemplate
+    templates: QuestionTemplates
     key: str
     report: QuestionReport
     progress: Progress
@@ -118,7 +145,10 @@ class _QuestionRun:
     async def ask_round(self, chunks: list[sqlite3.Row], attempt: int) -> list[sqlite3.Row]:
         """Ask every chunk once; returns the chunks to ask again (their output held no usable question)."""
         requests = {
-            c["id"]: question_request(self.settings, self.template, c["text"], attempt) for c in chunks
+            c["id"]: question_request(
+                self.settings, self.templates.for_format(c["format"]), c["text"], attempt
+            )
+            for c in chunks
         }
         failed = await self.prefill(list(requests.values())) if self.prefill and requests else {}
         again: list[sqlite3.Row] = []

@@ -7,13 +7,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune_kit.chunking import ChunkSettings, chunk_markdown
+from finetune_kit.chunking import Chunk, ChunkSettings, chunk_markdown
+from finetune_kit.code_chunking import CODE_CHUNKER_VERSION, chunk_code_document, line_permalink
 from finetune_kit.config import Settings
 from finetune_kit.errors import SourceError
 from finetune_kit.progress import NoProgress, Progress
 from finetune_kit.sources import SkippedFile, SourceDocument, SourceItem
 from finetune_kit.sources.files import iter_directory
 from finetune_kit.sources.git import is_git_spec, iter_git
+from finetune_kit.sources.slack_export import is_slack_export, iter_slack_export
 from finetune_kit.store import Store, utc_now
 
 
@@ -49,19 +51,20 @@ def chunk_settings(settings: Settings) -> ChunkSettings:
     )
 
 
-def chunker_key(settings: ChunkSettings) -> str:
-    """Identifies how chunks were cut, so a change of chunk settings re-chunks every document."""
-    return f"k1:{settings.target_tokens}:{settings.overlap_tokens}:{settings.min_tokens}"
+def chunker_key(settings: ChunkSettings, fmt: str = "markdown") -> str:
+    """Identifies how chunks were cut, so a change of chunk settings (or of the code chunker) re-chunks."""
+    key = f"k1:{settings.target_tokens}:{settings.overlap_tokens}:{settings.min_tokens}"
+    return f"{key}:code{CODE_CHUNKER_VERSION}" if fmt == "code" else key
 
 
 def ingest(
     store: Store, settings: Settings, specs: list[str], progress: Progress | None = None
 ) -> IngestReport:
-    """Read every source in `specs` (folders, files or git repositories) into the state database."""
+    """Read every source in `specs` (folders, files, git repositories, Slack exports, websites) into the DB."""
     progress = progress or NoProgress()
     report = IngestReport()
     for spec in specs:
-        kind, items = _open_source(spec, settings)
+        kind, items = _open_source(spec, settings, store)
         items = list(items)
         documents = [item for item in items if isinstance(item, SourceDocument)]
         report.skipped += [(item.path, item.reason) for item in items if isinstance(item, SkippedFile)]
@@ -80,10 +83,20 @@ def ingest(
     return report
 
 
-def _open_source(spec: str, settings: Settings) -> tuple[str, list[SourceItem]]:
+def _open_source(spec: str, settings: Settings, store: Store) -> tuple[str, list[SourceItem]]:
+    if spec.startswith("airtable:"):
+        from finetune_kit.sources.airtable import read_airtable  # pyairtable loads only for Airtable
+
+        return "airtable", read_airtable(spec, settings)
     if is_git_spec(spec):
         cache = settings.workspace / "cache" / "git"
         return "git", list(iter_git(spec, settings.include, settings.exclude, cache, settings.include_code))
+    if spec.lower().startswith(("http://", "https://")):
+        from finetune_kit.sources.website import iter_website  # the HTTP client loads only for websites
+
+        return "website", list(iter_website(spec, settings, store, _source_id(spec, "website")))
+    if is_slack_export(spec):
+        return "slack-export", list(iter_slack_export(Path(spec).expanduser(), settings.slack_workspace_url))
     path = Path(spec).expanduser()
     items = iter_directory(path, settings.include, settings.exclude, include_code=settings.include_code)
     return ("directory" if path.is_dir() else "file"), list(items)
@@ -98,7 +111,12 @@ def _empty_source_message(spec: str, items: list[SourceItem]) -> str:
 
 
 def _source_id(spec: str, kind: str) -> str:
-    key = spec if kind == "git" and not Path(spec).exists() else str(Path(spec).expanduser().resolve())
+    if kind == "airtable":
+        from finetune_kit.sources.airtable import source_key
+
+        return "s1:" + _sha(kind, source_key(spec))[:16]
+    is_url = kind in ("git", "website") and not Path(spec).exists()
+    key = spec if is_url else str(Path(spec).expanduser().resolve())
     return "s1:" + _sha(kind, key)[:16]
 
 
@@ -116,7 +134,7 @@ def _ingest_document(
 ) -> None:
     content_hash = _sha(doc.text)
     doc_id = "d1:" + _sha(source_id, doc.path, content_hash)[:24]
-    key = chunker_key(chunking)
+    key = chunker_key(chunking, doc.format)
     row = store.db.execute(
         "SELECT chunker_key FROM documents WHERE id = ? AND status = 'active'", (doc_id,)
     ).fetchone()
@@ -157,7 +175,7 @@ def _insert_chunks(
 ) -> int:
     """Insert a document's chunks; a chunk whose text is unchanged keeps its id (and its questions)."""
     new = 0
-    for chunk in chunk_markdown(doc.text, chunking):
+    for chunk, source_url in _chunks_with_urls(doc, chunking):
         heading_path = json.dumps(list(chunk.heading_path))
         chunk_id = "c1:" + _sha(source_id, doc.path, heading_path, chunk.text)[:24]
         cur = db.execute(
@@ -165,10 +183,18 @@ def _insert_chunks(
             " VALUES (?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET status = 'active',"
             " document_id = excluded.document_id, seq = excluded.seq, source_url = excluded.source_url"
             " WHERE chunks.status = 'retired' OR chunks.document_id != excluded.document_id",
-            (chunk_id, doc_id, chunk.seq, heading_path, chunk.text, chunk.n_tokens, doc.source_url),
+            (chunk_id, doc_id, chunk.seq, heading_path, chunk.text, chunk.n_tokens, source_url),
         )
         new += cur.rowcount
     return new
+
+
+def _chunks_with_urls(doc: SourceDocument, chunking: ChunkSettings) -> list[tuple[Chunk, str]]:
+    """A document's chunks and each one's URL: code is cut at definitions and linked to its lines."""
+    if doc.format == "code":
+        chunks = chunk_code_document(doc.text, doc.path, chunking)
+        return [(c, line_permalink(doc.source_url, c.start_line, c.end_line)) for c in chunks]
+    return [(chunk, doc.source_url) for chunk in chunk_markdown(doc.text, chunking)]
 
 
 def _retire_chunks(db: sqlite3.Connection, doc_id: str) -> int:
