@@ -299,15 +299,27 @@ def run(
     min_examples: MinExamples = None,
     max_cost_usd: MaxCost = None,
     batch: Batch = None,
+    train_after_dataset: Annotated[
+        bool | None,
+        typer.Option(
+            "--train/--no-train",
+            help="Go on to fine-tune on the dataset and follow the job (default: yes; local LoRA without a key).",
+        ),
+    ] = None,
     dry_run: DryRun = False,
 ) -> None:
-    """Run every stage in order: ingest, generate-questions, build-dataset."""
+    """Run every stage in order: ingest, generate-questions, build-dataset, then train and follow the job."""
     from finetune_kit.pipeline import run_all
     from finetune_kit.render import RichProgress
 
+    settings = _settings(ctx)
     with _progress() as bar:
-        summary = run_all(_settings(ctx), sources, out_dir, RichProgress(bar), dry_run)
+        summary = run_all(settings, sources, out_dir, RichProgress(bar), dry_run)
     _print_summary(summary)
+    if settings.train_after_dataset and not dry_run:
+        _start_training(
+            settings.model_copy(update={"dataset_dir": out_dir or settings.dataset_dir}), watch=True
+        )
 
 
 @app.command()
@@ -442,7 +454,12 @@ app.add_typer(train_app, name="train")
 Watch = Annotated[bool, typer.Option("--watch", help="Follow the job to its end (exit 1 if it fails).")]
 TrainBaseModel = Annotated[
     str | None,
-    typer.Option("--base-model", metavar="NAME", help="Model to fine-tune (default gpt-4o-mini-2024-07-18)."),
+    typer.Option(
+        "--base-model",
+        metavar="NAME",
+        help="Model to fine-tune: hosted default gpt-4o-mini-2024-07-18; local default smollm2-135m-instruct,"
+        " or a .gguf file or checkpoint folder.",
+    ),
 ]
 TrainEpochs = Annotated[
     int | None, typer.Option("--epochs", metavar="N", help="Training epochs (default 3).")
@@ -462,7 +479,25 @@ TrainSeed = Annotated[int | None, typer.Option("--seed", metavar="N", help="Seed
 TrainBackend = Annotated[
     str | None,
     typer.Option(
-        "--backend", metavar="auto|openai|local", help="openai (or Azure via OPENAI_BASE_URL); local soon."
+        "--backend",
+        metavar="auto|openai|local",
+        help="openai (or Azure via OPENAI_BASE_URL), or local LoRA on this machine; auto: openai with a key.",
+    ),
+]
+LoraRank = Annotated[
+    int | None, typer.Option("--lora-rank", metavar="N", help="Local: LoRA rank (default 16).")
+]
+LoraAlpha = Annotated[
+    int | None, typer.Option("--lora-alpha", metavar="N", help="Local: LoRA alpha (default 32).")
+]
+TrainThreads = Annotated[
+    int | None,
+    typer.Option("--threads", metavar="N", help="Local on CPU: torch threads (default: all cores)."),
+]
+MaxLength = Annotated[
+    int | None,
+    typer.Option(
+        "--max-length", metavar="TOKENS", help="Local: tokens per example; longer ones are cut (1024)."
     ),
 ]
 DatasetDir = Annotated[
@@ -486,16 +521,23 @@ def train(
     training_seed: TrainSeed = None,
     training_backend: TrainBackend = None,
     dataset_dir: DatasetDir = None,
+    lora_rank: LoraRank = None,
+    lora_alpha: LoraAlpha = None,
+    training_threads: TrainThreads = None,
+    training_max_length: MaxLength = None,
 ) -> None:
     """Upload the dataset and start a fine-tune, or re-attach to the job these inputs started."""
     if ctx.invoked_subcommand is not None:
         return
+    _start_training(_settings(ctx), watch)
+
+
+def _start_training(settings: Settings, watch: bool) -> None:
     from finetune_kit.store import Store
     from finetune_kit.training import open_backend, training_params
     from finetune_kit.training.jobs import start_job
     from finetune_kit.training.report import started_line
 
-    settings = _settings(ctx)
     with open_backend(settings) as backend, Store(settings.db_path) as store:
         started = start_job(store, backend, settings.dataset_path, training_params(settings))
         _say(started_line(started))
@@ -536,6 +578,7 @@ def train_cancel(ctx: typer.Context, job: JobArg = None) -> None:
 
 def _follow(settings: Settings, store: Any, backend: Any, record: Any) -> None:
     """Watch a job, printing each update; Ctrl-C detaches (exit 130) and leaves the job running."""
+    from finetune_kit.sinks import publish_model
     from finetune_kit.training import polling
     from finetune_kit.training.report import result_lines, update_line
     from finetune_kit.training.watch import raise_if_unsuccessful, watch_job
@@ -546,14 +589,41 @@ def _follow(settings: Settings, store: Any, backend: Any, record: Any) -> None:
         if (line := update_line(update)) is not None:
             _say(line)
 
+    every = polling(settings, backend.name)
     try:
-        result = watch_job(store, backend, record, show, polling(settings), settings.workspace / "training")
+        result = watch_job(store, backend, record, show, every, settings.workspace / "training")
     except KeyboardInterrupt:
         _say(f"Detached from job {record.id}; it keeps running. `ftkit train watch {record.id}` re-attaches.")
         raise typer.Exit(130) from None
-    for line in result_lines(result):
+    price = settings.price_for(record.base_model).training if backend.name != "local" else 0.0
+    for line in result_lines(result, price):
         _say(line)
+    if result.model is not None:
+        for line in publish_model(settings, result.model):
+            _say(line)
     raise_if_unsuccessful(result.job)
+
+
+@app.command()
+def ask(
+    ctx: typer.Context,
+    question: Annotated[
+        str, typer.Argument(metavar="QUESTION", help="The question, quoted.", show_default=False)
+    ],
+    ask_model: Annotated[
+        str | None,
+        typer.Option("--model", metavar="NAME", help="Model to ask (default: the newest fine-tuned model)."),
+    ] = None,
+    slack_max_answer_tokens: MaxTokens = None,
+    slack_temperature: Temperature = None,
+    slack_system_prompt: SystemPrompt = None,
+) -> None:
+    """Ask a fine-tuned model one question and print its answer (as the Slack bot would answer)."""
+    from finetune_kit.ask import ask as ask_model_question
+
+    answer = ask_model_question(_settings(ctx), question, ask_model)
+    _say(f"[{answer.model}]")
+    _say(answer.text)
 
 
 @app.command()

@@ -129,8 +129,17 @@ class Settings(BaseSettings):
     learning_rate_multiplier: float | None = Field(None, gt=0)  # unset: the service picks ("auto")
     training_suffix: str | None = Field(None, min_length=1, max_length=64)
     training_seed: int | None = Field(None, ge=0, le=2_147_483_647)
-    training_poll_interval_s: float = Field(10.0, gt=0)
-    training_max_poll_interval_s: float = Field(60.0, gt=0)
+    training_poll_interval_s: float | None = Field(None, gt=0)  # unset: 10 s hosted, 2 s local
+    training_max_poll_interval_s: float | None = Field(None, gt=0)  # unset: 60 s hosted, 10 s local
+    lora_rank: int | None = Field(None, ge=1, le=256)  # local backend; unset: 16
+    lora_alpha: int | None = Field(None, ge=1)  # local backend; unset: 32
+    training_threads: int | None = Field(
+        None, ge=1
+    )  # local backend on CPU; unset: torch's default (all cores)
+    training_max_length: int = Field(1024, ge=64)  # local backend: tokens per example, longer ones are cut
+    train_after_dataset: bool = True  # `ftkit run` goes on to fine-tune (and follow the job)
+    # local backend: the command that starts the trainer's Python, e.g. ["accelerate", "launch"] for several GPUs
+    training_launcher: list[str] = Field(default_factory=list)
 
     # spending
     max_cost_usd: float | None = Field(None, ge=0)

@@ -247,6 +247,43 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        # the local LoRA backend's own job service: the detached trainer writes here, `ftkit train --watch`
+        # reads it through the same FineTuneBackend protocol as the hosted API
+        "0008_local_training",
+        """
+        CREATE TABLE local_jobs (
+            id TEXT PRIMARY KEY,
+            status TEXT NOT NULL,
+            base_model TEXT NOT NULL,
+            base_gguf TEXT,
+            params_json TEXT NOT NULL,
+            options_json TEXT NOT NULL,
+            metadata_json TEXT NOT NULL,
+            train_file TEXT NOT NULL,
+            validation_file TEXT,
+            output_dir TEXT NOT NULL,
+            pid INTEGER,
+            pid_started TEXT,
+            cancel_requested INTEGER NOT NULL DEFAULT 0,
+            fine_tuned_model TEXT,
+            error TEXT,
+            estimated_finish INTEGER,
+            trained_tokens INTEGER,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        CREATE TABLE local_job_events (
+            seq INTEGER PRIMARY KEY,  -- rows are never deleted, so rowids only grow
+            job_id TEXT NOT NULL REFERENCES local_jobs(id),
+            created_at INTEGER NOT NULL,
+            level TEXT NOT NULL,
+            message TEXT NOT NULL,
+            data_json TEXT NOT NULL
+        );
+        CREATE INDEX local_job_events_by_job ON local_job_events(job_id, seq);
+        """,
+    ),
 ]
 
 

@@ -23,6 +23,8 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
     for name in [n for n in os.environ if n.startswith("FTKIT_")]:
         monkeypatch.delenv(name)
+    # `ftkit run` stops at the dataset unless a test is about training (test_run_trains sets it back)
+    monkeypatch.setenv("FTKIT_TRAIN_AFTER_DATASET", "false")
     monkeypatch.chdir(tmp_path)
 
 

@@ -40,6 +40,7 @@ def readme_section(command: str) -> str:
 
 def test_the_cli_has_the_pipeline_commands() -> None:
     assert COMMANDS == [
+        "ask",
         "build-dataset",
         "generate-questions",
         "ingest",

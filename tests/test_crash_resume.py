@@ -45,6 +45,7 @@ def ftkit_run(fake: FakeOpenAI, workspace: Path) -> subprocess.Popen[str]:
         str(SAMPLE_DOCS),
         "--product",
         "Quillstack",
+        "--no-train",  # this is about the data stages; training's kill -9 is tested in test_training.py
     ]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

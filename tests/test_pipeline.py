@@ -209,3 +209,24 @@ def test_flags_reach_the_settings(runner: CliRunner, fake_llm: FakeOpenAI) -> No
     assert db.execute("SELECT max(n_tokens) FROM chunks").fetchone()[0] <= 200
     assert {n for (n,) in db.execute("SELECT n_accepted FROM question_sets")} == {2}
     assert "Estimated training: " in out and " tokens, $" in out
+
+
+def test_run_goes_on_to_fine_tune_and_registers_the_model(
+    runner: CliRunner, fake_llm: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FTKIT_TRAIN_AFTER_DATASET", "true")  # the default, which conftest turns off
+    monkeypatch.setenv("FTKIT_TRAINING_POLL_INTERVAL_S", "0.001")
+    monkeypatch.setenv("FTKIT_TRAINING_MAX_POLL_INTERVAL_S", "0.01")
+    code, out, err = ftkit(runner, "run", str(SAMPLE_DOCS), "--product", "Quillstack", "--out", "data-out")
+    assert code == 0, err
+    [job] = fake_llm.fine_tuning.jobs.values()
+    assert "Wrote data-out/train.jsonl" in out
+    assert f"Job {job.id} succeeded." in out
+    assert f"Fine-tuned model: {job.fine_tuned_model} (registered; `ftkit models` lists it)" in out
+    assert re.search(r"Trained tokens: [\d,]+ \(estimated cost \$\d+\.\d\d\)", out)
+    uploaded = [f.data for f in fake_llm.batch_api.files.values() if f.purpose == "fine-tune"]
+    assert Path("data-out/train.jsonl").read_bytes() in uploaded
+
+    code, out, _ = ftkit(runner, "run", str(SAMPLE_DOCS), "--product", "Quillstack", "--no-train")
+    assert code == 0 and "Job " not in out
+    assert len(fake_llm.fine_tuning.jobs) == 1

@@ -192,7 +192,7 @@ def test_the_bot_answers_with_its_pinned_model_else_the_base_model_not_the_gener
 
 def test_an_answer_budget_that_leaves_no_room_for_the_question_is_a_config_error() -> None:
     settings = load_settings(provider="local", slack_max_answer_tokens=2000)
-    endpoint = Endpoint(base_url="http://127.0.0.1:9/v1", api_key="x", model="m", identity="t")
+    endpoint = Endpoint(base_url="http://127.0.0.1:9/v1", api_key="x", model="m", identity="local:test")
     with pytest.raises(ConfigError) as raised:
         OpenAIAnswerer.from_settings(endpoint, settings)
     assert str(raised.value) == (

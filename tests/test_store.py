@@ -43,6 +43,8 @@ def test_fresh_database_has_the_tables(tmp_path: Path) -> None:
         "job_metrics",
         "finetuned_models",
         "web_pages",
+        "local_jobs",
+        "local_job_events",
     }
 
 

@@ -243,11 +243,6 @@ def test_permission_denied_explains_the_2026_closure(fake_llm: FakeOpenAI, works
     assert ftkit(workspace, "train", "watch")[2].startswith("Error: no fine-tuning job in ")
 
 
-def test_the_local_backend_is_not_there_yet(workspace: Path) -> None:
-    code, _, err = ftkit(workspace, "train", "--backend", "local")
-    assert code == 1 and err.startswith("Error: the local LoRA backend is not available yet")
-
-
 def test_missing_dataset_names_the_fix(fake_llm: FakeOpenAI, tmp_path: Path) -> None:
     code, _, err = ftkit(tmp_path / "empty", "train")
     assert code == 1

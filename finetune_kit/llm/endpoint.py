@@ -28,6 +28,32 @@ def open_endpoint(settings: Settings) -> Iterator[Endpoint]:
         )
 
 
+@contextlib.contextmanager
+def open_model_endpoint(settings: Settings, model: str) -> Iterator[Endpoint]:
+    """The endpoint that answers as `model`: the embedded server for the base model and local fine-tunes
+    (whatever the provider), else the configured provider."""
+    provider = "local" if model == LOCAL_MODEL_ALIAS or is_local_model(settings, model) else settings.provider
+    with open_endpoint(settings.model_copy(update={"model": model, "provider": provider})) as endpoint:
+        yield endpoint
+
+
+def is_local_model(settings: Settings, model: str) -> bool:
+    """True if `model` was fine-tuned by the local backend of this workspace."""
+    if not settings.db_path.exists():
+        return False
+    from finetune_kit.store import Store
+
+    with Store(settings.db_path) as store:
+        backend = store.scalar("SELECT backend FROM finetuned_models WHERE name = ?", (model,))
+        if backend is None:
+            backend = (
+                "local"
+                if store.scalar("SELECT 1 FROM local_jobs WHERE fine_tuned_model = ?", (model,))
+                else None
+            )
+    return backend == "local"
+
+
 def local_identity(model_path: Path) -> str:
     """The cache identity of the embedded server: the model file it loads, not its port."""
     return "local:" + model_fingerprint(model_path)

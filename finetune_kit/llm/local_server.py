@@ -16,12 +16,14 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from finetune_kit.config import LOCAL_MODEL_ALIAS, Settings
 from finetune_kit.errors import ConfigError, LocalServerError
 
 log = logging.getLogger(__name__)
 STATE_FILE = "llama-server.json"
+CONFIG_FILE = "llama-server-config.json"
 LOG_FILE = "llama-server.log"
 START_TIMEOUT_S = 180.0
 EXISTING_SERVER_TIMEOUT_S = 10.0  # a server busy generating for a killed client can be slow to answer
@@ -68,14 +70,19 @@ def resolve_model_path(settings: Settings) -> Path:
 
 @contextlib.contextmanager
 def local_server(settings: Settings) -> Iterator[LocalServer]:
-    """Reuse the workspace's running server for this model, or start one and stop it on exit."""
+    """Reuse the workspace's running server for this model, or start one and stop it on exit.
+
+    Besides the base model, it serves every fine-tuned local model of the workspace under its registry name
+    (a LoRA adapter over the base GGUF); llama.cpp swaps models when a request names another one.
+    """
     model_path = resolve_model_path(settings)
     settings.workspace.mkdir(parents=True, exist_ok=True)
+    config = server_config(settings, model_path)
     with _start_lock(settings.workspace):
-        server, owner = _running_server(settings.workspace, model_path)
+        server, owner = _running_server(settings.workspace, model_path, _config_id(config))
         shared = server is not None and pid_alive(owner)  # another ftkit (or an outer context) owns it
         if server is None:
-            server = _wait_until_ready(settings, model_path)
+            server = _wait_until_ready(settings, model_path, config)
         elif not shared:  # its owner died (kill -9): adopt it and stop it when done
             _write_state(settings.workspace, server)
     try:
@@ -95,22 +102,55 @@ def _start_lock(workspace: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _running_server(workspace: Path, model_path: Path) -> tuple[LocalServer | None, int]:
+def server_config(settings: Settings, model_path: Path) -> dict[str, Any]:
+    """llama_cpp.server's config file: the base model first, then each fine-tuned adapter over its base GGUF."""
+    # llama.cpp collapses when its threads outnumber free cores; half the cores stays fast under load
+    threads = settings.local_threads or max(1, (os.cpu_count() or 2) // 2)
+    common = {"n_ctx": settings.local_context_tokens, "n_threads": threads, "verbose": False}
+    models = [{"model": str(model_path), "model_alias": LOCAL_MODEL_ALIAS, **common}]
+    for adapter in _served_adapters(settings):
+        models.append(
+            {
+                "model": str(adapter.base_gguf),
+                "model_alias": adapter.name,
+                "lora_path": str(adapter.adapter_gguf),
+                **common,
+            }
+        )
+    return {"host": "127.0.0.1", "models": models}
+
+
+def _served_adapters(settings: Settings) -> list[Any]:
+    if not settings.db_path.exists():
+        return []
+    from finetune_kit.store import Store
+    from finetune_kit.training.local_backend import served_adapters
+
+    with Store(settings.db_path) as store:
+        return served_adapters(store)
+
+
+def _config_id(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config["models"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _running_server(workspace: Path, model_path: Path, config_id: str) -> tuple[LocalServer | None, int]:
     """The workspace's live server for `model_path` (if any) and the pid of the ftkit process that owns it.
 
     A recorded server that is orphaned (its owner died) and unusable (another model, or not answering) is
     stopped here, so a kill -9 never leaves a server running for good.
     """
-    try:
-        state = json.loads((workspace / STATE_FILE).read_text())
-    except (OSError, ValueError):
+    state = _read_state(workspace)
+    if not state:
         return None, 0
     pid, owner = int(state.get("pid", 0)), int(state.get("owner", 0))
     if not pid_alive(pid):
         return None, 0
     server = LocalServer(state["base_url"], model_path, pid)
-    if state.get("model_path") == str(model_path) and _answers(
-        server.base_url, timeout_s=EXISTING_SERVER_TIMEOUT_S
+    if (
+        state.get("model_path") == str(model_path)
+        and state.get("config_id") == config_id
+        and _answers(server.base_url, timeout_s=EXISTING_SERVER_TIMEOUT_S)
     ):
         return server, owner
     if not pid_alive(owner):
@@ -118,16 +158,26 @@ def _running_server(workspace: Path, model_path: Path) -> tuple[LocalServer | No
     return None, 0
 
 
-def _write_state(workspace: Path, server: LocalServer) -> None:
+def _write_state(workspace: Path, server: LocalServer, config_id: str | None = None) -> None:
+    previous = _read_state(workspace)
     state = {
         "pid": server.pid,
         "owner": os.getpid(),
         "base_url": server.base_url,
         "model_path": str(server.model_path),
+        "config_id": config_id or previous.get("config_id"),
     }
     tmp = workspace / (STATE_FILE + ".tmp")
     tmp.write_text(json.dumps(state))
     os.replace(tmp, workspace / STATE_FILE)
+
+
+def _read_state(workspace: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((workspace / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def pid_alive(pid: int) -> bool:
@@ -162,39 +212,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _spawn(settings: Settings, model_path: Path, port: int) -> subprocess.Popen[bytes]:
-    # llama.cpp collapses when its threads outnumber free cores; half the cores stays fast under load
-    threads = settings.local_threads or max(1, (os.cpu_count() or 2) // 2)
-    command = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        str(model_path),
-        "--model_alias",
-        LOCAL_MODEL_ALIAS,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--n_ctx",
-        str(settings.local_context_tokens),
-        "--n_threads",
-        str(threads),
-        "--verbose",
-        "False",
-    ]
+def _spawn(settings: Settings, config: dict[str, Any], port: int) -> subprocess.Popen[bytes]:
+    config_path = settings.workspace / CONFIG_FILE
+    partial = config_path.with_name(CONFIG_FILE + ".tmp")
+    partial.write_text(json.dumps({**config, "port": port}, indent=2))
+    os.replace(partial, config_path)
+    command = [sys.executable, "-m", "llama_cpp.server", "--config_file", str(config_path)]
     log_handle = (settings.workspace / LOG_FILE).open("ab")
     with log_handle:
         return subprocess.Popen(command, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait_until_ready(settings: Settings, model_path: Path) -> LocalServer:
+def _wait_until_ready(settings: Settings, model_path: Path, config: dict[str, Any]) -> LocalServer:
     """Start a server, record it in the workspace before waiting, and return once it answers."""
     workspace, port = settings.workspace, free_port()
-    process = _spawn(settings, model_path, port)
+    process = _spawn(settings, config, port)
     base_url = f"http://127.0.0.1:{port}/v1"
-    _write_state(workspace, LocalServer(base_url, model_path, process.pid))
+    _write_state(workspace, LocalServer(base_url, model_path, process.pid), _config_id(config))
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -70,11 +70,13 @@ def registered_model(settings: Settings) -> str | None:
     return model.name if model else None
 
 
-def context_tokens(settings: Settings) -> int:
+def context_tokens(settings: Settings, embedded: bool | None = None) -> int:
     """The answering model's context window: configured, the embedded server's, or a safe API default."""
     if settings.slack_context_tokens is not None:
         return settings.slack_context_tokens
-    return settings.local_context_tokens if settings.resolved_provider == "local" else API_CONTEXT_TOKENS
+    if embedded is None:
+        embedded = settings.resolved_provider == "local"
+    return settings.local_context_tokens if embedded else API_CONTEXT_TOKENS
 
 
 def fit_to_context(system: str, turns: Sequence[Turn], budget_tokens: int) -> list[dict[str, str]]:
@@ -145,7 +147,7 @@ class OpenAIAnswerer:
             system_prompt=settings.slack_system_prompt or default_system_prompt(settings),
             temperature=settings.slack_temperature,
             max_tokens=settings.slack_max_answer_tokens,
-            context_tokens=context_tokens(settings),
+            context_tokens=context_tokens(settings, embedded=endpoint.identity.startswith("local:")),
             timeout_s=settings.slack_timeout_s,
             max_concurrency=settings.slack_concurrency,
             stream=settings.slack_stream,
@@ -219,9 +221,9 @@ class OpenAIAnswerer:
 @contextlib.contextmanager
 def open_answerer(settings: Settings) -> Iterator[OpenAIAnswerer]:
     """The bot's answerer on the configured endpoint (the embedded server lives exactly as long as this context)."""
-    from finetune_kit.llm.endpoint import open_endpoint
+    from finetune_kit.llm.endpoint import open_model_endpoint
 
-    with open_endpoint(settings.model_copy(update={"model": bot_model(settings)})) as endpoint:
+    with open_model_endpoint(settings, bot_model(settings)) as endpoint:
         answerer = OpenAIAnswerer.from_settings(endpoint, settings)
         log.info("answering with model %s at %s", endpoint.model, endpoint.base_url)
         try:

@@ -1,13 +1,13 @@
-"""Fine-tuning: one FineTuneBackend per service (hosted OpenAI/Azure now, local LoRA next), a watch loop, a registry."""
+"""Fine-tuning: one FineTuneBackend per service (hosted OpenAI/Azure, local LoRA), a watch loop, a registry."""
 
 import contextlib
 from collections.abc import Iterator
 
-from finetune_kit.config import Settings
+from finetune_kit.config import LOCAL_MODEL_ALIAS, Settings
 from finetune_kit.training.backend import FineTuneBackend, TrainingError, TrainingParams
 from finetune_kit.training.watch import Polling
 
-DEFAULT_BASE_MODELS = {"openai": "gpt-4o-mini-2024-07-18"}
+DEFAULT_BASE_MODELS = {"openai": "gpt-4o-mini-2024-07-18", "local": LOCAL_MODEL_ALIAS}
 
 
 def training_params(settings: Settings) -> TrainingParams:
@@ -20,22 +20,31 @@ def training_params(settings: Settings) -> TrainingParams:
         learning_rate_multiplier=settings.learning_rate_multiplier,
         suffix=settings.training_suffix,
         seed=settings.training_seed,
+        lora_rank=settings.lora_rank if backend == "local" else None,
+        lora_alpha=settings.lora_alpha if backend == "local" else None,
     )
 
 
-def polling(settings: Settings) -> Polling:
+POLL_INTERVALS_S = {
+    "openai": (10.0, 60.0),
+    "local": (2.0, 10.0),
+}  # (first, longest): a local job is a DB read
+
+
+def polling(settings: Settings, backend: str | None = None) -> Polling:
     """How often the watch loop asks the service."""
-    return Polling(settings.training_poll_interval_s, settings.training_max_poll_interval_s)
+    first, longest = POLL_INTERVALS_S[backend or settings.resolved_training_backend]
+    return Polling(
+        settings.training_poll_interval_s or first, settings.training_max_poll_interval_s or longest
+    )
 
 
 @contextlib.contextmanager
 def open_backend(settings: Settings, name: str | None = None) -> Iterator[FineTuneBackend]:
     """The fine-tuning service `name` (default: the one the settings select), open for the context."""
     if (name or settings.resolved_training_backend) == "local":
-        raise TrainingError(
-            "the local LoRA backend is not available yet — export OPENAI_API_KEY (or point OPENAI_BASE_URL at"
-            " Azure OpenAI) and use --backend openai"
-        )
+        yield from _local_backend(settings)
+        return
     from finetune_kit.llm.endpoint import openai_endpoint
     from finetune_kit.training.openai_backend import OpenAIBackend
 
@@ -50,6 +59,19 @@ def open_backend(settings: Settings, name: str | None = None) -> Iterator[FineTu
         yield backend
     finally:
         backend.close()
+
+
+def _local_backend(settings: Settings) -> Iterator[FineTuneBackend]:
+    from finetune_kit.store import Store
+    from finetune_kit.training.local_backend import LocalBackend, TrainerOptions
+
+    options = TrainerOptions(
+        threads=settings.training_threads,
+        max_length=settings.training_max_length,
+        launcher=tuple(settings.training_launcher),
+    )
+    with Store(settings.db_path) as store:
+        yield LocalBackend(store, settings.workspace, options)
 
 
 __all__ = ["FineTuneBackend", "TrainingError", "TrainingParams", "open_backend", "polling", "training_params"]

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 from finetune_kit.errors import FtkitError
 
+LATER_FIELDS = ("lora_rank", "lora_alpha")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 METRIC_FIELDS = {  # event data key -> job_metrics column
     "total_steps": "total_steps",
@@ -36,10 +37,19 @@ class TrainingParams:
     learning_rate_multiplier: float | None = None
     suffix: str | None = None
     seed: int | None = None
+    lora_rank: int | None = None  # local backend only
+    lora_alpha: int | None = None  # local backend only
 
     def to_json(self) -> str:
-        """A canonical JSON form: the job key hashes it, the jobs table stores it."""
-        return json.dumps(asdict(self), sort_keys=True)
+        """A canonical JSON form: the job key hashes it, the jobs table stores it.
+
+        Fields added after the first release are left out while unset, so a job started before them keeps its key.
+        """
+        values = asdict(self)
+        for name in LATER_FIELDS:
+            if values[name] is None:
+                del values[name]
+        return json.dumps(values, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "TrainingParams":
@@ -92,7 +102,7 @@ class JobEvent:
         if not isinstance(step, int | float):
             return None
         values = {column: self.data.get(key) for key, column in METRIC_FIELDS.items()}
-        return StepMetrics(step=int(step), **values)
+        return StepMetrics(step=int(step), tokens_per_s=self.data.get("tokens_per_s"), **values)
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,7 @@ class StepMetrics:
     full_valid_loss: float | None = None
     train_accuracy: float | None = None
     valid_accuracy: float | None = None
+    tokens_per_s: float | None = None  # reported by the local trainer; not stored in job_metrics
 
 
 @dataclass(frozen=True)

@@ -219,10 +219,18 @@ def save_poll(store: Store, job_id: str, job: FineTuneJob, events: list[JobEvent
             if cursor.rowcount == 1:
                 new.append(event)
             if (metrics := event.step_metrics) is not None:
-                db.execute(
-                    """INSERT OR REPLACE INTO job_metrics(job_id, step, total_steps, train_loss, valid_loss,
+                db.execute(  # a step may be reported twice (training, then validation): keep both halves
+                    """INSERT INTO job_metrics(job_id, step, total_steps, train_loss, valid_loss,
                            full_valid_loss, train_accuracy, valid_accuracy, recorded_at)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       ON CONFLICT(job_id, step) DO UPDATE SET
+                           total_steps = COALESCE(excluded.total_steps, total_steps),
+                           train_loss = COALESCE(excluded.train_loss, train_loss),
+                           valid_loss = COALESCE(excluded.valid_loss, valid_loss),
+                           full_valid_loss = COALESCE(excluded.full_valid_loss, full_valid_loss),
+                           train_accuracy = COALESCE(excluded.train_accuracy, train_accuracy),
+                           valid_accuracy = COALESCE(excluded.valid_accuracy, valid_accuracy),
+                           recorded_at = excluded.recorded_at""",
                     (
                         job_id,
                         metrics.step,

@@ -46,14 +46,21 @@ def metrics_line(metrics: StepMetrics) -> str:
     for label, value in (("train loss", metrics.train_loss), ("valid loss", metrics.valid_loss)):
         if value is not None:
             parts.append(f"{label} {value:.4f}")
+    if metrics.tokens_per_s is not None:
+        parts.append(f"{metrics.tokens_per_s:.0f} tokens/s")
     return "  ".join(parts)
 
 
-def result_lines(result: WatchResult) -> list[str]:
-    """How the job ended, the registered model and the loss curve."""
+def result_lines(result: WatchResult, training_price_per_million: float = 0.0) -> list[str]:
+    """How the job ended, what it trained on and cost, the registered model and the loss curve."""
     lines = [f"Job {result.job.id} {result.job.status}."]
     if result.model is not None:
         lines.append(f"Fine-tuned model: {result.model.name} (registered; `ftkit models` lists it)")
+        lines.append(f'Try it: ftkit ask "your question" --model {result.model.name}')
+    tokens = result.metrics.get("trained_tokens")
+    if tokens:
+        cost = tokens * training_price_per_million / 1_000_000
+        lines.append(f"Trained tokens: {tokens:,} (estimated cost ${cost:.2f})")
     losses = [
         f"{k.replace('_', ' ')} {result.metrics[k]:.4f}"
         for k in ("train_loss", "valid_loss")

@@ -1,0 +1,298 @@
+"""The detached trainer of a local job: LoRA on the base model with TRL's SFTTrainer, status and events to SQLite.
+
+Run as `python -m finetune_kit.training.local_trainer STATE_DB JOB_ID` by the local backend. On CPU it turns
+off what makes TRL's defaults ~20x slower there than a plain PyTorch loop: bf16 autocast (emulated on CPUs
+without AMX/AVX512-BF16), gradient checkpointing (recomputes every layer to save memory a 135M model does not
+need) and the fused, chunked LM head (re-projects every position over the 49k vocabulary for entropy and
+accuracy metrics). bench/local_train.py measures the result against a plain loop.
+"""
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from finetune_kit.store import Store
+from finetune_kit.training.backend import TrainingParams
+from finetune_kit.training.examples import read_examples
+from finetune_kit.training.local_backend import add_event, finish_job, set_status
+
+log = logging.getLogger("ftkit.trainer")
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_EPOCHS = 3
+DEFAULT_BATCH_SIZE = 4
+BASE_LEARNING_RATE = 2e-4  # times --learning-rate-multiplier
+DEFAULT_LORA_RANK = 16
+DEFAULT_LORA_ALPHA = 32
+
+
+class Cancelled(Exception):
+    """The job was cancelled while the trainer was not yet training."""
+
+
+class Journal:
+    """Where the trainer reports: the job's row and events — or nowhere, in the extra processes of a multi-GPU
+    launch (`accelerate launch` starts one per GPU; only the first, RANK 0, speaks for the job)."""
+
+    def __init__(self, store: Store, job_id: str, enabled: bool = True) -> None:
+        self.store, self.job_id, self.enabled = store, job_id, enabled
+
+    def event(self, message: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        """Append an event to the job's log."""
+        if self.enabled:
+            add_event(self.store, self.job_id, message, level, data)
+
+    def status(self, status: str, **fields: Any) -> None:
+        """Move the job to `status`."""
+        if self.enabled:
+            set_status(self.store, self.job_id, status, **fields)
+
+    def finish(self, status: str, **fields: Any) -> None:
+        """End the job (once)."""
+        if self.enabled:
+            finish_job(self.store, self.job_id, status, **fields)
+
+    def cancel_requested(self) -> bool:
+        """True once `ftkit train cancel` asked this job to stop."""
+        return bool(self.store.scalar("SELECT cancel_requested FROM local_jobs WHERE id = ?", (self.job_id,)))
+
+
+def main(db_path: str, job_id: str) -> int:
+    """Train job `job_id`; every outcome, a crash included, ends up in its row."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    stop = {"requested": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    with Store(Path(db_path)) as store:
+        journal = Journal(store, job_id, enabled=int(os.environ.get("RANK", "0")) == 0)
+        try:
+            train(journal, stop)
+        except Cancelled:
+            _cancelled(journal)
+        except BaseException as exc:
+            traceback.print_exc()
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
+            journal.finish("failed", error=reason[:500])
+            journal.event(f"Training failed: {reason[:500]}", level="error")
+            return 1
+    return 0
+
+
+def train(journal: Journal, stop: dict[str, bool]) -> None:
+    """Validate the files, load the base model, train, save and convert the adapter, then report success."""
+    job_id = journal.job_id
+    row = journal.store.db.execute("SELECT * FROM local_jobs WHERE id = ?", (job_id,)).fetchone()
+    params = TrainingParams.from_json(row["params_json"])
+    options = json.loads(row["options_json"])
+    output = Path(row["output_dir"])
+    journal.status("validating_files")
+    journal.event("Validating training file")
+    train_rows = read_examples(Path(row["train_file"]))
+    validation_rows = read_examples(Path(row["validation_file"])) if row["validation_file"] else []
+    _check_stop(journal, stop)
+
+    import torch
+
+    if options.get("threads"):
+        torch.set_num_threads(int(options["threads"]))
+    from finetune_kit.training.base_model import materialise, resolve_base_model
+
+    base = resolve_base_model(params.base_model)
+    journal.event(f"Loading base model {base.short_name}")
+    checkpoint = materialise(base, Path(row["output_dir"]).parent / "base-models")
+    _check_stop(journal, stop)
+    journal.status("running")
+    events = job_events(journal, stop)
+    trainer = build_trainer(params, options, checkpoint, train_rows, validation_rows, output, [events])
+    journal.event(f"Fine-tuning job started on {_device()}: {len(train_rows)} examples")
+    trainer.train()
+    if stop["requested"] or journal.cancel_requested():
+        _cancelled(journal)
+        return
+    if journal.enabled:
+        _save(journal, trainer, checkpoint, output, base.gguf is not None)
+    name = model_name(base.short_name, params.suffix, job_id)
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    journal.finish("succeeded", fine_tuned_model=name, trained_tokens=tokens)
+    journal.event(f"New fine-tuned model created: {name}")
+    journal.event("The job has successfully completed")
+
+
+def build_trainer(
+    params: TrainingParams,
+    options: dict[str, Any],
+    checkpoint: Path,
+    train_rows: list[dict[str, Any]],
+    validation_rows: list[dict[str, Any]],
+    output: Path,
+    callbacks: list[Any],
+) -> Any:
+    """An SFTTrainer with LoRA, set up for the device it runs on."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16 if bf16 else torch.float32)
+    rank = params.lora_rank or DEFAULT_LORA_RANK
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=params.lora_alpha or DEFAULT_LORA_ALPHA,
+        lora_dropout=0.05,
+        target_modules=LORA_TARGETS,
+        task_type="CAUSAL_LM",
+    )
+    args = SFTConfig(
+        output_dir=str(output / "trainer"),
+        num_train_epochs=params.n_epochs or DEFAULT_EPOCHS,
+        per_device_train_batch_size=params.batch_size or DEFAULT_BATCH_SIZE,
+        per_device_eval_batch_size=params.batch_size or DEFAULT_BATCH_SIZE,
+        learning_rate=BASE_LEARNING_RATE * (params.learning_rate_multiplier or 1.0),
+        seed=params.seed if params.seed is not None else 42,
+        max_length=int(options.get("max_length") or 1024),
+        logging_steps=1,
+        eval_strategy="epoch" if validation_rows else "no",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not cuda,
+        bf16=bf16,
+        fp16=False,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",  # tokens/s counts real tokens, not padding
+    )
+    trainer_class = _sft_trainer_class(fused_head=cuda)
+    return trainer_class(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(validation_rows) if validation_rows else None,
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=callbacks,
+    )
+
+
+def _sft_trainer_class(fused_head: bool) -> Any:
+    """TRL's SFTTrainer; on CPU with the plain loss from the logits instead of its fused LM head."""
+    import transformers
+    from trl import SFTTrainer
+
+    if fused_head:
+        return SFTTrainer
+
+    class PlainLossSFTTrainer(SFTTrainer):  # type: ignore[misc]
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            keep = {"input_ids", "attention_mask", "labels", "position_ids"}
+            inputs = {key: value for key, value in inputs.items() if key in keep}
+            return transformers.Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return PlainLossSFTTrainer
+
+
+def job_events(journal: Journal, stop: dict[str, bool]) -> Any:
+    """A TrainerCallback that writes each logged step (loss, tokens/s) and eval as job events, and stops
+    training when the job is cancelled (transformers is imported here, not when this module loads)."""
+    from transformers import TrainerCallback
+
+    class JobEvents(TrainerCallback):  # type: ignore[misc]
+        """Writes each logged step (loss, tokens/s) and eval as job events; stops when the job is cancelled."""
+
+        def __init__(self) -> None:
+            self.journal, self.stop = journal, stop
+            self.started = time.monotonic()
+            self.last_time, self.last_tokens = self.started, 0
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any
+        ) -> None:
+            logs = logs or {}
+            step, total = state.global_step, state.max_steps
+            if "eval_loss" in logs:
+                valid = float(logs["eval_loss"])
+                data = {"step": step, "total_steps": total, "valid_loss": valid}
+                self.journal.event(f"Step {step}/{total}: validation loss={valid:.4f}", data=data)
+            elif "loss" in logs:
+                self._step(step, total, float(logs["loss"]), int(state.num_input_tokens_seen or 0))
+            if self.stop["requested"] or self.journal.cancel_requested():
+                control.should_training_stop = True
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if self.stop["requested"]:
+                control.should_training_stop = True
+
+        def _step(self, step: int, total: int, loss: float, tokens: int) -> None:
+            now = time.monotonic()
+            rate = (tokens - self.last_tokens) / max(now - self.last_time, 1e-6) if tokens else None
+            self.last_time, self.last_tokens = now, tokens or self.last_tokens
+            data: dict[str, Any] = {"step": step, "total_steps": total, "train_loss": loss, "tokens": tokens}
+            message = f"Step {step}/{total}: training loss={loss:.4f}"
+            if rate is not None:
+                data["tokens_per_s"] = round(rate, 1)
+                message += f", {rate:.0f} tokens/s"
+            self.journal.event(message, data=data)
+            if step and total and not math.isnan(loss):
+                per_step = (now - self.started) / step
+                self.journal.status("running", estimated_finish=int(time.time() + per_step * (total - step)))
+
+    return JobEvents()
+
+
+def _save(journal: Journal, trainer: Any, checkpoint: Path, output: Path, servable: bool) -> None:
+    """Save the PEFT adapter and, over a GGUF base, its llama.cpp form."""
+    from finetune_kit.training.gguf_lora import write_gguf_adapter
+
+    adapter = output / "adapter"
+    trainer.model.save_pretrained(adapter)
+    journal.event(f"Saved the LoRA adapter to {adapter}")
+    if servable:
+        config = json.loads((checkpoint / "config.json").read_text())
+        write_gguf_adapter(adapter, config, output / "adapter.gguf")
+        journal.event("Converted the adapter to GGUF for the embedded llama.cpp server")
+
+
+def model_name(base: str, suffix: str | None, job_id: str) -> str:
+    """`ft:<base>:local:<suffix>:<job>`, shaped like OpenAI's fine-tuned model names."""
+    return f"ft:{base}:local:{suffix or ''}:{job_id.rsplit('-', 1)[-1]}"
+
+
+def _device() -> str:
+    import torch
+
+    return (
+        f"GPU ({torch.cuda.get_device_name(0)})"
+        if torch.cuda.is_available()
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
+
+
+def _check_stop(journal: Journal, stop: dict[str, bool]) -> None:
+    if stop["requested"] or journal.cancel_requested():
+        raise Cancelled
+
+
+def _cancelled(journal: Journal) -> None:
+    journal.finish("cancelled")
+    journal.event("Fine-tuning job cancelled")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main(sys.argv[1], sys.argv[2]))
