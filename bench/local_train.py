@@ -74,11 +74,10 @@ class StepTimer:
 
 
 def ftkit_trainer(checkpoint: Path, args: argparse.Namespace, out: Path, trl_defaults: bool = False) -> Any:
-    params = TrainingParams(LOCAL_MODEL_ALIAS, n_epochs=1, batch_size=args.batch, seed=0)
+    params = TrainingParams(LOCAL_MODEL_ALIAS, n_epochs=1, batch_size=args.batch, seed=0, max_length=args.length)
     rows = examples(args.batch * (args.steps + 1))
-    options = {"max_length": args.length}
     if not trl_defaults:
-        return build_trainer(params, options, checkpoint, rows, [], out, [])
+        return build_trainer(params, {}, checkpoint, rows, [], out, [])
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer

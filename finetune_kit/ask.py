@@ -27,7 +27,6 @@ def ask(settings: Settings, question: str, model: str | None = None, on_text: On
             f"no fine-tuned model in {settings.workspace} yet — `ftkit train --watch` makes one,"
             f" or pass --model (e.g. --model {LOCAL_MODEL_ALIAS} for the untuned base)"
         )
-    _check_served(settings, name)
     with open_model_endpoint(settings, name) as endpoint:
         answerer = OpenAIAnswerer.from_settings(endpoint, settings)
         try:
@@ -35,22 +34,3 @@ def ask(settings: Settings, question: str, model: str | None = None, on_text: On
         finally:
             answerer.close()
     return Answer(name, text)
-
-
-def _check_served(settings: Settings, name: str) -> None:
-    """The embedded server answers only for the models it is started with: say so before it fails obscurely."""
-    from finetune_kit.llm.endpoint import is_local_model
-    from finetune_kit.llm.local_server import resolve_model_path, server_config
-
-    local = settings.resolved_provider == "local" or is_local_model(settings, name)
-    if not local or name == LOCAL_MODEL_ALIAS:
-        return
-
-    served = {
-        entry["model_alias"] for entry in server_config(settings, resolve_model_path(settings))["models"]
-    }
-    if name not in served:
-        raise ConfigError(
-            f"model {name} is not served by the embedded server of {settings.workspace} — `ftkit models` lists"
-            " the fine-tuned models (a local model trained on a checkpoint folder, not a GGUF, cannot be served)"
-        )

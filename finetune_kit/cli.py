@@ -303,7 +303,7 @@ def run(
         bool | None,
         typer.Option(
             "--train/--no-train",
-            help="Go on to fine-tune on the dataset and follow the job (default: yes; local LoRA without a key).",
+            help="Go on to fine-tune on the dataset and follow the job (default: only with the local backend).",
         ),
     ] = None,
     dry_run: DryRun = False,
@@ -316,7 +316,7 @@ def run(
     with _progress() as bar:
         summary = run_all(settings, sources, out_dir, RichProgress(bar), dry_run)
     _print_summary(summary)
-    if settings.train_after_dataset and not dry_run:
+    if settings.trains_after_dataset and not dry_run:
         _start_training(
             settings.model_copy(update={"dataset_dir": out_dir or settings.dataset_dir}), watch=True
         )

@@ -137,7 +137,9 @@ class Settings(BaseSettings):
         None, ge=1
     )  # local backend on CPU; unset: torch's default (all cores)
     training_max_length: int = Field(1024, ge=64)  # local backend: tokens per example, longer ones are cut
-    train_after_dataset: bool = True  # `ftkit run` goes on to fine-tune (and follow the job)
+    # `ftkit run` goes on to fine-tune and follow the job; unset: only on the local backend (free, offline) —
+    # a hosted job costs money, and an OPENAI_BASE_URL server (vLLM, Ollama) may not fine-tune at all
+    train_after_dataset: bool | None = None
     # local backend: the command that starts the trainer's Python, e.g. ["accelerate", "launch"] for several GPUs
     training_launcher: list[str] = Field(default_factory=list)
 
@@ -295,6 +297,13 @@ class Settings(BaseSettings):
         if self.training_backend != "auto":
             return self.training_backend
         return "openai" if self.openai_api_key or self.openai_base_url else "local"
+
+    @property
+    def trains_after_dataset(self) -> bool:
+        """Whether `ftkit run` goes on to fine-tune."""
+        if self.train_after_dataset is not None:
+            return self.train_after_dataset
+        return self.resolved_training_backend == "local"
 
     @property
     def dataset_path(self) -> Path:

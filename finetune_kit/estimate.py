@@ -6,8 +6,7 @@ from finetune_kit.config import Settings
 from finetune_kit.llm.budget import prompt_tokens, worst_case_cost
 from finetune_kit.llm.client import ChatRequest, Endpoint, cached_result, request_hash
 from finetune_kit.llm.endpoint import endpoint_identity
-from finetune_kit.prompts import load_prompt
-from finetune_kit.stages.build_dataset import answer_request, planned_answer_requests
+from finetune_kit.stages.build_dataset import answer_request, load_answer_templates, planned_answer_requests
 from finetune_kit.stages.generate_questions import (
     generation_key,
     load_question_templates,
@@ -74,9 +73,11 @@ def estimate_generation(
         estimates.append(estimate_stage("generate-questions", asks, endpoint, factor))
     if answers:
         existing = uncached(planned_answer_requests(store, settings, endpoint.identity, endpoint.model))
-        answer_template = load_prompt("answers", settings.prompts_dir)
+        answer_templates = load_answer_templates(settings)
         future = [
-            answer_request(settings, answer_template, chunk["text"], TYPICAL_QUESTION)
+            answer_request(
+                settings, answer_templates.for_format(chunk["format"]), chunk["text"], TYPICAL_QUESTION
+            )
             for chunk in (chunks if questions else [])
             for _ in range(settings.questions_per_chunk)
         ]

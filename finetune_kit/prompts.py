@@ -12,9 +12,10 @@ REQUIRED_PLACEHOLDERS = {
     "questions": {"product", "n", "chunk"},
     "code_questions": {"product", "n", "chunk"},  # the questions template for chunks of source code
     "answers": {"product", "chunk", "question"},
+    "code_answers": {"product", "chunk", "question"},  # the answers template for chunks of source code
 }
 # A prompts_dir written before these templates existed lacks them; the bundled one is used then.
-BUNDLED_WHEN_MISSING = {"code_questions"}
+BUNDLED_WHEN_MISSING = {"code_questions", "code_answers"}
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def default_prompts_dir() -> Path:
 
 
 def load_prompt(name: str, prompts_dir: Path | None = None) -> PromptTemplate:
-    """Read and check template `name` (questions, code_questions or answers) from `prompts_dir` or the bundled set."""
+    """Read and check template `name` (a key of REQUIRED_PLACEHOLDERS) from `prompts_dir` or the bundled set."""
     path = (prompts_dir or default_prompts_dir()) / f"{name}.txt"
     if prompts_dir is not None and name in BUNDLED_WHEN_MISSING and not path.exists():
         logger.debug("%s has no %s.txt; using the bundled one", prompts_dir, name)

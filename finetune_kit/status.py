@@ -1,5 +1,6 @@
 """`ftkit status`: what the workspace holds, the coverage ledger and the cost ledger, read without side effects."""
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -7,7 +8,7 @@ from finetune_kit.config import Settings
 from finetune_kit.errors import FtkitError
 from finetune_kit.llm.endpoint import endpoint_identity
 from finetune_kit.prompts import load_prompt
-from finetune_kit.stages.build_dataset import answer_key
+from finetune_kit.stages.build_dataset import CHUNK_ANSWER_KEY, answer_keys
 from finetune_kit.stages.generate_questions import generation_key
 from finetune_kit.store import Store
 
@@ -62,7 +63,7 @@ def _join(counts: dict[str, int]) -> str:
     return ", ".join(f"{name}: {n}" for name, n in counts.items()) or "none"
 
 
-def _counts(store: Store, sql: str, params: tuple[object, ...] = ()) -> dict[str, int]:
+def _counts(store: Store, sql: str, params: tuple[object, ...] | Mapping[str, object] = ()) -> dict[str, int]:
     return {str(row[0]): int(row[1]) for row in store.db.execute(sql, params)}
 
 
@@ -70,7 +71,7 @@ def workspace_status(settings: Settings) -> StatusReport:
     """Read the workspace's state under the current settings (which select the question and answer sets)."""
     identity, model = endpoint_identity(settings)
     q_key = generation_key(settings, load_prompt("questions", settings.prompts_dir), identity, model)
-    a_key = answer_key(settings, load_prompt("answers", settings.prompts_dir), identity, model)
+    a_keys = answer_keys(settings, identity, model)
     if not settings.db_path.is_file():
         raise FtkitError(
             f"{settings.workspace}: no ftkit workspace here — run `ftkit ingest DOCS` first or pass --workspace"
@@ -109,8 +110,10 @@ def workspace_status(settings: Settings) -> StatusReport:
         )
         report.answers = _counts(
             store,
-            "SELECT coalesce(reason, 'accepted'), count(*) FROM answers WHERE answer_key = ? GROUP BY 1 ORDER BY 2 DESC",
-            (a_key,),
+            "SELECT coalesce(a.reason, 'accepted'), count(*) FROM answers a JOIN questions q ON q.id = a.question_id"
+            " JOIN chunks c ON c.id = q.chunk_id JOIN documents d ON d.id = c.document_id"
+            f" WHERE a.answer_key = {CHUNK_ANSWER_KEY} GROUP BY 1 ORDER BY 2 DESC",
+            a_keys,
         )
         report.ledger = [
             tuple(r)

@@ -517,3 +517,27 @@ def test_the_field_mapping_in_ftkit_toml_holds_when_no_flag_is_given(
     assert (code, err) == (0, "")
     with Store(tmp_path / "ws" / "state.db") as store:
         assert documents(store) == {record: "# Reset\n\n## Question\n\nHow?\n\n## Answer\n\nHold it.\n"}
+
+
+def test_a_watched_fine_tune_lands_in_the_models_table(
+    fake: FakeAirtable, models_table: FakeTable, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole way: `ftkit train --watch` on the fake OpenAI service registers the model and upserts it."""
+    from tests.conftest import TEST_KEY
+    from tests.fake_openai import FakeOpenAI, docs_responder
+
+    dataset = tmp_path / "ws" / "dataset"
+    dataset.mkdir(parents=True)
+    example = {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]}
+    (dataset / "train.jsonl").write_text(json.dumps(example) + "\n")
+    monkeypatch.setenv("FTKIT_AIRTABLE_MODELS_TABLE", MODELS)
+    monkeypatch.setenv("FTKIT_TRAINING_POLL_INTERVAL_S", "0.001")
+    with FakeOpenAI(docs_responder, api_key=TEST_KEY) as openai:
+        monkeypatch.setenv("OPENAI_BASE_URL", openai.url)
+        monkeypatch.setenv("OPENAI_API_KEY", TEST_KEY)
+        result = CliRunner().invoke(app, ["--workspace", str(tmp_path / "ws"), "train", "--watch"])
+        [job] = openai.fine_tuning.jobs.values()
+    assert result.exit_code == 0, result.stderr
+    assert f"Airtable: created model {job.fine_tuned_model} in {MODELS}" in result.stdout
+    assert [record["fields"]["Name"] for record in models_table.records] == [job.fine_tuned_model]
+    assert models_table.records[0]["fields"]["Job"] == job.id

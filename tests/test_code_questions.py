@@ -1,4 +1,4 @@
-"""Questions about code: their own template, chosen per chunk, in live runs, batch runs and dry-run estimates."""
+"""Code chunks: their own question and answer templates, chosen per chunk, in live runs, batch runs and estimates."""
 
 import json
 import shutil
@@ -9,18 +9,26 @@ import pytest
 
 from finetune_kit.config import Settings, load_settings
 from finetune_kit.errors import ConfigError
-from finetune_kit.estimate import estimate_generation, planning_endpoint
+from finetune_kit.estimate import TYPICAL_QUESTION, estimate_generation, planning_endpoint
 from finetune_kit.llm.budget import prompt_tokens
 from finetune_kit.llm.client import request_hash
-from finetune_kit.pipeline import run_generate_questions, run_ingest
+from finetune_kit.pipeline import run_build_dataset, run_generate_questions, run_ingest
 from finetune_kit.prompts import REQUIRED_PLACEHOLDERS, default_prompts_dir, load_prompt
 from finetune_kit.questions import judge
+from finetune_kit.stages.build_dataset import (
+    answer_key,
+    answer_request,
+    judge_answer,
+    load_answer_templates,
+    planned_answer_requests,
+)
 from finetune_kit.stages.generate_questions import (
     generation_key,
     load_question_templates,
     pending_chunks,
     question_request,
 )
+from finetune_kit.status import workspace_status
 from finetune_kit.store import Store
 from tests.fake_openai import FakeOpenAI
 
@@ -33,6 +41,8 @@ def parse_port(value: str) -> int:
     return port
 '''
 GUIDE = "# Ports\n\nQuillstack listens on port 8080 unless you set the port option in ftkit.toml.\n"
+DOCS_ANSWER = "You are a helpful technical support agent for Quillstack. Answer the user's question using only the documentation below."
+CODE_ANSWER = "You are a helpful technical support agent for Quillstack. Answer the user's question using only the source code below."
 
 
 def placeholders(text: str) -> set[str]:
@@ -178,3 +188,197 @@ def test_batch_prefill_sends_code_chunks_with_the_code_template(
         "Documentation of Quillstack:",
         "Source code of Quillstack:",
     ]
+
+
+def openings(prompts: list[str]) -> list[str]:
+    """The sorted first two sentences of the answer prompts among `prompts`, which name the template used."""
+    return sorted(p.split(" below. ", 1)[0] + " below." for p in prompts if "\nQuestion: " in p)
+
+
+def stored_answer_keys(settings: Settings) -> dict[str, set[str]]:
+    """The answer keys in the workspace, by the format of the answered chunk's document."""
+    keys: dict[str, set[str]] = {}
+    with Store(settings.db_path) as store:
+        for fmt, key in store.db.execute(
+            "SELECT d.format, a.answer_key FROM answers a JOIN questions q ON q.id = a.question_id"
+            " JOIN chunks c ON c.id = q.chunk_id JOIN documents d ON d.id = c.document_id"
+        ):
+            keys.setdefault(fmt, set()).add(key)
+    return keys
+
+
+def test_bundled_code_answers_template_mirrors_the_answers_template() -> None:
+    docs, code = load_prompt("answers"), load_prompt("code_answers")
+
+    assert code.path == default_prompts_dir() / "code_answers.txt"
+    assert (
+        placeholders(code.text) == REQUIRED_PLACEHOLDERS["code_answers"] == REQUIRED_PLACEHOLDERS["answers"]
+    )
+    assert code.text.endswith("\n{chunk}\n\nQuestion: {question}\nAnswer:\n")
+    assert docs.text.endswith("\n{chunk}\n\nQuestion: {question}\nAnswer:\n")
+    rendered = code.render(product="Quillstack", chunk="def parse_port(value): ...", question="Q?")
+    assert rendered.startswith(CODE_ANSWER + " Name the function or class")
+    assert "\n\nSource code:\ndef parse_port(value): ...\n\nQuestion: Q?\nAnswer:" in rendered
+    assert code.version != docs.version
+
+
+def test_a_prompts_dir_without_a_code_answers_template_uses_the_bundled_one(tmp_path: Path) -> None:
+    (tmp_path / "answers.txt").write_text("Docs of {product}:\n{chunk}\n\nQuestion: {question}\nAnswer:\n")
+    templates = load_answer_templates(code_settings(tmp_path, prompts_dir=tmp_path))
+
+    assert templates.docs.path == tmp_path / "answers.txt"
+    assert templates.code == load_prompt("code_answers")
+    assert templates.for_format("code") == templates.code
+    assert templates.for_format("markdown") == templates.for_format("html") == templates.docs
+
+
+def test_a_custom_code_answers_template_is_used_and_checked(tmp_path: Path) -> None:
+    (tmp_path / "code_answers.txt").write_text("Code of {product}:\n{chunk}\n\nQ: {question}\nA:\n")
+    assert load_prompt("code_answers", tmp_path).render(product="A", chunk="x", question="y?") == (
+        "Code of A:\nx\n\nQ: y?\nA:"
+    )
+
+    (tmp_path / "code_answers.txt").write_text("Code of {product}:\n{chunk}\n")
+    with pytest.raises(ConfigError) as excinfo:
+        load_prompt("code_answers", tmp_path)
+    assert str(excinfo.value) == (
+        f"{tmp_path / 'code_answers.txt'}: missing placeholder {{question}}"
+        " — the template must use ['chunk', 'product', 'question']"
+    )
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        ("The code does not mention a timeout.", "refusal or non-answer"),
+        ("A retry limit is not specified in the code.", "refusal or non-answer"),
+        ("`parse_port` returns the port as an int and raises ValueError outside 1-65535.", None),
+    ],
+)
+def test_a_code_answer_that_says_the_code_lacks_it_is_rejected(answer: str, reason: str | None) -> None:
+    assert judge_answer(answer, "stop") == reason
+
+
+def test_code_chunks_are_answered_with_the_code_template_and_docs_with_the_docs_template(
+    tmp_path: Path, corpus: Path, fake_llm: FakeOpenAI
+) -> None:
+    settings = code_settings(tmp_path)
+    run_ingest(settings, [str(corpus)])
+    run_generate_questions(settings)
+    summary = run_build_dataset(settings, None)
+
+    assert openings(user_prompts(fake_llm)) == [DOCS_ANSWER] * 3 + [CODE_ANSWER] * 3
+    assert summary.dataset is not None and summary.dataset.answers_accepted == 6
+    assert workspace_status(settings).answers == {"accepted": 6}
+    endpoint = planning_endpoint(settings)
+    docs, code = load_prompt("answers"), load_prompt("code_answers")
+    assert stored_answer_keys(settings) == {
+        # the docs key is made exactly as before code answers had a template of their own
+        "markdown": {answer_key(settings, docs, endpoint.identity, endpoint.model)},
+        "code": {answer_key(settings, code, endpoint.identity, endpoint.model)},
+    }
+    templates = load_answer_templates(settings)
+    with Store(settings.db_path) as store:
+        cached = {
+            row[0]
+            for row in store.db.execute("SELECT request_hash FROM llm_calls WHERE stage = 'build-dataset'")
+        }
+        rows = store.db.execute(
+            "SELECT c.text, d.format, q.text FROM questions q JOIN chunks c ON c.id = q.chunk_id"
+            " JOIN documents d ON d.id = c.document_id WHERE q.status = 'accepted'"
+        )
+        expected = {
+            request_hash(endpoint, answer_request(settings, templates.for_format(fmt), chunk, question))
+            for chunk, fmt, question in rows
+        }
+    assert cached == expected  # each cache key holds its own template's version
+
+
+def test_editing_the_code_answers_template_re_asks_only_code_answers(
+    tmp_path: Path, corpus: Path, fake_llm: FakeOpenAI
+) -> None:
+    prompts = tmp_path / "prompts"
+    shutil.copytree(default_prompts_dir(), prompts)
+    settings = code_settings(tmp_path, prompts_dir=prompts)
+    run_ingest(settings, [str(corpus)])
+    run_generate_questions(settings)
+    run_build_dataset(settings, None)
+    docs_keys, sent = stored_answer_keys(settings)["markdown"], len(fake_llm.requests)
+
+    code_template = prompts / "code_answers.txt"
+    code_template.write_text(code_template.read_text().replace("only the source code", "only the code"))
+    summary = run_build_dataset(settings, None)
+
+    assert openings(user_prompts(fake_llm)[sent:]) == [CODE_ANSWER.replace("source code", "code")] * 3
+    assert summary.dataset is not None and summary.dataset.answered == 3
+    assert stored_answer_keys(settings)["markdown"] == docs_keys
+    assert len(stored_answer_keys(settings)["code"]) == 2
+    assert summary.dataset.train is not None and summary.dataset.validation is not None
+    assert summary.dataset.train.examples + summary.dataset.validation.examples == 6
+    sent = len(fake_llm.requests)
+
+    run_build_dataset(settings, None)
+    assert len(fake_llm.requests) == sent  # a re-run makes no calls
+
+
+def test_a_workspace_answered_before_code_answers_re_asks_only_code_chunks(
+    tmp_path: Path, corpus: Path, fake_llm: FakeOpenAI
+) -> None:
+    # A code answers template identical to answers.txt answers the way ftkit did before it had one.
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for name in ("questions", "code_questions", "answers"):
+        shutil.copy(default_prompts_dir() / f"{name}.txt", prompts)
+    shutil.copy(prompts / "answers.txt", prompts / "code_answers.txt")
+    settings = code_settings(tmp_path, prompts_dir=prompts)
+    run_ingest(settings, [str(corpus)])
+    run_generate_questions(settings)
+    run_build_dataset(settings, None)
+    assert openings(user_prompts(fake_llm)) == [DOCS_ANSWER] * 6
+    sent = len(fake_llm.requests)
+
+    (prompts / "code_answers.txt").unlink()  # the prompts_dir of a workspace made before code_answers.txt
+    run_build_dataset(settings, None)
+
+    assert openings(user_prompts(fake_llm)[sent:]) == [CODE_ANSWER] * 3
+
+
+def test_dry_run_estimate_prices_each_answer_with_its_own_template(
+    tmp_path: Path, corpus: Path, fake_llm: FakeOpenAI
+) -> None:
+    settings = code_settings(tmp_path, model="gpt-4o-mini")
+    run_ingest(settings, [str(corpus)])
+    endpoint, templates = planning_endpoint(settings), load_answer_templates(settings)
+    with Store(settings.db_path) as store:
+        [_, future] = estimate_generation(store, settings)  # before any question exists: extrapolated
+        chunks = store.db.execute(
+            "SELECT c.text, d.format FROM chunks c JOIN documents d ON d.id = c.document_id"
+        ).fetchall()
+    typical = [
+        answer_request(settings, templates.for_format(fmt), text, TYPICAL_QUESTION) for text, fmt in chunks
+    ]
+    assert future.extrapolated and future.calls == 6
+    assert future.prompt_tokens == 3 * sum(prompt_tokens(r) for r in typical)
+
+    run_generate_questions(settings)
+    with Store(settings.db_path) as store:
+        [planned] = estimate_generation(store, settings, questions=False)
+        requests = planned_answer_requests(store, settings, endpoint.identity, endpoint.model)
+    assert openings([r.messages[-1][1] for r in requests]) == [DOCS_ANSWER] * 3 + [CODE_ANSWER] * 3
+    assert (planned.calls, planned.prompt_tokens) == (6, sum(prompt_tokens(r) for r in requests))
+
+
+def test_batch_prefill_sends_code_answers_with_the_code_template(
+    tmp_path: Path, corpus: Path, fake_llm: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FTKIT_BATCH_POLL_INTERVAL_S", "0.01")
+    settings = code_settings(tmp_path, model="gpt-4o-mini", batch=True)
+    run_ingest(settings, [str(corpus)])
+    run_generate_questions(settings)
+    run_build_dataset(settings, None)
+
+    assert fake_llm.requests == []  # every completion came through the Batch API
+    uploads = [f for f in fake_llm.batch_api.files.values() if f.purpose == "batch"]
+    lines = [json.loads(line) for upload in uploads for line in upload.data.decode().splitlines()]
+    prompts = [line["body"]["messages"][-1]["content"] for line in lines]
+    assert openings(prompts) == [DOCS_ANSWER] * 3 + [CODE_ANSWER] * 3

@@ -83,6 +83,27 @@ def wait_for(condition, timeout_s: float = 60) -> None:  # type: ignore[no-untyp
         time.sleep(0.05)
 
 
+def test_max_length_is_part_of_what_a_local_job_is(workspace: Path) -> None:
+    from finetune_kit.training import training_params
+
+    settings = load_settings(workspace=workspace, training_backend="local", training_max_length=256)
+    assert training_params(settings).max_length == 256
+    longer = settings.model_copy(update={"training_max_length": 512})
+    assert training_params(longer) != training_params(settings)
+    hosted = load_settings(workspace=workspace, training_backend="openai", training_max_length=256)
+    assert (
+        training_params(hosted).max_length is None
+    )  # not a hosted parameter: the hosted job key is unchanged
+
+
+def test_run_trains_by_default_only_on_the_local_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FTKIT_TRAIN_AFTER_DATASET")
+    assert load_settings().trains_after_dataset  # no key: local LoRA, free and offline
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    assert not load_settings().trains_after_dataset  # a hosted job costs money: only with --train
+    assert load_settings(train_after_dataset=True).trains_after_dataset
+
+
 def test_training_params_keep_their_key_when_the_lora_fields_are_unset() -> None:
     params = TrainingParams("gpt-4o-mini", n_epochs=3)
     assert params.to_json() == (
@@ -137,7 +158,13 @@ def test_a_trainer_killed_with_9_is_reported_failed_not_running_forever(workspac
     assert err.startswith(
         f"Error: fine-tuning job {job_id} failed: the trainer process stopped without finishing"
     )
+    assert err.endswith(" — run `ftkit train` again to restart it\n")
     assert rows(workspace, "SELECT status FROM jobs") == [("failed",)]
+    # the job did not fail for a reason of its own: running `ftkit train` again starts it again
+    code, out, _ = ftkit(workspace, "train", "--backend", "local")
+    assert code == 0 and out.startswith("Started fine-tuning job ") and job_id not in out
+    assert rows(workspace, "SELECT status FROM jobs ORDER BY created_at, rowid") == [("failed",), ("queued",)]
+    assert ftkit(workspace, "train", "cancel")[0] == 0
 
 
 def test_cancel_stops_the_trainer_and_watch_reports_it(workspace: Path) -> None:
@@ -396,3 +423,21 @@ def test_a_killed_watch_re_attaches_to_the_same_local_job(workspace: Path, base_
     assert rows(workspace, "SELECT COUNT(*) FROM local_jobs") == [(1,)]
     assert rows(workspace, "SELECT COUNT(*) FROM training_files") == [(2,)]
     assert rows(workspace, "SELECT COUNT(*) FROM finetuned_models") == [(1,)]
+
+
+@pytest.mark.slow
+def test_cancel_during_training_stops_at_the_end_of_a_step(workspace: Path, base_checkpoint: Path) -> None:
+    seed_base_cache(workspace, base_checkpoint)
+    assert ftkit(workspace, "train", "--backend", "local", "--epochs", "50")[0] == 0
+    [(job_id, pid)] = rows(workspace, "SELECT id, pid FROM local_jobs")
+    wait_for(
+        lambda: (
+            rows(workspace, "SELECT COUNT(*) FROM local_job_events WHERE message LIKE 'Step %'")[0][0] >= 1
+        ),
+        240,
+    )
+    code, out, _ = ftkit(workspace, "train", "cancel")
+    assert (code, out) == (0, f"Asked to cancel job {job_id}: now cancelled.\n")
+    assert not pid_alive(pid)
+    [(message,)] = rows(workspace, "SELECT message FROM local_job_events WHERE message LIKE '%cancelled%'")
+    assert message.startswith("Fine-tuning job cancelled after step ") and message.endswith(" of 50")

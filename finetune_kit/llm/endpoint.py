@@ -32,7 +32,10 @@ def open_endpoint(settings: Settings) -> Iterator[Endpoint]:
 def open_model_endpoint(settings: Settings, model: str) -> Iterator[Endpoint]:
     """The endpoint that answers as `model`: the embedded server for the base model and local fine-tunes
     (whatever the provider), else the configured provider."""
-    provider = "local" if model == LOCAL_MODEL_ALIAS or is_local_model(settings, model) else settings.provider
+    local = model == LOCAL_MODEL_ALIAS or is_local_model(settings, model)
+    provider = "local" if local else settings.provider
+    if local or settings.resolved_provider == "local":
+        _check_served(settings, model)
     with open_endpoint(settings.model_copy(update={"model": model, "provider": provider})) as endpoint:
         yield endpoint
 
@@ -52,6 +55,20 @@ def is_local_model(settings: Settings, model: str) -> bool:
                 else None
             )
     return backend == "local"
+
+
+def _check_served(settings: Settings, name: str) -> None:
+    """llama.cpp's server answers a name it does not know with its first model: refuse such a name up front."""
+    from finetune_kit.llm.local_server import server_config
+
+    served = {
+        entry["model_alias"] for entry in server_config(settings, resolve_model_path(settings))["models"]
+    }
+    if name not in served:
+        raise ConfigError(
+            f"model {name} is not served by the embedded server of {settings.workspace} — `ftkit models` lists"
+            " the fine-tuned models (a local model trained on a checkpoint folder, not a GGUF, cannot be served)"
+        )
 
 
 def local_identity(model_path: Path) -> str:

@@ -265,8 +265,9 @@ def _stop(workspace: Path, pid: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
         _reap(pid)
-    with contextlib.suppress(FileNotFoundError):
-        (workspace / STATE_FILE).unlink()
+    if int(_read_state(workspace).get("pid", 0)) == pid:  # another server may have been recorded since
+        with contextlib.suppress(FileNotFoundError):
+            (workspace / STATE_FILE).unlink()
 
 
 def _reap(pid: int) -> None:

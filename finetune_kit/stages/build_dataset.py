@@ -27,11 +27,14 @@ from finetune_kit.store import Store, utc_now
 
 _REFUSAL = re.compile(
     r"^\W*(i'?m sorry|i am sorry|sorry,|i cannot|i can'?t|as an ai|i do not know|i don'?t know|unfortunately)"
-    r"|(documentation|context|text) (provided )?(does not|doesn'?t) (contain|mention|say|provide|include)"
-    r"|not (mentioned|provided|covered|specified) in the (documentation|context|text)",
+    r"|(documentation|context|text|code) (provided )?(does not|doesn'?t) (contain|mention|say|provide|include)"
+    r"|not (mentioned|provided|covered|specified) in the (documentation|context|text|code)",
     re.IGNORECASE,
 )
 _PROMPT_ECHO = ("documentation:", "question:")
+# The answer key of a chunk's current answers (SQL; `d` is its document). Each template's answers have a key of
+# their own: editing the code template re-answers only code chunks, and docs chunks' keys stay what they were.
+CHUNK_ANSWER_KEY = "CASE d.format WHEN 'code' THEN :code_key ELSE :docs_key END"
 
 
 @dataclass
@@ -51,8 +54,28 @@ class DatasetReport:
     )  # each one line naming the fix; non-empty means unusable
 
 
+@dataclass(frozen=True)
+class AnswerTemplates:
+    """The template that answers from documentation, and the one that answers from source code."""
+
+    docs: PromptTemplate
+    code: PromptTemplate
+
+    def for_format(self, fmt: str) -> PromptTemplate:
+        """The template for a chunk of a document of this format."""
+        return self.code if fmt == "code" else self.docs
+
+
+def load_answer_templates(settings: Settings) -> AnswerTemplates:
+    """Both answer templates, from settings.prompts_dir or the bundled set."""
+    return AnswerTemplates(
+        docs=load_prompt("answers", settings.prompts_dir),
+        code=load_prompt("code_answers", settings.prompts_dir),
+    )
+
+
 def answer_key(settings: Settings, template: PromptTemplate, endpoint_identity: str, model: str) -> str:
-    """Identifies the answers made under these settings."""
+    """Identifies the answers one template makes under these settings."""
     parts = [
         template.version,
         endpoint_identity,
@@ -62,6 +85,15 @@ def answer_key(settings: Settings, template: PromptTemplate, endpoint_identity: 
         settings.answer_max_tokens,
     ]
     return "a1:" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def answer_keys(settings: Settings, endpoint_identity: str, model: str) -> dict[str, str]:
+    """The answer keys of the current docs and code templates, as the parameters of CHUNK_ANSWER_KEY."""
+    templates = load_answer_templates(settings)
+    return {
+        "docs_key": answer_key(settings, templates.docs, endpoint_identity, model),
+        "code_key": answer_key(settings, templates.code, endpoint_identity, model),
+    }
 
 
 def judge_answer(text: str, finish_reason: str) -> str | None:
@@ -95,20 +127,24 @@ def answer_request(
 def unanswered_questions(store: Store, settings: Settings, identity: str, model: str) -> list[sqlite3.Row]:
     """Accepted questions of the current question set with no answer under the current settings."""
     q_key = generation_key(settings, load_prompt("questions", settings.prompts_dir), identity, model)
-    a_key = answer_key(settings, load_prompt("answers", settings.prompts_dir), identity, model)
     return store.db.execute(
-        "SELECT q.id, q.text, c.text AS chunk FROM questions q JOIN chunks c ON c.id = q.chunk_id"
-        " WHERE c.status = 'active' AND q.generation_key = ? AND q.status = 'accepted'"
-        " AND q.id NOT IN (SELECT question_id FROM answers WHERE answer_key = ?) ORDER BY c.document_id, c.seq, q.seq",
-        (q_key, a_key),
+        "SELECT q.id, q.text, c.text AS chunk, d.format FROM questions q JOIN chunks c ON c.id = q.chunk_id"
+        " JOIN documents d ON d.id = c.document_id"
+        " WHERE c.status = 'active' AND q.generation_key = :q_key AND q.status = 'accepted' AND NOT EXISTS"
+        f" (SELECT 1 FROM answers a WHERE a.question_id = q.id AND a.answer_key = {CHUNK_ANSWER_KEY})"
+        " ORDER BY c.document_id, c.seq, q.seq",
+        {"q_key": q_key, **answer_keys(settings, identity, model)},
     ).fetchall()
 
 
 def planned_answer_requests(store: Store, settings: Settings, identity: str, model: str) -> list[ChatRequest]:
     """The requests build-dataset would make now for the questions that exist so far."""
-    template = load_prompt("answers", settings.prompts_dir)
+    templates = load_answer_templates(settings)
     rows = unanswered_questions(store, settings, identity, model)
-    return [answer_request(settings, template, row["chunk"], row["text"]) for row in rows]
+    return [
+        answer_request(settings, templates.for_format(row["format"]), row["chunk"], row["text"])
+        for row in rows
+    ]
 
 
 async def answer_questions(
@@ -121,15 +157,19 @@ async def answer_questions(
     """Answer every accepted question (of the current question set) that has no answer under these settings."""
     progress = progress or NoProgress()
     report = DatasetReport()
-    template = load_prompt("answers", settings.prompts_dir)
-    key = answer_key(settings, template, client.endpoint.identity, client.endpoint.model)
-    todo = unanswered_questions(store, settings, client.endpoint.identity, client.endpoint.model)
-    requests = {row["id"]: answer_request(settings, template, row["chunk"], row["text"]) for row in todo}
+    templates = load_answer_templates(settings)
+    identity, model = client.endpoint.identity, client.endpoint.model
+    todo = unanswered_questions(store, settings, identity, model)
+    requests = {
+        row["id"]: answer_request(settings, templates.for_format(row["format"]), row["chunk"], row["text"])
+        for row in todo
+    }
     failed = await prefill(list(requests.values())) if prefill and requests else {}
     progress.start("answer questions", len(todo))
 
     async def one(row: sqlite3.Row) -> None:
         text, reason = await _answer(client, requests[row["id"]], failed)
+        key = answer_key(settings, templates.for_format(row["format"]), identity, model)
         _save_answer(store, row["id"], key, text, reason, report)
         progress.advance()
 
@@ -168,13 +208,13 @@ def _save_answer(
 def accepted_examples(store: Store, settings: Settings, identity: str, model: str) -> list[Example]:
     """Every accepted question/answer pair of active chunks under the current settings."""
     q_key = generation_key(settings, load_prompt("questions", settings.prompts_dir), identity, model)
-    a_key = answer_key(settings, load_prompt("answers", settings.prompts_dir), identity, model)
     rows = store.db.execute(
         "SELECT q.chunk_id, q.text AS question, a.text AS answer FROM answers a"
         " JOIN questions q ON q.id = a.question_id JOIN chunks c ON c.id = q.chunk_id"
-        " WHERE c.status = 'active' AND q.generation_key = ? AND a.answer_key = ? AND a.status = 'accepted'"
-        " ORDER BY c.document_id, c.seq, q.seq",
-        (q_key, a_key),
+        " JOIN documents d ON d.id = c.document_id"
+        f" WHERE c.status = 'active' AND q.generation_key = :q_key AND a.answer_key = {CHUNK_ANSWER_KEY}"
+        " AND a.status = 'accepted' ORDER BY c.document_id, c.seq, q.seq",
+        {"q_key": q_key, **answer_keys(settings, identity, model)},
     ).fetchall()
     return [Example(row["chunk_id"], row["question"], row["answer"]) for row in rows]
 

@@ -22,6 +22,7 @@ def training_params(settings: Settings) -> TrainingParams:
         seed=settings.training_seed,
         lora_rank=settings.lora_rank if backend == "local" else None,
         lora_alpha=settings.lora_alpha if backend == "local" else None,
+        max_length=settings.training_max_length if backend == "local" else None,
     )
 
 
@@ -65,11 +66,7 @@ def _local_backend(settings: Settings) -> Iterator[FineTuneBackend]:
     from finetune_kit.store import Store
     from finetune_kit.training.local_backend import LocalBackend, TrainerOptions
 
-    options = TrainerOptions(
-        threads=settings.training_threads,
-        max_length=settings.training_max_length,
-        launcher=tuple(settings.training_launcher),
-    )
+    options = TrainerOptions(threads=settings.training_threads, launcher=tuple(settings.training_launcher))
     with Store(settings.db_path) as store:
         yield LocalBackend(store, settings.workspace, options)
 

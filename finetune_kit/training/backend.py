@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 from finetune_kit.errors import FtkitError
 
-LATER_FIELDS = ("lora_rank", "lora_alpha")
+LATER_FIELDS = ("lora_rank", "lora_alpha", "max_length")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 METRIC_FIELDS = {  # event data key -> job_metrics column
     "total_steps": "total_steps",
@@ -39,6 +39,7 @@ class TrainingParams:
     seed: int | None = None
     lora_rank: int | None = None  # local backend only
     lora_alpha: int | None = None  # local backend only
+    max_length: int | None = None  # local backend only: tokens per example
 
     def to_json(self) -> str:
         """A canonical JSON form: the job key hashes it, the jobs table stores it.

@@ -36,6 +36,7 @@ def resolve_base_model(name: str) -> BaseModel:
         return BaseModel(name, bundled_model_path(), None)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
+        _check_servable(path)
         return BaseModel(name, path.resolve(), None)
     if path.is_dir() and (path / "config.json").is_file():
         return BaseModel(name, None, path.resolve())
@@ -44,6 +45,23 @@ def resolve_base_model(name: str) -> BaseModel:
         f" backend trains {LOCAL_MODEL_ALIAS} (the default), a .gguf file or a downloaded checkpoint folder;"
         " it never downloads from a hub"
     )
+
+
+def _check_servable(gguf_path: Path) -> None:
+    """Refuse before training what llama.cpp could not serve the adapter of: not a GGUF, or not a llama model."""
+    from llama_cpp import Llama
+
+    from finetune_kit.training.gguf_lora import ARCHITECTURES
+
+    try:  # the vocabulary only: a second, where gguf's reader parses every tensor
+        arch = Llama(str(gguf_path), vocab_only=True, verbose=False).metadata.get("general.architecture", "")
+    except (ValueError, OSError) as exc:
+        raise TrainingError(f"--base-model {gguf_path}: not a readable GGUF model ({exc})") from exc
+    if arch not in ARCHITECTURES:
+        raise TrainingError(
+            f"--base-model {gguf_path}: a {arch!r} model — the local backend trains and serves"
+            f" {', '.join(sorted(ARCHITECTURES))}-family GGUF models (SmolLM2, Llama 3, TinyLlama…)"
+        )
 
 
 def materialise(base: BaseModel, cache_dir: Path) -> Path:
@@ -59,9 +77,13 @@ def materialise(base: BaseModel, cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = cache_dir / f".{target.name}.{os.getpid()}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    model, tokenizer = _load_gguf(base.gguf)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    try:
+        model, tokenizer = _load_gguf(base.gguf)
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+    except BaseException:  # a cancel (SIGTERM) or a crash: leave no half-written 0.5 GB behind
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     if target.exists():  # another trainer finished first
         shutil.rmtree(partial, ignore_errors=True)
     else:

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 METADATA_JOB_KEY = "ftkit_job_key"
 METADATA_DATASET = "ftkit_dataset"
 CREATING = "creating"  # the row exists, the service may or may not have the job yet
+TRAINER_DIED = "the trainer process stopped without finishing"  # local backend: not the job's own failure
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,9 @@ def start_job(
     dataset = dataset_hash(train, validation)
     key = job_key(backend.identity, dataset, params)
     existing = _job_by_key(store, key)
+    if existing is not None and _trainer_died(existing):
+        _set_aside(store, existing)  # a crash of the machine, not of the training: run the job again
+        existing = None
     if existing is not None and existing.id is not None:
         return StartedJob(existing, uploaded=0, created=False)
     train_id, uploaded = ensure_file(store, backend, train)
@@ -115,6 +119,16 @@ def start_job(
     )
     log.info("job %s for %s (%s)", job.id, key, "created" if created else "found on the service")
     return StartedJob(_job_by_key_required(store, key), uploaded=uploaded, created=created)
+
+
+def _trainer_died(record: JobRecord) -> bool:
+    """A local job whose trainer process vanished (kill -9, OOM, reboot) failed for no reason of its own."""
+    return record.status == "failed" and (record.error or "").startswith(TRAINER_DIED)
+
+
+def _set_aside(store: Store, record: JobRecord) -> None:
+    """Keep the dead job's row and events under another key, freeing this one for a new job."""
+    store.db.execute("UPDATE jobs SET key = ? WHERE key = ?", (f"{record.key}:{record.id}", record.key))
 
 
 def ensure_file(store: Store, backend: FineTuneBackend, file: DatasetFile) -> tuple[str, int]:

@@ -28,6 +28,7 @@ from finetune_kit.training.backend import (
     TrainingError,
     TrainingParams,
 )
+from finetune_kit.training.jobs import TRAINER_DIED
 
 IDENTITY = "local:ftkit"
 TRAINER_LOG = "trainer.log"
@@ -39,7 +40,6 @@ class TrainerOptions:
     """How the trainer runs on this machine (not part of what the job is: the same job may run elsewhere)."""
 
     threads: int | None = None
-    max_length: int = 1024
     launcher: tuple[
         str, ...
     ] = ()  # e.g. ("accelerate", "launch", "--num_processes", "2"); empty: this Python
@@ -106,7 +106,7 @@ class LocalBackend:
                 params.base_model,
                 str(base.gguf) if base.gguf else None,
                 params.to_json(),
-                json.dumps({"threads": self.options.threads, "max_length": self.options.max_length}),
+                json.dumps({"threads": self.options.threads}),
                 json.dumps(metadata, sort_keys=True),
                 str(self._file_path(train_file_id)),
                 str(self._file_path(validation_file_id)) if validation_file_id else None,
@@ -135,7 +135,7 @@ class LocalBackend:
         if row["status"] not in TERMINAL_STATUSES and not _trainer_alive(row):
             row = self._row(job_id)  # it may have finished between the two reads
             if row["status"] not in TERMINAL_STATUSES:
-                reason = f"the trainer process stopped without finishing ({last_log_line(Path(row['output_dir']))})"
+                reason = f"{TRAINER_DIED} ({last_log_line(Path(row['output_dir']))})"
                 finish_job(self.store, job_id, "failed", error=reason)
                 row = self._row(job_id)
         return _job(row)
@@ -197,7 +197,13 @@ class LocalBackend:
         """Start the trainer in its own session (Ctrl-C in the terminal does not reach it) and record its pid."""
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         env["TOKENIZERS_PARALLELISM"] = "false"
-        for secret in ("OPENAI_API_KEY", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "AIRTABLE_API_KEY"):
+        for secret in (
+            "OPENAI_API_KEY",
+            "SLACK_BOT_TOKEN",
+            "SLACK_APP_TOKEN",
+            "SLACK_SIGNING_SECRET",
+            "AIRTABLE_API_KEY",
+        ):
             env.pop(secret, None)  # the trainer needs none of them
         launcher = list(self.options.launcher) or [sys.executable]
         command = [*launcher, "-m", "finetune_kit.training.local_trainer", str(self.store.path), job_id]
@@ -236,9 +242,10 @@ def add_event(
 def set_status(store: Store, job_id: str, status: str, **fields: Any) -> None:
     """Move a running job to `status`, with any of estimated_finish, trained_tokens, fine_tuned_model, error."""
     assignments = "".join(f", {name} = ?" for name in fields)
-    store.db.execute(
-        f"UPDATE local_jobs SET status = ?, updated_at = ?{assignments} WHERE id = ?",
-        (status, utc_now(), *fields.values(), job_id),
+    store.db.execute(  # a finished job stays finished (a cancel may land while the trainer reports a step)
+        f"UPDATE local_jobs SET status = ?, updated_at = ?{assignments}"
+        f" WHERE id = ? AND status NOT IN ({', '.join('?' * len(TERMINAL_STATUSES))})",
+        (status, utc_now(), *fields.values(), job_id, *sorted(TERMINAL_STATUSES)),
     )
 
 

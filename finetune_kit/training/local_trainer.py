@@ -21,7 +21,7 @@ from typing import Any
 from finetune_kit.store import Store
 from finetune_kit.training.backend import TrainingParams
 from finetune_kit.training.examples import read_examples
-from finetune_kit.training.local_backend import add_event, finish_job, set_status
+from finetune_kit.training.local_backend import add_event, finish_job, process_start_time, set_status
 
 log = logging.getLogger("ftkit.trainer")
 
@@ -31,6 +31,7 @@ DEFAULT_BATCH_SIZE = 4
 BASE_LEARNING_RATE = 2e-4  # times --learning-rate-multiplier
 DEFAULT_LORA_RANK = 16
 DEFAULT_LORA_ALPHA = 32
+DEFAULT_MAX_LENGTH = 1024
 
 
 class Cancelled(Exception):
@@ -59,6 +60,14 @@ class Journal:
         if self.enabled:
             finish_job(self.store, self.job_id, status, **fields)
 
+    def started(self, pid: int) -> None:
+        """Record this process as the job's trainer, if the process that started it could not (killed first)."""
+        if self.enabled:
+            self.store.db.execute(
+                "UPDATE local_jobs SET pid = ?, pid_started = ? WHERE id = ? AND pid IS NULL",
+                (pid, process_start_time(pid), self.job_id),
+            )
+
     def cancel_requested(self) -> bool:
         """True once `ftkit train cancel` asked this job to stop."""
         return bool(self.store.scalar("SELECT cancel_requested FROM local_jobs WHERE id = ?", (self.job_id,)))
@@ -67,10 +76,17 @@ class Journal:
 def main(db_path: str, job_id: str) -> int:
     """Train job `job_id`; every outcome, a crash included, ends up in its row."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
-    stop = {"requested": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    stop = {"requested": False, "training": False}
+
+    def on_term(*_: object) -> None:
+        stop["requested"] = True
+        if not stop["training"]:  # loading or converting: stop now; once training, at the end of the step
+            raise Cancelled
+
+    signal.signal(signal.SIGTERM, on_term)
     with Store(Path(db_path)) as store:
         journal = Journal(store, job_id, enabled=int(os.environ.get("RANK", "0")) == 0)
+        journal.started(os.getpid())
         try:
             train(journal, stop)
         except Cancelled:
@@ -111,9 +127,10 @@ def train(journal: Journal, stop: dict[str, bool]) -> None:
     events = job_events(journal, stop)
     trainer = build_trainer(params, options, checkpoint, train_rows, validation_rows, output, [events])
     journal.event(f"Fine-tuning job started on {_device()}: {len(train_rows)} examples")
+    stop["training"] = True
     trainer.train()
     if stop["requested"] or journal.cancel_requested():
-        _cancelled(journal)
+        _cancelled(journal, f" after step {trainer.state.global_step} of {trainer.state.max_steps}")
         return
     if journal.enabled:
         _save(journal, trainer, checkpoint, output, base.gguf is not None)
@@ -159,7 +176,7 @@ def build_trainer(
         per_device_eval_batch_size=params.batch_size or DEFAULT_BATCH_SIZE,
         learning_rate=BASE_LEARNING_RATE * (params.learning_rate_multiplier or 1.0),
         seed=params.seed if params.seed is not None else 42,
-        max_length=int(options.get("max_length") or 1024),
+        max_length=params.max_length or DEFAULT_MAX_LENGTH,
         logging_steps=1,
         eval_strategy="epoch" if validation_rows else "no",
         save_strategy="no",
@@ -219,6 +236,9 @@ def job_events(journal: Journal, stop: dict[str, bool]) -> Any:
             self.journal, self.stop = journal, stop
             self.started = time.monotonic()
             self.last_time, self.last_tokens = self.started, 0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            self.started = self.last_time = time.monotonic()  # model loading is not training time
 
         def on_log(
             self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any
@@ -288,9 +308,9 @@ def _check_stop(journal: Journal, stop: dict[str, bool]) -> None:
         raise Cancelled
 
 
-def _cancelled(journal: Journal) -> None:
+def _cancelled(journal: Journal, where: str = "") -> None:
     journal.finish("cancelled")
-    journal.event("Fine-tuning job cancelled")
+    journal.event(f"Fine-tuning job cancelled{where}")
 
 
 if __name__ == "__main__":

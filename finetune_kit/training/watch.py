@@ -9,7 +9,7 @@ from typing import Any
 
 from finetune_kit.store import Store, utc_now
 from finetune_kit.training.backend import FineTuneBackend, FineTuneJob, JobEvent, JobFailedError, StepMetrics
-from finetune_kit.training.jobs import JobRecord, check_backend, job_metrics, save_poll
+from finetune_kit.training.jobs import TRAINER_DIED, JobRecord, check_backend, job_metrics, save_poll
 from finetune_kit.training.loss_curve import write_loss_curve
 from finetune_kit.training.registry import RegisteredModel, register_model
 
@@ -148,6 +148,10 @@ def _metrics_summary(rows: list[Any], job: FineTuneJob) -> dict[str, Any]:
 
 def raise_if_unsuccessful(job: FineTuneJob) -> None:
     """A failed or cancelled job as one error line, with the service's reason."""
+    if job.status == "failed" and (job.error or "").startswith(TRAINER_DIED):
+        raise JobFailedError(
+            f"fine-tuning job {job.id} failed: {job.error} — run `ftkit train` again to restart it"
+        )
     if job.status == "failed":
         raise JobFailedError(
             f"fine-tuning job {job.id} failed: {job.error or 'no reason given'} — fix the cause, then change"
