@@ -74,7 +74,9 @@ class StepTimer:
 
 
 def ftkit_trainer(checkpoint: Path, args: argparse.Namespace, out: Path, trl_defaults: bool = False) -> Any:
-    params = TrainingParams(LOCAL_MODEL_ALIAS, n_epochs=1, batch_size=args.batch, seed=0, max_length=args.length)
+    params = TrainingParams(
+        LOCAL_MODEL_ALIAS, n_epochs=1, batch_size=args.batch, seed=0, max_length=args.length
+    )
     rows = examples(args.batch * (args.steps + 1))
     if not trl_defaults:
         return build_trainer(params, {}, checkpoint, rows, [], out, [])
