@@ -240,6 +240,9 @@ def job_events(journal: Journal, stop: dict[str, bool]) -> Any:
         def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
             self.started = self.last_time = time.monotonic()  # model loading is not training time
 
+        def on_evaluate(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            self.last_time = time.monotonic()  # validation time is not training time either
+
         def on_log(
             self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any
         ) -> None:

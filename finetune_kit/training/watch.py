@@ -16,6 +16,7 @@ from finetune_kit.training.registry import RegisteredModel, register_model
 log = logging.getLogger(__name__)
 
 BACKOFF_FACTOR = 1.5
+ESTIMATE_MOVE_S = 60  # a new estimated finish is reported once it moves by a minute
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,10 @@ def watch_job(
         if job.status != status:
             on_update(StatusChanged(job, status))
             status = job.status
-        if job.estimated_finish is not None and job.estimated_finish != estimate and not job.finished:
+        moved = estimate is None or abs((job.estimated_finish or 0) - estimate) >= ESTIMATE_MOVE_S
+        if job.estimated_finish is not None and moved and not job.finished:
             on_update(FinishEstimated(job.estimated_finish))
-        estimate = job.estimated_finish
+            estimate = job.estimated_finish
         cursor = events[-1].id if events else cursor
         if job.finished:
             return finish_job(store, backend, record, job, curve_dir)
