@@ -69,3 +69,20 @@ def load_prompt(name: str, prompts_dir: Path | None = None) -> PromptTemplate:
     if unknown := sorted(found - required):
         raise ConfigError(f"{path}: unknown placeholder {{{unknown[0]}}} — use only {sorted(required)}")
     return PromptTemplate(name=name, text=text, path=path)
+
+
+@dataclass(frozen=True)
+class FormatTemplates:
+    """A stage's template for documentation and its template for source code."""
+
+    docs: PromptTemplate
+    code: PromptTemplate
+
+    def for_format(self, fmt: str) -> PromptTemplate:
+        """The template for a chunk of a document of this format."""
+        return self.code if fmt == "code" else self.docs
+
+
+def load_format_templates(name: str, prompts_dir: Path | None = None) -> FormatTemplates:
+    """Template `name` (questions, answers) and its `code_` variant, from `prompts_dir` or the bundled set."""
+    return FormatTemplates(docs=load_prompt(name, prompts_dir), code=load_prompt(f"code_{name}", prompts_dir))

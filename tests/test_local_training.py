@@ -14,9 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from finetune_kit.cli import app
 from finetune_kit.config import LOCAL_MODEL_ALIAS, load_settings
 from finetune_kit.llm.local_server import pid_alive, server_config
 from finetune_kit.store import Store
@@ -24,6 +22,7 @@ from finetune_kit.training.backend import TrainingParams
 from finetune_kit.training.jobs import start_job
 from finetune_kit.training.local_backend import LocalBackend, ServedAdapter, served_adapters
 from tests.conftest import REPO
+from tests.test_training import ftkit, rows
 
 EXAMPLES = [
     ("How do I export a document?", "Choose File, then Export, then pick PDF or Markdown."),
@@ -57,16 +56,6 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FTKIT_TRAINING_POLL_INTERVAL_S", "0.05")
     monkeypatch.setenv("FTKIT_TRAINING_MAX_POLL_INTERVAL_S", "0.2")
     return tmp_path / "ws"
-
-
-def ftkit(workspace: Path, *args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, ["--workspace", str(workspace), *args])
-    return result.exit_code, result.stdout, result.stderr
-
-
-def rows(workspace: Path, sql: str) -> list[tuple]:
-    with sqlite3.connect(workspace / "state.db") as db:
-        return db.execute(sql).fetchall()
 
 
 def stored_steps(workspace: Path) -> int:

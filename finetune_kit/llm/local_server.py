@@ -190,11 +190,25 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+    fields = _proc_stat(pid)
+    if fields is None:
         return True  # no /proc (macOS): kill(0) is all we know
-    return state not in ("Z", "X")
+    return fields[0] not in ("Z", "X")
+
+
+def process_start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot), to tell it from a later process with the same pid."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields else None
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None without /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields if len(fields) > 19 else None
 
 
 def _answers(base_url: str, timeout_s: float = 2.0) -> bool:
@@ -259,18 +273,18 @@ def _stop(workspace: Path, pid: int) -> None:
         os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     while pid_alive(pid) and time.monotonic() < deadline:
-        _reap(pid)
+        reap(pid)
         time.sleep(0.1)
     if pid_alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-        _reap(pid)
+        reap(pid)
     if int(_read_state(workspace).get("pid", 0)) == pid:  # another server may have been recorded since
         with contextlib.suppress(FileNotFoundError):
             (workspace / STATE_FILE).unlink()
 
 
-def _reap(pid: int) -> None:
+def reap(pid: int) -> None:
     """Collect the exit status of our own child so it does not linger as a zombie."""
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)

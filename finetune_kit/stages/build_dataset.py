@@ -20,7 +20,7 @@ from finetune_kit.dataset import (
 from finetune_kit.errors import RequestRejectedError
 from finetune_kit.llm.client import ChatRequest, LLMClient, request_hash
 from finetune_kit.progress import NoProgress, Progress
-from finetune_kit.prompts import PromptTemplate, load_prompt
+from finetune_kit.prompts import FormatTemplates, PromptTemplate, load_format_templates, load_prompt
 from finetune_kit.stages import Prefill, gather_all
 from finetune_kit.stages.generate_questions import generation_key
 from finetune_kit.store import Store, utc_now
@@ -54,24 +54,9 @@ class DatasetReport:
     )  # each one line naming the fix; non-empty means unusable
 
 
-@dataclass(frozen=True)
-class AnswerTemplates:
-    """The template that answers from documentation, and the one that answers from source code."""
-
-    docs: PromptTemplate
-    code: PromptTemplate
-
-    def for_format(self, fmt: str) -> PromptTemplate:
-        """The template for a chunk of a document of this format."""
-        return self.code if fmt == "code" else self.docs
-
-
-def load_answer_templates(settings: Settings) -> AnswerTemplates:
+def load_answer_templates(settings: Settings) -> FormatTemplates:
     """Both answer templates, from settings.prompts_dir or the bundled set."""
-    return AnswerTemplates(
-        docs=load_prompt("answers", settings.prompts_dir),
-        code=load_prompt("code_answers", settings.prompts_dir),
-    )
+    return load_format_templates("answers", settings.prompts_dir)
 
 
 def answer_key(settings: Settings, template: PromptTemplate, endpoint_identity: str, model: str) -> str:

@@ -10,7 +10,7 @@ from finetune_kit.config import Settings
 from finetune_kit.errors import LLMError, RequestRejectedError
 from finetune_kit.llm.client import ChatRequest, LLMClient, request_hash
 from finetune_kit.progress import NoProgress, Progress
-from finetune_kit.prompts import PromptTemplate, load_prompt
+from finetune_kit.prompts import FormatTemplates, PromptTemplate, load_format_templates, load_prompt
 from finetune_kit.questions import Candidate, select_questions
 from finetune_kit.stages import Prefill, gather_all
 from finetune_kit.store import Store, utc_now
@@ -30,24 +30,9 @@ class QuestionReport:
     chunks_without_questions: Counter[str] = field(default_factory=Counter)
 
 
-@dataclass(frozen=True)
-class QuestionTemplates:
-    """The template that asks for questions about documentation, and the one for source code."""
-
-    docs: PromptTemplate
-    code: PromptTemplate
-
-    def for_format(self, fmt: str) -> PromptTemplate:
-        """The template for a chunk of a document of this format."""
-        return self.code if fmt == "code" else self.docs
-
-
-def load_question_templates(settings: Settings) -> QuestionTemplates:
+def load_question_templates(settings: Settings) -> FormatTemplates:
     """Both question templates, from settings.prompts_dir or the bundled set."""
-    return QuestionTemplates(
-        docs=load_prompt("questions", settings.prompts_dir),
-        code=load_prompt("code_questions", settings.prompts_dir),
-    )
+    return load_format_templates("questions", settings.prompts_dir)
 
 
 def generation_key(settings: Settings, template: PromptTemplate, endpoint_identity: str, model: str) -> str:
@@ -135,7 +120,7 @@ class _QuestionRun:
     store: Store
     client: LLMClient
     settings: Settings
-    templates: QuestionTemplates
+    templates: FormatTemplates
     key: str
     report: QuestionReport
     progress: Progress

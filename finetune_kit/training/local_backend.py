@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune_kit.llm.local_server import pid_alive, process_start_time, reap
 from finetune_kit.store import Store, utc_now
 from finetune_kit.training.backend import (
     TERMINAL_STATUSES,
@@ -251,12 +252,7 @@ def set_status(store: Store, job_id: str, status: str, **fields: Any) -> None:
 
 def finish_job(store: Store, job_id: str, status: str, **fields: Any) -> None:
     """End the job once: a finished job's status never changes again."""
-    assignments = "".join(f", {name} = ?" for name in fields)
-    store.db.execute(
-        f"UPDATE local_jobs SET status = ?, estimated_finish = NULL, updated_at = ?{assignments}"
-        f" WHERE id = ? AND status NOT IN ({', '.join('?' * len(TERMINAL_STATUSES))})",
-        (status, utc_now(), *fields.values(), job_id, *sorted(TERMINAL_STATUSES)),
-    )
+    set_status(store, job_id, status, estimated_finish=None, **fields)
 
 
 def served_adapters(store: Store) -> list[ServedAdapter]:
@@ -285,22 +281,11 @@ def last_log_line(output: Path) -> str:
     return lines[-1].strip()[:300] if lines else "the trainer printed nothing"
 
 
-def process_start_time(pid: int) -> str | None:
-    """When process `pid` started (clock ticks since boot), to tell it from a later process with the same pid."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def _trainer_alive(row: Any) -> bool:
-    from finetune_kit.llm.local_server import pid_alive
-
     pid = row["pid"]
     if not pid:
         return False
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)  # reap our own child, or it lingers as a zombie
+    reap(pid)  # our own child (the CLI that started it) would otherwise linger as a zombie
     if not pid_alive(pid):
         return False
     started = process_start_time(pid)

@@ -18,10 +18,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from finetune_kit.llm.local_server import process_start_time
 from finetune_kit.store import Store
 from finetune_kit.training.backend import TrainingParams
 from finetune_kit.training.examples import read_examples
-from finetune_kit.training.local_backend import add_event, finish_job, process_start_time, set_status
+from finetune_kit.training.local_backend import add_event, finish_job, set_status
 
 log = logging.getLogger("ftkit.trainer")
 
