@@ -24,8 +24,6 @@ from finetune_kit.training.backend import TrainingParams
 from finetune_kit.training.examples import read_examples
 from finetune_kit.training.local_backend import add_event, finish_job, set_status
 
-log = logging.getLogger("ftkit.trainer")
-
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_EPOCHS = 3
 DEFAULT_BATCH_SIZE = 4
