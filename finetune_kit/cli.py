@@ -578,7 +578,7 @@ def train_cancel(ctx: typer.Context, job: JobArg = None) -> None:
 
 def _follow(settings: Settings, store: Any, backend: Any, record: Any) -> None:
     """Watch a job, printing each update; Ctrl-C detaches (exit 130) and leaves the job running."""
-    from finetune_kit.sinks import publish_model
+    from finetune_kit.sinks import publish_pending
     from finetune_kit.training import polling
     from finetune_kit.training.report import result_lines, update_line
     from finetune_kit.training.watch import raise_if_unsuccessful, watch_job
@@ -598,9 +598,8 @@ def _follow(settings: Settings, store: Any, backend: Any, record: Any) -> None:
     price = settings.price_for(record.base_model).training if backend.name != "local" else 0.0
     for line in result_lines(result, price):
         _say(line)
-    if result.model is not None:
-        for line in publish_model(settings, result.model):
-            _say(line)
+    for line in publish_pending(settings, store):  # this model, and any an earlier failed write left out
+        _say(line)
     raise_if_unsuccessful(result.job)
 
 
@@ -622,7 +621,7 @@ def ask(
     from finetune_kit.ask import ask as ask_model_question
 
     answer = ask_model_question(_settings(ctx), question, ask_model)
-    _say(f"[{answer.model}]")
+    err.print(f"[{answer.model}]", markup=False, emoji=False)  # stdout holds the answer alone, for scripts
     _say(answer.text)
 
 
@@ -635,8 +634,12 @@ def models(
     from finetune_kit.store import Store
     from finetune_kit.training.registry import list_models
     from finetune_kit.training.report import models_json, models_lines
+    from finetune_kit.training.sync import sync_registry
 
-    with Store(_settings(ctx).db_path) as store:
+    settings = _settings(ctx)
+    with Store(settings.db_path) as store:
+        for line in sync_registry(settings, store, hosted=True):  # jobs that ended while nobody watched
+            err.print(line, markup=False, emoji=False)
         registered = list_models(store)
     if as_json:
         typer.echo(models_json(registered))

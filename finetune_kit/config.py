@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     split_seed: int = 0
     min_examples: int = Field(10, ge=1)
     base_model: str | None = None
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(3, ge=1, le=50)  # OpenAI's n_epochs range; checked before anything is uploaded
 
     # training (`ftkit train`); epochs and base_model above are shared with the dataset's cost estimate
     training_backend: Literal["auto", "openai", "local"] = "auto"  # auto: openai with a key, else local
@@ -293,10 +293,13 @@ class Settings(BaseSettings):
 
     @property
     def resolved_training_backend(self) -> Literal["local", "openai"]:
-        """`auto` means the hosted service when a key or base URL is set, else local LoRA training."""
+        """`auto` means the hosted service when a key is set, else local LoRA training.
+
+        A base URL alone (vLLM, Ollama, llama.cpp) serves completions but fine-tunes nothing, so it does not count.
+        """
         if self.training_backend != "auto":
             return self.training_backend
-        return "openai" if self.openai_api_key or self.openai_base_url else "local"
+        return "openai" if self.openai_api_key else "local"
 
     @property
     def trains_after_dataset(self) -> bool:

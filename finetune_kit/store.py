@@ -284,6 +284,11 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX local_job_events_by_job ON local_job_events(job_id, seq);
         """,
     ),
+    (
+        # which Airtable models table a model was last written to: a failed write is retried, a new table filled
+        "0009_model_sinks",
+        "ALTER TABLE finetuned_models ADD COLUMN airtable_table TEXT;",
+    ),
 ]
 
 

@@ -17,8 +17,10 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.loopback import LoopbackServer
 
 API_KEY = "patFAKE0123456789.0123456789abcdef0123456789abcdef"
 BASE = "appFAKEBASE000001"
@@ -63,7 +65,7 @@ class FakeAirtable:
         self.delay_s = 0.0  # wait this long before answering
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._server: ThreadingHTTPServer | None = None
+        self._server: LoopbackServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -74,8 +76,7 @@ class FakeAirtable:
         return f"http://{host!s}:{port}"
 
     def __enter__(self) -> FakeAirtable:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._server.daemon_threads = True
+        self._server = LoopbackServer(("127.0.0.1", 0), _Handler)
         self._server.fake = self  # type: ignore[attr-defined]
         serve = functools.partial(self._server.serve_forever, poll_interval=0.02)
         self._thread = threading.Thread(target=serve, name="fake-airtable", daemon=True)

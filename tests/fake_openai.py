@@ -12,7 +12,6 @@ import math
 import os
 import random
 import re
-import sys
 import tempfile
 import threading
 import time
@@ -20,7 +19,7 @@ import urllib.parse
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,8 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
+
+from tests.loopback import LoopbackServer
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "reference" / "openai-openapi.yaml"
 MODEL_IDS = ("gpt-4o-mini", "fake-model")
@@ -360,16 +361,8 @@ def _usage(body: dict, content: str) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    # socketserver's default backlog of 5 drops connections a burst of concurrent clients opens (SYN retried 1 s on)
-    request_queue_size = 128
+class _Server(LoopbackServer):
     fake: FakeOpenAI
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that timed out and hung up is part of the tests, not a server fault.
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):

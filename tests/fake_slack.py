@@ -22,8 +22,10 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.loopback import LoopbackServer
 
 BOT_TOKEN = "xoxb-test-0123456789"
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
@@ -56,7 +58,7 @@ class FakeSlack:
         self._lock = threading.Lock()
         self._ts = itertools.count(1)
         self._events = itertools.count(1)
-        self._server: ThreadingHTTPServer | None = None
+        self._server: LoopbackServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -67,11 +69,7 @@ class FakeSlack:
         return f"http://{host!s}:{port}/api/"
 
     def __enter__(self) -> FakeSlack:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler, bind_and_activate=False)
-        self._server.daemon_threads = True
-        self._server.request_queue_size = (
-            128  # a bot posting 50 placeholders at once must not overflow the backlog
-        )
+        self._server = LoopbackServer(("127.0.0.1", 0), _Handler, bind_and_activate=False)
         self._server.server_bind()
         self._server.server_activate()
         self._server.fake = self  # type: ignore[attr-defined]

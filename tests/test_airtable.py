@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from finetune_kit.cli import app
 from finetune_kit.config import Settings, load_settings
 from finetune_kit.errors import ConfigError
-from finetune_kit.sinks import publish_model
+from finetune_kit.sinks import publish_model, publish_pending
 from finetune_kit.sources import SkippedFile, SourceDocument
 from finetune_kit.sources.airtable import AirtableError, read_airtable
 from finetune_kit.stages.ingest import ingest
@@ -417,6 +417,24 @@ def test_a_model_is_created_then_updated_never_duplicated(
     upsert = fake.calls_to("PATCH")[-1].body
     assert upsert is not None
     assert (upsert["performUpsert"], upsert["typecast"]) == ({"fieldsToMergeOn": ["Name"]}, True)
+
+
+def test_a_model_the_sink_could_not_take_is_written_on_the_next_call(fake: FakeAirtable, tmp_path: Path) -> None:
+    table = fake.add_table("Models", ["Name", "Base model", "Job", "Dataset", "Created"])  # no "Metrics" yet
+    settings = load_settings(workspace=tmp_path / "ws", airtable_models_table=MODELS)
+    older, newer = model(name="ft:older", created_at="2026-04-01T00:00:00+00:00"), model()
+    with Store(settings.db_path) as store:
+        register_model(store, older)
+        register_model(store, newer)
+        failed = publish_pending(settings, store)
+        table.columns.append("Metrics")
+        written = publish_pending(settings, store)
+        again = publish_pending(settings, store)
+    assert len(failed) == 1 and failed[0].startswith("Airtable: model ft:older not recorded: ")
+    assert written == [f"Airtable: created model {m.name} in {MODELS}" for m in (older, newer)]
+    assert again == []  # nothing pending: no request at all
+    assert [r["fields"]["Name"] for r in table.records] == ["ft:older", newer.name]
+    assert len(fake.calls_to("PATCH")) == 3  # the failed write, then one per model
 
 
 def test_no_models_table_means_no_sink(fake: FakeAirtable) -> None:

@@ -17,10 +17,11 @@ import pytest
 
 from finetune_kit.config import LOCAL_MODEL_ALIAS, load_settings
 from finetune_kit.llm.local_server import pid_alive, server_config
+from finetune_kit.slack.answerer import registered_model
 from finetune_kit.store import Store
 from finetune_kit.training.backend import TrainingParams
 from finetune_kit.training.jobs import start_job
-from finetune_kit.training.local_backend import LocalBackend, ServedAdapter, served_adapters
+from finetune_kit.training.local_backend import LocalBackend, ServedAdapter, add_event, served_adapters
 from tests.conftest import REPO
 from tests.test_training import ftkit, rows
 
@@ -89,6 +90,10 @@ def test_run_trains_by_default_only_on_the_local_backend(monkeypatch: pytest.Mon
     monkeypatch.delenv("FTKIT_TRAIN_AFTER_DATASET")
     assert load_settings().trains_after_dataset  # no key: local LoRA, free and offline
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    assert load_settings().trains_after_dataset  # a vLLM or Ollama URL without a key fine-tunes nothing
+    assert load_settings().resolved_training_backend == "local"
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123456789abcdef")
+    assert load_settings().resolved_training_backend == "openai"
     assert not load_settings().trains_after_dataset  # a hosted job costs money: only with --train
     assert load_settings(train_after_dataset=True).trains_after_dataset
 
@@ -152,7 +157,20 @@ def test_a_trainer_killed_with_9_is_reported_failed_not_running_forever(workspac
     # the job did not fail for a reason of its own: running `ftkit train` again starts it again
     code, out, _ = ftkit(workspace, "train", "--backend", "local")
     assert code == 0 and out.startswith("Started fine-tuning job ") and job_id not in out
-    assert rows(workspace, "SELECT status FROM jobs ORDER BY created_at, rowid") == [("failed",), ("queued",)]
+    [first, second] = rows(workspace, "SELECT status FROM jobs ORDER BY created_at, rowid")
+    assert first == ("failed",) and second[0] in ("validating_files", "queued")
+    assert ftkit(workspace, "train", "cancel")[0] == 0
+
+
+def test_after_a_kill_9_one_rerun_of_train_restarts_the_job(workspace: Path) -> None:
+    assert ftkit(workspace, "train", "--backend", "local")[0] == 0
+    [(job_id, pid)] = rows(workspace, "SELECT id, pid FROM local_jobs")
+    os.killpg(pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(pid))
+    code, out, _ = ftkit(workspace, "train", "--backend", "local")  # no watch saw it die: train asks first
+    assert code == 0 and out.startswith("Started fine-tuning job ") and job_id not in out
+    statuses = rows(workspace, "SELECT status FROM jobs ORDER BY created_at, rowid")
+    assert len(statuses) == 2 and statuses[0] == ("failed",)
     assert ftkit(workspace, "train", "cancel")[0] == 0
 
 
@@ -180,9 +198,9 @@ def test_further_processes_of_a_multi_gpu_launch_report_nothing(
     code, _, err = ftkit(workspace, "train", "--watch", "--backend", "local", "--base-model", str(broken))
     assert code == 1
     assert "failed: the trainer process stopped without finishing" in err
-    assert rows(workspace, "SELECT message FROM local_job_events") == [
-        (rows(workspace, "SELECT 'Created fine-tuning job: ' || id FROM local_jobs")[0][0],)
-    ]
+    [created, died] = [message for (message,) in rows(workspace, "SELECT message FROM local_job_events")]
+    assert created == rows(workspace, "SELECT 'Created fine-tuning job: ' || id FROM local_jobs")[0][0]
+    assert died.startswith("Training failed: the trainer process stopped without finishing (")  # the watch's
 
 
 def test_a_launcher_that_is_not_installed_is_named(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -238,6 +256,59 @@ def test_the_embedded_server_serves_each_succeeded_local_model(workspace: Path, 
     ]
     adapter.unlink()  # a model whose adapter is gone is not offered
     assert [m["model_alias"] for m in server_config(settings, base)["models"]] == [LOCAL_MODEL_ALIAS]
+
+
+def finished_unwatched_job(store: Store, workspace: Path, job_id: str, base_gguf: Path | None) -> str:
+    """A local job whose trainer succeeded while no watch ran: rows as start_job and the trainer leave them."""
+    name = f"ft:x:local::{job_id[-1]}"
+    output = workspace / "training" / job_id
+    output.mkdir(parents=True)
+    params = TrainingParams(LOCAL_MODEL_ALIAS).to_json()
+    store.db.execute(
+        """INSERT INTO jobs(key, id, backend, status, base_model, dataset_hash, params_json, train_file_id,
+               created_at, updated_at) VALUES (?, ?, 'local:ftkit', 'running', ?, 'ds1:x', ?, 'f', ?, ?)""",
+        (f"ftj1:{job_id}", job_id, LOCAL_MODEL_ALIAS, params, job_id, job_id),
+    )
+    store.db.execute(
+        """INSERT INTO local_jobs(id, status, base_model, base_gguf, params_json, options_json, metadata_json,
+               train_file, output_dir, fine_tuned_model, trained_tokens, created_at, updated_at)
+           VALUES (?, 'succeeded', ?, ?, ?, '{}', '{}', 't', ?, ?, 99, ?, ?)""",
+        (
+            job_id,
+            LOCAL_MODEL_ALIAS,
+            str(base_gguf) if base_gguf else None,
+            params,
+            str(output),
+            name,
+            job_id,
+            job_id,
+        ),
+    )
+    add_event(
+        store, job_id, "Step 1/1: training loss=1.5000", data={"step": 1, "total_steps": 1, "train_loss": 1.5}
+    )
+    if base_gguf is not None:
+        (output / "adapter.gguf").write_bytes(b"GGUF")
+    return name
+
+
+def test_a_local_job_that_finished_unwatched_is_registered_and_answers_by_default(
+    workspace: Path, tmp_path: Path
+) -> None:
+    base = tmp_path / "base.gguf"
+    base.write_bytes(b"GGUF")
+    with Store(workspace / "state.db") as store:
+        served = finished_unwatched_job(store, workspace, "ftjob-local-1", base)
+        over_a_folder = finished_unwatched_job(store, workspace, "ftjob-local-2", None)  # newer, not servable
+    assert registered_model(load_settings(workspace=workspace)) == served
+    code, out, err = ftkit(workspace, "models", "--json")
+    assert code == 0 and err == ""  # registered already, by registered_model
+    assert [(m["name"], m["metrics"]["train_loss"]) for m in json.loads(out)] == [
+        (over_a_folder, 1.5),
+        (served, 1.5),
+    ]
+    assert rows(workspace, "SELECT status FROM jobs ORDER BY id") == [("succeeded",), ("succeeded",)]
+    assert (workspace / "training" / "ftjob-local-1-loss.png").is_file()
 
 
 def test_ask_without_a_fine_tuned_model_says_how_to_make_one(tmp_path: Path) -> None:
@@ -389,9 +460,8 @@ def test_local_training_end_to_end_registers_a_model_that_answers(
     assert (workspace / "training" / f"{job_id}-loss.png").is_file()
 
     code, out, err = ftkit(workspace, "ask", "How do I export a document?", "--max-tokens", "24")
-    assert (code, err) == (0, "")
-    header, *answer = out.splitlines()
-    assert header == f"[{model}]" and " ".join(answer).strip()
+    assert (code, err) == (0, f"[{model}]\n")  # which model answered goes to stderr; stdout is the answer
+    assert out.strip()
     served = json.loads((workspace / "llama-server-config.json").read_text())["models"]
     assert [m["model_alias"] for m in served] == [LOCAL_MODEL_ALIAS, model]
     assert not (workspace / "llama-server.json").exists()  # the server stopped with the command

@@ -129,6 +129,52 @@ def test_ingest_reads_the_zip_incrementally_with_the_setting(tmp_path: Path) -> 
     assert urls[0] == "https://acme.slack.com/archives/C01GENERAL/p1700000000000100"
 
 
+def test_setting_the_workspace_url_later_relinks_the_threads_and_keeps_their_chunks(tmp_path: Path) -> None:
+    path = export_zip(tmp_path / "export.zip")
+    with Store(tmp_path / "ws" / "state.db") as store:
+        ingest(store, load_settings(workspace=tmp_path / "ws"), [str(path)])
+        before = dict(store.db.execute("SELECT id, source_url FROM chunks WHERE status = 'active'"))
+        settings = load_settings(workspace=tmp_path / "ws", slack_workspace_url="https://acme.slack.com")
+        ingest(store, settings, [str(path)])
+        after = dict(store.db.execute("SELECT id, source_url FROM chunks WHERE status = 'active'"))
+        documents = [
+            row[0] for row in store.db.execute("SELECT source_url FROM documents ORDER BY source_url")
+        ]
+    assert after.keys() == before.keys()  # same chunk ids: their questions and answers stay
+    assert {url.split("/archives/")[0] for url in after.values()} == {"https://acme.slack.com"}
+    assert (
+        documents[0] == "https://acme.slack.com/archives/C01GENERAL/p1700000000000100" and len(documents) == 3
+    )
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {"ts": "NaN"},
+        {"ts": "Infinity"},
+        {"ts": "1e20"},
+        {"ts": "-5"},
+        {"ts": "99999999999999"},
+        {"ts": 5},
+        {"thread_ts": "NaN"},
+        {"thread_ts": ["x"]},
+        {"user": ["U1"]},
+        {"user_profile": "x"},
+        {"files": 5},
+        {"files": ["x", {"title": 7}]},
+        {"text": {"a": 1}},
+        {"subtype": None, "bot_id": None},
+    ],
+)
+def test_odd_values_in_valid_json_do_not_break_the_export(tmp_path: Path, odd: dict[str, Any]) -> None:
+    message = {"type": "message", "user": "U9", "text": "Odd one", "ts": "1700000500.000700"} | odd
+    users = [*USERS, {"id": "U9", "name": "dora", "profile": "not an object", "is_bot": "no"}]
+    path = export_zip(tmp_path / "export.zip", **{"users.json": users, "ops/2023-11-16.json": [message]})
+    documents = [item for item in read(path) if isinstance(item, SourceDocument)]
+    assert documents[0].text == THREAD_TEXT  # everything else is read as before
+    assert {item.path.split("/")[0] for item in documents} == {"#general", "#ops"}
+
+
 def test_a_new_reply_makes_a_new_version_of_its_thread_only(tmp_path: Path) -> None:
     settings = load_settings(workspace=tmp_path / "ws")
     reply = {

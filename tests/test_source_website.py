@@ -2,12 +2,11 @@
 
 import gzip
 import hashlib
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from email.utils import formatdate, parsedate_to_datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from finetune_kit.cli import app
 from finetune_kit.config import Settings, load_settings
 from finetune_kit.stages.ingest import IngestReport, ingest
 from finetune_kit.store import Store
+from tests.loopback import LoopbackServer
 
 INSTALL = """<!doctype html><html><head><title>Install</title><script>track()</script>
 <style>body{}</style></head><body>
@@ -38,6 +38,7 @@ class Site:
     def __init__(self) -> None:
         self.pages: dict[str, tuple[str, bytes, str]] = {}  # path -> (content type, body, last-modified)
         self.redirects: dict[str, str] = {}
+        self.failures: dict[str, int] = {}  # path -> the error status it answers with
         self.delays: dict[str, float] = {}
         self.etags = True
         self.log: list[tuple[str, int]] = []  # (path, status) of every request
@@ -75,6 +76,8 @@ class Handler(BaseHTTPRequestHandler):
     def respond(self, site: Site) -> int:
         if self.path in site.redirects:
             return self.send(301, b"", {"Location": site.redirects[self.path]})
+        if self.path in site.failures:
+            return self.send(site.failures[self.path], b"down", {"Content-Type": "text/plain"})
         if self.path not in site.pages:
             return self.send(404, b"not found", {"Content-Type": "text/plain"})
         content_type, body, modified = site.pages[self.path]
@@ -103,17 +106,10 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-class SiteServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class SiteServer(LoopbackServer):
     def __init__(self, site: Site) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
         self.site = site
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        """A client that gave up (a timeout test) is expected; anything else fails loudly."""
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -276,6 +272,54 @@ def test_redirects_within_the_site_are_followed_once(site: Site, tmp_path: Path)
     _, documents = crawl(load_settings(workspace=tmp_path / "ws"), site.url + "/")
     assert sorted(documents) == ["/", "/guide/config.html", "/guide/install.html"]
     assert site.requested("/old-install") == [301]  # one document, though both URLs were asked
+
+
+def test_a_recrawl_through_a_redirect_reuses_the_stored_page(site: Site, tmp_path: Path) -> None:
+    site.redirects["/docs"] = "/"
+    settings = load_settings(workspace=tmp_path / "ws")
+    crawl(settings, site.url + "/docs")
+    site.log.clear()
+    report, documents = crawl(settings, site.url + "/docs")
+    assert (site.requested("/docs"), site.requested("/")) == ([301], [304])  # validators of where it lands
+    assert sorted(documents) == ["/", "/guide/config.html", "/guide/install.html"]
+    assert (report.documents_unchanged, report.documents_retired, report.chunks_new) == (3, 0, 0)
+
+
+def test_a_start_url_that_moves_to_another_host_crawls_that_host(
+    serve: Callable[[Site], Site], site: Site, tmp_path: Path
+) -> None:
+    entry = serve(Site())  # http://example.com/ -> https://www.example.com/, on loopback ports
+    entry.redirects["/"] = site.url + "/"
+    report, documents = crawl(load_settings(workspace=tmp_path / "ws"), entry.url + "/")
+    assert documents == {path: site.url + path for path in ("/", "/guide/config.html", "/guide/install.html")}
+    assert report.skipped == [("/private/keys.html", "disallowed by robots.txt")]  # the new host's robots.txt
+    assert site.requested("/robots.txt") == [200]
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_a_page_the_site_fails_to_serve_keeps_its_stored_copy(
+    site: Site, tmp_path: Path, status: int
+) -> None:
+    settings = load_settings(workspace=tmp_path / "ws")
+    crawl(settings, site.url + "/")
+    site.failures["/guide/install.html"] = status
+    site.failures["/"] = status  # the start page too: its stored links carry the crawl on
+    report, documents = crawl(settings, site.url + "/")
+    assert sorted(documents) == ["/", "/guide/config.html", "/guide/install.html"]
+    assert (report.documents_unchanged, report.documents_retired) == (3, 0)
+    assert report.skipped == [("/private/keys.html", "disallowed by robots.txt")]
+
+    site.failures.clear()
+    site.log.clear()
+    crawl(settings, site.url + "/")
+    assert site.requested("/guide/install.html") == [304]  # its validators were kept through the outage
+
+
+def test_a_new_page_the_site_fails_to_serve_is_skipped_with_the_status(site: Site, tmp_path: Path) -> None:
+    site.failures["/guide/install.html"] = 503
+    report, documents = crawl(load_settings(workspace=tmp_path / "ws"), site.url + "/")
+    assert "/guide/install.html" not in documents
+    assert ("/guide/install.html", "HTTP 503") in report.skipped
 
 
 def test_crawl_max_pages_bounds_the_crawl(site: Site, tmp_path: Path) -> None:

@@ -267,3 +267,42 @@ def test_models_lists_the_registry_as_json(fake_llm: FakeOpenAI, workspace: Path
     }
     assert re.fullmatch(r"ds1:[0-9a-f]{16}", model["dataset_hash"])
     assert ftkit(workspace, "models")[1].count(job.fine_tuned_model) == 1
+
+
+def test_a_job_nobody_watched_is_registered_by_models(fake_llm: FakeOpenAI, workspace: Path) -> None:
+    assert ftkit(workspace, "train")[0] == 0  # started, not watched
+    [job] = fake_llm.fine_tuning.jobs.values()
+    for _ in range(20):  # the fake moves a job one state per retrieve: each `ftkit models` polls it once
+        code, out, err = ftkit(workspace, "models", "--json")
+        if json.loads(out):
+            break
+    assert code == 0 and job.status == "succeeded"
+    assert [model["name"] for model in json.loads(out)] == [job.fine_tuned_model]
+    assert err == f"Job {job.id} succeeded while nobody watched: registered {job.fine_tuned_model}\n"
+    assert rows(workspace, "SELECT COUNT(*) FROM job_events") == [(len(job.events),)]
+    assert (workspace / "training" / f"{job.id}-loss.png").is_file()
+    calls = len(fake_llm.fine_tuning.calls)
+    assert ftkit(workspace, "models")[::2] == (0, "")
+    assert len(fake_llm.fine_tuning.calls) == calls  # a settled job is not asked about again
+
+
+def test_models_without_a_key_lists_the_registry_without_asking_the_service(
+    fake_llm: FakeOpenAI, workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert ftkit(workspace, "train")[0] == 0
+    calls = len(fake_llm.fine_tuning.calls)
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert ftkit(workspace, "models") == (
+        0,
+        "No fine-tuned models yet — `ftkit train --watch` registers them.\n",
+        "",
+    )
+    assert len(fake_llm.fine_tuning.calls) == calls
+
+
+def test_epochs_beyond_the_services_range_are_refused_before_any_upload(
+    fake_llm: FakeOpenAI, workspace: Path
+) -> None:
+    code, _, err = ftkit(workspace, "train", "--epochs", "51")
+    assert code == 1 and "epochs" in err and len(err.splitlines()) == 1
+    assert uploads(fake_llm) == 0

@@ -59,15 +59,21 @@ def bot_model(settings: Settings) -> str:
 
 
 def registered_model(settings: Settings) -> str | None:
-    """The newest succeeded fine-tuned model in the workspace registry, or None."""
+    """The newest succeeded fine-tuned model of the workspace that can answer, or None.
+
+    Local jobs that finished while nobody watched are registered first; a local model whose adapter llama.cpp
+    cannot serve (trained over a Hugging Face folder, not a GGUF) is passed over.
+    """
     if not settings.db_path.exists():
         return None
     from finetune_kit.store import Store
-    from finetune_kit.training.registry import latest_model
+    from finetune_kit.training.sync import servable_models, sync_registry
 
     with Store(settings.db_path) as store:
-        model = latest_model(store)
-    return model.name if model else None
+        for line in sync_registry(settings, store):
+            log.info("%s", line)
+        models = servable_models(store)
+    return models[0].name if models else None
 
 
 def context_tokens(settings: Settings, embedded: bool | None = None) -> int:

@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -32,6 +32,7 @@ KEPT_SUBTYPES = frozenset({"", "thread_broadcast", "file_share", "me_message"})
 _MARKUP = re.compile(r"<([^<>\n]+)>")
 _HEADING_LIKE = re.compile(r"^(#{1,6})(?=\s)", re.M)
 _INLINE_FENCE = re.compile(r"```(.*?)```", re.S)
+_TS = re.compile(r"\d{1,10}(\.\d{1,9})?")  # Slack's "1700000000.123456" (up to 2286); others are no timestamp
 
 
 @dataclass(frozen=True)
@@ -170,12 +171,12 @@ def _workspace(users: list[dict[str, Any]], channels: list[dict[str, Any]]) -> W
     names: dict[str, str] = {}
     bots: set[str] = {"USLACKBOT"}
     for user in users:
-        profile = user.get("profile") or {}
+        profile = _object(user.get("profile"))
         candidates = (profile.get("real_name"), user.get("real_name"), profile.get("display_name"))
-        names[str(user.get("id"))] = next(
-            (c for c in candidates if c), str(user.get("name") or user.get("id"))
+        names[str(user.get("id"))] = str(
+            next((c for c in candidates if c), user.get("name") or user.get("id"))
         )
-        if user.get("is_bot") or user.get("is_app_user"):
+        if user.get("is_bot") is True or user.get("is_app_user") is True:
             bots.add(str(user.get("id")))
     channel_names = {str(c.get("id")): str(c.get("name")) for c in channels}
     return Workspace(names, frozenset(bots), channel_names)
@@ -210,7 +211,10 @@ def _thread_documents(
     for message in messages:
         ts = str(message.get("ts", ""))
         if _ts_key(ts) is not None and _is_conversation(message, workspace):
-            threads[str(message.get("thread_ts") or ts)][ts] = message  # keyed by ts: duplicates collapse
+            thread_ts = str(message.get("thread_ts") or ts)
+            if _ts_key(thread_ts) is None:
+                thread_ts = ts  # a reply to a thread that cannot be named starts its own
+            threads[thread_ts][ts] = message  # keyed by ts: duplicates collapse
     name, channel_id = str(channel.get("name", "")), str(channel.get("id", ""))
     for thread_ts in sorted(threads, key=_sort_key):
         thread = [threads[thread_ts][ts] for ts in sorted(threads[thread_ts], key=_sort_key)]
@@ -223,10 +227,7 @@ def _thread_documents(
 
 def _ts_key(ts: str) -> Decimal | None:
     """A message timestamp ("1700000000.123456") as an exact number; None when it is not one."""
-    try:
-        return Decimal(ts) if ts else None
-    except InvalidOperation:
-        return None
+    return Decimal(ts) if _TS.fullmatch(ts) else None  # not NaN, Infinity, 1e20 or -5
 
 
 def _sort_key(ts: str) -> Decimal:
@@ -237,7 +238,7 @@ def _is_conversation(message: dict[str, Any], workspace: Workspace) -> bool:
     """Keep what people wrote; drop joins, leaves, topic changes, bots and other channel noise."""
     if str(message.get("subtype") or "") not in KEPT_SUBTYPES:
         return False
-    return not (message.get("bot_id") or message.get("user") in workspace.bot_users)
+    return not (message.get("bot_id") or str(message.get("user")) in workspace.bot_users)
 
 
 def _render_thread(channel: str, thread: list[tuple[dict[str, Any], str]], workspace: Workspace) -> str:
@@ -261,7 +262,7 @@ def _author(message: dict[str, Any], workspace: Workspace) -> str:
     user = str(message.get("user") or "")
     if user in workspace.user_names:
         return workspace.user_names[user]
-    profile = message.get("user_profile") or {}
+    profile = _object(message.get("user_profile"))
     return str(profile.get("real_name") or profile.get("display_name") or user or "unknown")
 
 
@@ -278,9 +279,18 @@ def _message_text(message: dict[str, Any], workspace: Workspace) -> str:
     text = html.unescape(text)
     text = _INLINE_FENCE.sub(lambda m: "\n```\n" + m.group(1).strip("\n") + "\n```\n", text).strip()
     text = _HEADING_LIKE.sub(r"\\\1", text)  # a line starting "# " in a message is not a document heading
-    files = [f.get("title") or f.get("name") for f in message.get("files") or [] if isinstance(f, dict)]
+    files = [f.get("title") or f.get("name") for f in _list(message.get("files")) if isinstance(f, dict)]
     attached = [f"(attached file: {name})" for name in files if name]
     return "\n".join([text, *attached]).strip()
+
+
+def _object(value: object) -> dict[str, Any]:
+    """A nested JSON object, or an empty one when the export holds something else there."""
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _render_markup(token: str, workspace: Workspace) -> str:

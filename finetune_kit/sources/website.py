@@ -72,6 +72,10 @@ class _PageSkipped(Exception):
     """A page cannot be used; the message is the reason recorded for it."""
 
 
+class _PageUnavailable(_PageSkipped):
+    """The site failed to serve a page for now (5xx, 429): a stored copy stays in use."""
+
+
 def iter_website(spec: str, settings: Settings, store: Store, source_id: str) -> SourceIter:
     """Crawl the site at `spec` (a sitemap URL or a start page) and yield its pages as documents."""
     options = CrawlOptions(settings.crawl_concurrency, settings.crawl_max_pages, settings.crawl_timeout_s)
@@ -271,34 +275,53 @@ class Crawler:
         try:
             if not self.robots.can_fetch(ROBOTS_AGENT, url):
                 raise _PageSkipped("disallowed by robots.txt")
-            response = self._open(url, _validators(known))
+            response, known = self._open(url, known)
             try:
                 return self._read_page(response, known, lastmod)
             finally:
                 response.close()
+        except _PageUnavailable as exc:
+            return self._stored_or_skipped(url, known, str(exc))
         except _PageSkipped as exc:
             return SkippedFile(page_path(url), str(exc))
         except httpx2.TimeoutException:
-            return SkippedFile(
-                page_path(url), f"timed out after {self.options.timeout_s:g}s (crawl_timeout_s)"
-            )
+            timeout = f"timed out after {self.options.timeout_s:g}s (crawl_timeout_s)"
+            return self._stored_or_skipped(url, known, timeout)
         except httpx2.HTTPError as exc:
-            return SkippedFile(page_path(url), f"unreachable ({_describe(exc)})")
+            return self._stored_or_skipped(url, known, f"unreachable ({_describe(exc)})")
 
-    def _open(self, url: str, headers: dict[str, str]) -> httpx2.Response:
-        """GET url as a stream, following redirects only within the site; the caller closes it."""
+    def _stored_or_skipped(self, url: str, known: Page | None, reason: str) -> Page | SkippedFile:
+        """A page the site failed to serve this time keeps its stored text: an outage retires nothing."""
+        if known is None:
+            return SkippedFile(page_path(url), reason)
+        log.warning("%s: %s — keeping the copy from the last crawl", url, reason)
+        return known
+
+    def _open(self, url: str, known: Page | None) -> tuple[httpx2.Response, Page | None]:
+        """GET url as a stream, following redirects only within the site: (response, the stored copy of the
+        page it ended on, whose validators were sent). The caller closes the response."""
         for _ in range(MAX_REDIRECTS + 1):
-            response = self.client.send(self.client.build_request("GET", url, headers=headers), stream=True)
+            request = self.client.build_request("GET", url, headers=_validators(known))
+            response = self.client.send(request, stream=True)
             if not response.has_redirect_location:
-                return response
+                return response, known
             response.close()
             target = normalize_url(urljoin(url, response.headers["location"]))
+            if url == self.start and not self.is_same_site(target):
+                self._move_to(target)  # http:// to https://, or example.com to www.example.com
             if not self.is_same_site(target):
                 raise _PageSkipped(f"redirects to another site ({target})")
             if not self.robots.can_fetch(ROBOTS_AGENT, target):
                 raise _PageSkipped("redirects to a page robots.txt disallows")
-            url, headers = target, _validators(self.known.get(target))
+            url, known = target, self.known.get(target)
         raise _PageSkipped(f"more than {MAX_REDIRECTS} redirects")
+
+    def _move_to(self, start: str) -> None:
+        """The start URL lives elsewhere: crawl that site instead, under its own robots.txt."""
+        parts = urlsplit(start)
+        log.info("%s redirects to %s: crawling %s://%s", self.start, start, parts.scheme, parts.netloc)
+        self.start, self.origin = start, f"{parts.scheme}://{parts.netloc}"
+        self.robots = self._load_robots()
 
     def _read_page(self, response: httpx2.Response, known: Page | None, lastmod: str | None) -> Page:
         """Turn a response into a Page: 304 reuses the stored text; HTML is converted to Markdown."""
@@ -307,6 +330,8 @@ class Crawler:
             etag = response.headers.get("etag") or known.etag
             modified = response.headers.get("last-modified") or known.last_modified
             return Page(url, known.text, known.links, etag, modified, lastmod, fetched=False)
+        if response.status_code == 429 or response.status_code >= 500:
+            raise _PageUnavailable(f"HTTP {response.status_code}")
         if response.status_code != 200:
             raise _PageSkipped(f"HTTP {response.status_code}")
         content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -371,7 +396,7 @@ class Crawler:
         if not self.robots.can_fetch(ROBOTS_AGENT, url):
             raise SourceError(f"{url}: disallowed by robots.txt — ask the site's owner, or pass a start page")
         try:
-            response = self._open(url, {})
+            response, _ = self._open(url, None)
             try:
                 if response.status_code != 200:
                     raise SourceError(f"{url}: HTTP {response.status_code} — check the sitemap URL")

@@ -136,9 +136,9 @@ def _ingest_document(
     doc_id = "d1:" + _sha(source_id, doc.path, content_hash)[:24]
     key = chunker_key(chunking, doc.format)
     row = store.db.execute(
-        "SELECT chunker_key FROM documents WHERE id = ? AND status = 'active'", (doc_id,)
+        "SELECT chunker_key, source_url FROM documents WHERE id = ? AND status = 'active'", (doc_id,)
     ).fetchone()
-    if row is not None and row["chunker_key"] == key:
+    if row is not None and row["chunker_key"] == key and row["source_url"] == doc.source_url:
         report.documents_unchanged += 1
         return
     with store.transaction() as db:
@@ -163,9 +163,12 @@ def _ingest_document(
                 ),
             )
             report.documents_new += 1
-        else:
+        else:  # new chunk settings, or a new link (a workspace URL set, a URL field edited): chunks keep their ids
             report.chunks_retired += _retire_chunks(db, doc_id)
-            db.execute("UPDATE documents SET chunker_key = ? WHERE id = ?", (key, doc_id))
+            db.execute(
+                "UPDATE documents SET chunker_key = ?, source_url = ? WHERE id = ?",
+                (key, doc.source_url, doc_id),
+            )
             report.documents_rechunked += 1
         report.chunks_new += _insert_chunks(db, source_id, doc_id, doc, chunking)
 
@@ -182,7 +185,8 @@ def _insert_chunks(
             "INSERT INTO chunks(id, document_id, seq, heading_path, text, n_tokens, source_url)"
             " VALUES (?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET status = 'active',"
             " document_id = excluded.document_id, seq = excluded.seq, source_url = excluded.source_url"
-            " WHERE chunks.status = 'retired' OR chunks.document_id != excluded.document_id",
+            " WHERE chunks.status = 'retired' OR chunks.document_id != excluded.document_id"
+            " OR chunks.source_url != excluded.source_url",
             (chunk_id, doc_id, chunk.seq, heading_path, chunk.text, chunk.n_tokens, source_url),
         )
         new += cur.rowcount

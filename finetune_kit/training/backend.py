@@ -131,13 +131,17 @@ class Checkpoint:
 
 
 class FineTuneBackend(Protocol):
-    """A fine-tuning service: the hosted OpenAI/Azure API now, local LoRA training later."""
+    """A fine-tuning service: the hosted OpenAI/Azure API, or local LoRA training."""
 
     name: str  # "openai", "local"
     identity: str  # where its file and job ids are valid, e.g. "openai:https://api.openai.com/v1"
 
     def upload(self, file: DatasetFile) -> str:
         """Make `file` available to jobs; returns its file id."""
+        ...
+
+    def has_file(self, file_id: str) -> bool:
+        """Whether an uploaded file is still there, as far as a check costing no request can tell."""
         ...
 
     def create_job(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from finetune_kit.store import Store, utc_now
 from finetune_kit.training.backend import (
+    TERMINAL_STATUSES,
     DatasetFile,
     FineTuneBackend,
     FineTuneJob,
@@ -95,6 +96,9 @@ def start_job(
     dataset = dataset_hash(train, validation)
     key = job_key(backend.identity, dataset, params)
     existing = _job_by_key(store, key)
+    if existing is not None and existing.id is not None and existing.status not in TERMINAL_STATUSES:
+        save_poll(store, existing.id, backend.retrieve_job(existing.id), [])  # a trainer may have died since
+        existing = _job_by_key_required(store, key)
     if existing is not None and _trainer_died(existing):
         _set_aside(store, existing)  # a crash of the machine, not of the training: run the job again
         existing = None
@@ -137,8 +141,13 @@ def ensure_file(store: Store, backend: FineTuneBackend, file: DatasetFile) -> tu
         "SELECT file_id FROM training_files WHERE backend = ? AND sha256 = ? AND purpose = ?",
         (backend.identity, file.sha256, file.purpose),
     )
-    if known is not None:
+    if known is not None and backend.has_file(str(known)):
         return str(known), 0
+    if known is not None:  # gone from the backend: upload it again under a fresh record
+        store.db.execute(
+            "DELETE FROM training_files WHERE backend = ? AND sha256 = ? AND purpose = ?",
+            (backend.identity, file.sha256, file.purpose),
+        )
     file_id = backend.upload(file)
     store.db.execute(
         "INSERT INTO training_files(backend, sha256, purpose, file_id, uploaded_at) VALUES (?, ?, ?, ?, ?)",
@@ -200,6 +209,19 @@ def find_job(store: Store, job_id: str | None = None) -> JobRecord:
         if row is None:
             raise TrainingError(f"no fine-tuning job in {store.path} yet — start one with `ftkit train`")
     return JobRecord.from_row(row)
+
+
+def unsettled_jobs(store: Store, backend_identity: str) -> list[JobRecord]:
+    """Started jobs still running as far as the DB knows, or succeeded without a registered model."""
+    rows = store.db.execute(
+        f"""SELECT * FROM jobs WHERE backend = ? AND id IS NOT NULL AND (
+               status NOT IN ({", ".join("?" * len(TERMINAL_STATUSES))})
+               OR (status = 'succeeded' AND fine_tuned_model IS NOT NULL
+                   AND fine_tuned_model NOT IN (SELECT name FROM finetuned_models)))
+           ORDER BY created_at""",
+        (backend_identity, *sorted(TERMINAL_STATUSES)),
+    ).fetchall()
+    return [JobRecord.from_row(row) for row in rows]
 
 
 def check_backend(record: JobRecord, backend: FineTuneBackend) -> None:

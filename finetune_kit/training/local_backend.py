@@ -83,6 +83,10 @@ class LocalBackend:
             os.replace(partial, target)
         return file_id
 
+    def has_file(self, file_id: str) -> bool:
+        """Whether the copy is still in the workspace (someone may have cleaned `training/files`)."""
+        return (self.root / "files" / f"{file_id}.jsonl").is_file()
+
     def create_job(
         self,
         params: TrainingParams,
@@ -101,7 +105,7 @@ class LocalBackend:
         self.store.db.execute(
             """INSERT INTO local_jobs(id, status, base_model, base_gguf, params_json, options_json, metadata_json,
                    train_file, validation_file, output_dir, created_at, updated_at)
-               VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+               VALUES (?, 'validating_files', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 job_id,
                 params.base_model,
@@ -137,6 +141,7 @@ class LocalBackend:
             row = self._row(job_id)  # it may have finished between the two reads
             if row["status"] not in TERMINAL_STATUSES:
                 reason = f"{TRAINER_DIED} ({last_log_line(Path(row['output_dir']))})"
+                add_event(self.store, job_id, f"Training failed: {reason}", level="error")
                 finish_job(self.store, job_id, "failed", error=reason)
                 row = self._row(job_id)
         return _job(row)
@@ -172,8 +177,8 @@ class LocalBackend:
             if _trainer_alive(row):
                 _signal(row["pid"], signal.SIGKILL)
         if self._row(job_id)["status"] not in TERMINAL_STATUSES:
-            finish_job(self.store, job_id, "cancelled")
             add_event(self.store, job_id, "Fine-tuning job cancelled")
+            finish_job(self.store, job_id, "cancelled")
         return _job(self._row(job_id))
 
     def list_checkpoints(self, job_id: str) -> list[Checkpoint]:

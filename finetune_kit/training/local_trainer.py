@@ -93,8 +93,9 @@ def main(db_path: str, job_id: str) -> int:
         except BaseException as exc:
             traceback.print_exc()
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
-            journal.finish("failed", error=reason[:500])
+            # events before the final status: a watch that sees the job end has seen every event
             journal.event(f"Training failed: {reason[:500]}", level="error")
+            journal.finish("failed", error=reason[:500])
             return 1
     return 0
 
@@ -106,10 +107,11 @@ def train(journal: Journal, stop: dict[str, bool]) -> None:
     params = TrainingParams.from_json(row["params_json"])
     options = json.loads(row["options_json"])
     output = Path(row["output_dir"])
-    journal.status("validating_files")
     journal.event("Validating training file")
     train_rows = read_examples(Path(row["train_file"]))
     validation_rows = read_examples(Path(row["validation_file"])) if row["validation_file"] else []
+    journal.event("Files validated, moving job to queued state")
+    journal.status("queued")  # the hosted service's order: validating_files, queued, running
     _check_stop(journal, stop)
 
     import torch
@@ -135,9 +137,9 @@ def train(journal: Journal, stop: dict[str, bool]) -> None:
         _save(journal, trainer, checkpoint, output, base.gguf is not None)
     name = model_name(base.short_name, params.suffix, job_id)
     tokens = int(trainer.state.num_input_tokens_seen or 0)
-    journal.finish("succeeded", fine_tuned_model=name, trained_tokens=tokens)
     journal.event(f"New fine-tuned model created: {name}")
     journal.event("The job has successfully completed")
+    journal.finish("succeeded", fine_tuned_model=name, trained_tokens=tokens)
 
 
 def build_trainer(
@@ -288,6 +290,12 @@ def _save(journal: Journal, trainer: Any, checkpoint: Path, output: Path, servab
         config = json.loads((checkpoint / "config.json").read_text())
         write_gguf_adapter(adapter, config, output / "adapter.gguf")
         journal.event("Converted the adapter to GGUF for the embedded llama.cpp server")
+    else:
+        journal.event(
+            f"The base model is not a GGUF file, so the embedded llama.cpp server cannot serve this adapter;"
+            f" load {adapter} with PEFT over the base model instead",
+            level="warn",
+        )
 
 
 def model_name(base: str, suffix: str | None, job_id: str) -> str:
@@ -311,8 +319,8 @@ def _check_stop(journal: Journal, stop: dict[str, bool]) -> None:
 
 
 def _cancelled(journal: Journal, where: str = "") -> None:
-    journal.finish("cancelled")
     journal.event(f"Fine-tuning job cancelled{where}")
+    journal.finish("cancelled")
 
 
 if __name__ == "__main__":

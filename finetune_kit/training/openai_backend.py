@@ -24,7 +24,7 @@ EVENTS_PAGE = 100
 CLOSURE_HINT = (
     "OpenAI closed self-serve fine-tuning in 2026 (organisations that never fine-tuned are blocked since May 2026;"
     " new jobs stop for everyone on 2027-01-06) — use Azure OpenAI (set OPENAI_BASE_URL to your resource's"
-    " /openai/v1/ endpoint) or train on your own machine with --backend local (coming soon)"
+    " /openai/v1/ endpoint) or train on your own machine with --backend local"
 )
 
 
@@ -51,6 +51,10 @@ class OpenAIBackend:
             uploaded = self.sdk.files.create(file=(file.path.name, handle), purpose="fine-tune")
         log.info("uploaded %s as %s", file.path, uploaded.id)
         return uploaded.id
+
+    def has_file(self, file_id: str) -> bool:
+        """Hosted files stay until someone deletes them; asking would cost a request per run."""
+        return True
 
     def create_job(
         self,
@@ -102,9 +106,10 @@ class OpenAIBackend:
         cursor: str | None = None
         with _api_errors(f"read the events of job {job_id}"):
             while True:
-                page = self.sdk.fine_tuning.jobs.list_events(
-                    job_id, limit=EVENTS_PAGE, after=cursor if cursor else openai.omit
-                )
+                if cursor:  # no `openai.omit` for "no cursor": older SDKs lack it
+                    page = self.sdk.fine_tuning.jobs.list_events(job_id, limit=EVENTS_PAGE, after=cursor)
+                else:
+                    page = self.sdk.fine_tuning.jobs.list_events(job_id, limit=EVENTS_PAGE)
                 for event in page.data:
                     if event.id == after:
                         return [_event(e) for e in reversed(newest_first)]

@@ -23,7 +23,8 @@ class RegisteredModel:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "RegisteredModel":
         """The model of one `finetuned_models` row."""
-        values = {name: value for name, value in dict(row).items() if name != "metrics_json"}
+        values = {name: value for name, value in dict(row).items() if name in cls.__dataclass_fields__}
+        values.pop("metrics", None)
         return cls(**values, metrics=json.loads(row["metrics_json"]))
 
 

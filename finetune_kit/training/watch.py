@@ -9,7 +9,14 @@ from typing import Any
 
 from finetune_kit.store import Store, utc_now
 from finetune_kit.training.backend import FineTuneBackend, FineTuneJob, JobEvent, JobFailedError, StepMetrics
-from finetune_kit.training.jobs import TRAINER_DIED, JobRecord, check_backend, job_metrics, save_poll
+from finetune_kit.training.jobs import (
+    TRAINER_DIED,
+    JobRecord,
+    check_backend,
+    job_metrics,
+    save_poll,
+    unsettled_jobs,
+)
 from finetune_kit.training.loss_curve import write_loss_curve
 from finetune_kit.training.registry import RegisteredModel, register_model
 
@@ -84,9 +91,7 @@ def watch_job(
     status, estimate, cursor = record.status, record.estimated_finish, record.last_event_id
     interval = polling.interval_s
     while True:
-        job = backend.retrieve_job(record.id)
-        events = backend.list_events(record.id, cursor)
-        new = save_poll(store, record.id, job, events)
+        job, events, new = poll_once(store, backend, record.id, cursor)
         for event in new:
             on_update(EventReceived(event))
             if (metrics := event.step_metrics) is not None:
@@ -104,6 +109,28 @@ def watch_job(
             return finish_job(store, backend, record, job, curve_dir)
         interval = polling.interval_s if changed else min(interval * BACKOFF_FACTOR, polling.max_interval_s)
         polling.sleep(interval)
+
+
+def poll_once(
+    store: Store, backend: FineTuneBackend, job_id: str, cursor: str | None
+) -> tuple[FineTuneJob, list[JobEvent], list[JobEvent]]:
+    """Ask the service once and store what it says: (job, events read, events not seen before)."""
+    job = backend.retrieve_job(job_id)
+    events = backend.list_events(job_id, cursor)
+    if job.finished:  # the last events may be written after the final status: read them once more
+        events += backend.list_events(job_id, events[-1].id if events else cursor)
+    return job, events, save_poll(store, job_id, job, events)
+
+
+def sync_jobs(store: Store, backend: FineTuneBackend, curve_dir: Path) -> list[WatchResult]:
+    """Bring up to date the jobs of this backend that nobody watched to their end, registering their models."""
+    results = []
+    for record in unsettled_jobs(store, backend.identity):
+        assert record.id is not None
+        job, _, _ = poll_once(store, backend, record.id, record.last_event_id)
+        if job.finished:
+            results.append(finish_job(store, backend, record, job, curve_dir))
+    return results
 
 
 def finish_job(

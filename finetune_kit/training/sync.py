@@ -1,0 +1,48 @@
+"""Settle the jobs nobody watched to their end: their models join the registry, then the sinks."""
+
+import logging
+
+from finetune_kit.config import Settings
+from finetune_kit.errors import FtkitError
+from finetune_kit.store import Store
+from finetune_kit.training.registry import RegisteredModel, list_models
+from finetune_kit.training.watch import WatchResult, sync_jobs
+
+log = logging.getLogger(__name__)
+
+
+def sync_registry(settings: Settings, store: Store, hosted: bool = False) -> list[str]:
+    """Poll once every job no watch saw finish — local ones always (a DB read), hosted ones with `hosted` and a
+    key — registering what succeeded and publishing what the sinks lack; one line for each thing done."""
+    from finetune_kit.sinks import publish_pending
+    from finetune_kit.training.local_backend import LocalBackend
+
+    curve_dir = settings.workspace / "training"
+    results = sync_jobs(store, LocalBackend(store, settings.workspace), curve_dir)
+    lines: list[str] = []
+    if hosted and settings.openai_api_key:
+        try:
+            results += _sync_hosted(settings, store)
+        except FtkitError as exc:  # the registry still lists what it has; the next call tries again
+            lines.append(f"Hosted jobs not refreshed: {exc}")
+    lines += [f"Job {r.job.id} {r.job.status} while nobody watched" + _registered(r.model) for r in results]
+    return lines + publish_pending(settings, store)
+
+
+def _sync_hosted(settings: Settings, store: Store) -> list[WatchResult]:
+    from finetune_kit.training import open_backend
+
+    with open_backend(settings, "openai") as backend:
+        return sync_jobs(store, backend, settings.workspace / "training")
+
+
+def _registered(model: RegisteredModel | None) -> str:
+    return f": registered {model.name}" if model else ""
+
+
+def servable_models(store: Store) -> list[RegisteredModel]:
+    """Registered models something can answer with, newest first: hosted ones, and local ones llama.cpp serves."""
+    from finetune_kit.training.local_backend import served_adapters
+
+    served = {adapter.name for adapter in served_adapters(store)}
+    return [model for model in list_models(store) if model.backend != "local" or model.name in served]
