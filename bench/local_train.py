@@ -114,8 +114,8 @@ def time_trainer(trainer: Any) -> float:
     return timer.tokens / timer.elapsed
 
 
-def time_plain_loop(checkpoint: Path, batches: list[dict[str, Any]]) -> float:
-    """A textbook LoRA loop: forward with labels, backward, AdamW step."""
+def time_plain_loop(checkpoint: Path, batches: list[dict[str, Any]], like: Any) -> float:
+    """A textbook LoRA loop: forward with labels, backward, AdamW step, on the device and dtype of `like`."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -124,13 +124,15 @@ def time_plain_loop(checkpoint: Path, batches: list[dict[str, Any]]) -> float:
     lora = LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
     )
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32), lora
-    ).train()
+    weight = next(like.parameters())
+    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=weight.dtype).to(weight.device)
+    model = get_peft_model(base, lora).train()
+    sync = torch.cuda.synchronize if weight.device.type == "cuda" else lambda: None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     started, tokens = 0.0, 0
     for step, batch in enumerate(batches):
         if step == 1:
+            sync()
             started = time.perf_counter()
         loss = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
@@ -140,6 +142,7 @@ def time_plain_loop(checkpoint: Path, batches: list[dict[str, Any]]) -> float:
         optimizer.zero_grad()
         if step >= 1:
             tokens += int(batch["attention_mask"].sum())
+    sync()
     return tokens / (time.perf_counter() - started)
 
 
@@ -154,7 +157,7 @@ def main() -> None:
             trainer = ftkit_trainer(checkpoint, args, Path(out))
             batches = list(trainer.get_train_dataloader())
             lengths = {tuple(batch["input_ids"].shape) for batch in batches}
-            plain.append(time_plain_loop(checkpoint, batches))
+            plain.append(time_plain_loop(checkpoint, batches, trainer.model))
             ours.append(time_trainer(trainer))
             ratios.append(ours[-1] / plain[-1])
             print(

@@ -61,8 +61,10 @@ class FakeAirtable:
         self.api_key = api_key
         self.tables: dict[tuple[str, str], FakeTable] = {}
         self.calls: list[AirtableCall] = []
+        self.schema_calls: list[AirtableCall] = []  # GET /v0/meta/bases/{base}/tables
         self.rate_limited = 0  # answer this many next requests with 429
         self.delay_s = 0.0  # wait this long before answering
+        self.schema_readable = True  # False: the token lacks schema.bases:read (the schema API answers 403)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._server: LoopbackServer | None = None
@@ -122,7 +124,14 @@ class FakeAirtable:
             time.sleep(self.delay_s)
         parts = [urllib.parse.unquote(part) for part in path.strip("/").split("/")]
         base, table_name = (parts[1], parts[2]) if len(parts) == 3 and parts[0] == "v0" else ("", "")
+        is_schema = len(parts) == 5 and parts[:3] == ["v0", "meta", "bases"] and parts[4] == "tables"
         with self._lock:
+            if is_schema and token == self.api_key:  # kept apart: `calls` is the records API's log
+                status, payload = self._schema(parts[3])
+                self.schema_calls.append(
+                    AirtableCall(method, parts[3], "", query, body, status, time.monotonic())
+                )
+                return status, payload
             status, payload = self._route(method, base, table_name, query, token, body)
             self.calls.append(AirtableCall(method, base, table_name, query, body, status, time.monotonic()))
         return status, payload
@@ -153,6 +162,26 @@ class FakeAirtable:
         if method in ("PATCH", "PUT") and isinstance(body, dict) and "performUpsert" in body:
             return self._upsert(table, body, replace=method == "PUT")
         return _error(422, "INVALID_REQUEST_UNKNOWN", "Invalid request: the fake supports list and upsert")
+
+    def _schema(self, base: str) -> Answer:
+        """GET /v0/meta/bases/{base}/tables: every table's id, name, fields and views, as Airtable's schema API."""
+        if not self.schema_readable:
+            return _error(403, "INVALID_PERMISSIONS_OR_MODEL_NOT_FOUND", "Invalid permissions")
+        tables = [
+            {
+                "id": table.id,
+                "name": table.name,
+                "primaryFieldId": f"fld{table.id[3:]}0",
+                "fields": [
+                    {"id": f"fld{table.id[3:]}{n}", "name": column, "type": "multilineText"}
+                    for n, column in enumerate(table.columns)
+                ],
+                "views": [{"id": f"viw{view}", "name": view, "type": "grid"} for view in table.views],
+            }
+            for (b, _), table in self.tables.items()
+            if b == base
+        ]
+        return 200, {"tables": tables}
 
     def _table(self, base: str, name_or_id: str) -> FakeTable | None:
         return next(

@@ -81,10 +81,30 @@ def test_every_page_is_read_and_each_record_is_one_document(fake: FakeAirtable, 
     assert [item.path for item in items] == ids
     assert items[7] == SourceDocument(
         path=ids[7],
-        source_url=f"https://airtable.com/{BASE}/Docs/{ids[7]}",
+        source_url=f"https://airtable.com/{BASE}/{table.id}/{ids[7]}",  # by ID: a link that opens
         text="# Page 7\n\nBody 7.\n",
         format="markdown",
     )
+
+
+def test_a_table_given_by_id_links_records_without_reading_the_schema(
+    fake: FakeAirtable, docs: FakeTable, tmp_path: Path
+) -> None:
+    items = read_airtable(f"airtable:{BASE}/{docs.id}", settings_for(tmp_path))
+    assert items[0].source_url == f"https://airtable.com/{BASE}/{docs.id}/{docs.records[0]['id']}"  # type: ignore[union-attr]
+    assert fake.schema_calls == []
+
+
+def test_a_token_without_the_schema_scope_still_reads_and_says_why_links_name_the_table(
+    fake: FakeAirtable, docs: FakeTable, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.schema_readable = False
+    items = read_airtable(SPEC, settings_for(tmp_path))
+    assert items[0].source_url == f"https://airtable.com/{BASE}/Docs/{docs.records[0]['id']}"  # type: ignore[union-attr]
+    assert [call.status for call in fake.schema_calls] == [403]
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"{SPEC}: record links name the table and may not open (")
+    assert warning.endswith("— pass the table's ID (tbl…) or give the token the schema.bases:read scope")
 
 
 def test_body_fields_are_joined_under_headings_and_the_url_field_is_the_link(
@@ -121,7 +141,7 @@ def test_body_fields_are_joined_under_headings_and_the_url_field_is_the_link(
         ),
         SourceDocument(
             plain,
-            f"https://airtable.com/{BASE}/FAQ/{plain}",
+            f"https://airtable.com/{BASE}/{table.id}/{plain}",
             "# Only an answer\n\n## Answer\n\nYes.\n",
             "markdown",
         ),
@@ -419,7 +439,9 @@ def test_a_model_is_created_then_updated_never_duplicated(
     assert (upsert["performUpsert"], upsert["typecast"]) == ({"fieldsToMergeOn": ["Name"]}, True)
 
 
-def test_a_model_the_sink_could_not_take_is_written_on_the_next_call(fake: FakeAirtable, tmp_path: Path) -> None:
+def test_a_model_the_sink_could_not_take_is_written_on_the_next_call(
+    fake: FakeAirtable, tmp_path: Path
+) -> None:
     table = fake.add_table("Models", ["Name", "Base model", "Job", "Dataset", "Created"])  # no "Metrics" yet
     settings = load_settings(workspace=tmp_path / "ws", airtable_models_table=MODELS)
     older, newer = model(name="ft:older", created_at="2026-04-01T00:00:00+00:00"), model()

@@ -22,6 +22,7 @@ from finetune_kit.store import Store
 from finetune_kit.training.backend import TrainingParams
 from finetune_kit.training.jobs import start_job
 from finetune_kit.training.local_backend import LocalBackend, ServedAdapter, add_event, served_adapters
+from finetune_kit.training.local_trainer import LORA_TARGETS
 from tests.conftest import REPO
 from tests.test_training import ftkit, rows
 
@@ -406,9 +407,7 @@ def test_llama_cpp_serves_the_adapter_as_transformers_peft_computes_it(
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base_checkpoint)
     model = AutoModelForCausalLM.from_pretrained(base_checkpoint, dtype=torch.float32)
-    lora = LoraConfig(
-        r=8, lora_alpha=16, init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj"]
-    )
+    lora = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=LORA_TARGETS)  # as trained
     peft_model = get_peft_model(model, lora).eval()
     peft_model.save_pretrained(tmp_path / "adapter")
     config = json.loads((base_checkpoint / "config.json").read_text())

@@ -4,6 +4,7 @@ The HTTP client here is shared with the models-table sink: Airtable's 5 requests
 back-off (30 s) after a 429, a timeout, and every failure turned into one line that names the fix.
 """
 
+import logging
 import re
 import threading
 import time
@@ -23,9 +24,12 @@ from finetune_kit.config import Settings
 from finetune_kit.errors import SourceError
 from finetune_kit.sources import SkippedFile, SourceDocument, SourceItem
 
+log = logging.getLogger(__name__)
+
 SPEC_PREFIX = "airtable:"
 READ_SCOPE = "data.records:read"
 WRITE_SCOPE = "data.records:write"
+SCHEMA_SCOPE = "schema.bases:read"  # only to link records by table ID when the table is given by name
 PAGE_SIZE = 100  # the most Airtable returns per page
 RETRIED_STATUSES = (429, 502, 503, 504)
 TOKENS_PAGE = "https://airtable.com/create/tokens"
@@ -87,10 +91,10 @@ def read_airtable(spec: str, settings: Settings) -> list[SourceItem]:
         options["view"] = settings.airtable_view
     if settings.airtable_formula is not None:
         options["formula"] = settings.airtable_formula
-    items: list[SourceItem] = []
     with airtable_errors(settings, spec, READ_SCOPE, _field_settings(settings)):
-        for page in table.iterate(**options):
-            items += [record_item(record, table_ref, settings) for record in page]
+        records = [record for page in table.iterate(**options) for record in page]
+    linked = _with_table_id(table, table_ref, settings, spec) if records else table_ref
+    items = [record_item(record, linked, settings) for record in records]
     if not items:
         raise AirtableError(
             f"{spec}: no records{_selection(settings)} — check the table, airtable_view and airtable_formula"
@@ -101,6 +105,25 @@ def read_airtable(spec: str, settings: Settings) -> list[SourceItem]:
             " — point airtable_body_fields (--airtable-body-field) at the columns that hold the text"
         )
     return items
+
+
+def _with_table_id(table: Table, table_ref: AirtableTable, settings: Settings, label: str) -> AirtableTable:
+    """The table named by its tbl… ID, which record links need to open; the name, when the token cannot read
+    the base's schema (scope schema.bases:read)."""
+    if table_ref.table.startswith("tbl"):
+        return table_ref
+    try:
+        with airtable_errors(settings, label, SCHEMA_SCOPE, {}):
+            return AirtableTable(table_ref.base_id, table.id)
+    except (AirtableError, KeyError) as exc:  # KeyError: pyairtable found no table of that name in the schema
+        log.warning(
+            "%s: record links name the table and may not open (%s) — pass the table's ID (tbl…) or give the"
+            " token the %s scope",
+            label,
+            exc,
+            SCHEMA_SCOPE,
+        )
+        return table_ref
 
 
 def _mapped_fields(settings: Settings) -> list[str]:
