@@ -638,7 +638,9 @@ def models(
 
     settings = _settings(ctx)
     with Store(settings.db_path) as store:
-        for line in sync_registry(settings, store, hosted=True):  # jobs that ended while nobody watched
+        for line in sync_registry(
+            settings, store, hosted=True, publish=True
+        ):  # jobs that ended while nobody watched
             err.print(line, markup=False, emoji=False)
         registered = list_models(store)
     if as_json:

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from finetune_kit.cli import app
 from finetune_kit.config import Settings, load_settings
+from finetune_kit.errors import SourceError
 from finetune_kit.stages.ingest import IngestReport, ingest
 from finetune_kit.store import Store
 from tests.loopback import LoopbackServer
@@ -294,6 +295,30 @@ def test_a_start_url_that_moves_to_another_host_crawls_that_host(
     assert documents == {path: site.url + path for path in ("/", "/guide/config.html", "/guide/install.html")}
     assert report.skipped == [("/private/keys.html", "disallowed by robots.txt")]  # the new host's robots.txt
     assert site.requested("/robots.txt") == [200]
+
+
+def test_a_start_url_that_redirects_to_another_host_is_refused(
+    serve: Callable[[Site], Site], site: Site, tmp_path: Path
+) -> None:
+    entry = serve(Site())  # a login page or a parked domain elsewhere is not this site
+    entry.redirects["/"] = site.url.replace("127.0.0.1", "localhost") + "/"
+    with pytest.raises(SourceError) as raised:
+        crawl(load_settings(workspace=tmp_path / "ws"), entry.url + "/")
+    assert str(raised.value).startswith(f"{entry.url}/: redirects to another site (http://localhost:")
+    assert site.log == []
+
+
+def test_a_timeout_on_a_recrawl_keeps_the_stored_copy_even_past_a_redirect(
+    site: Site, tmp_path: Path
+) -> None:
+    site.redirects["/docs"] = "/"
+    settings = load_settings(workspace=tmp_path / "ws", crawl_timeout_s=0.3)
+    crawl(settings, site.url + "/docs")
+    site.delays["/"] = 1.0  # the redirect answers, its target does not in time
+    site.delays["/guide/install.html"] = 1.0
+    report, documents = crawl(settings, site.url + "/docs")
+    assert sorted(documents) == ["/", "/guide/config.html", "/guide/install.html"]
+    assert (report.documents_unchanged, report.documents_retired) == (3, 0)
 
 
 @pytest.mark.parametrize("status", [429, 500, 503])

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -277,7 +278,12 @@ def test_a_job_nobody_watched_is_registered_by_models(fake_llm: FakeOpenAI, work
         if json.loads(out):
             break
     assert code == 0 and job.status == "succeeded"
-    assert [model["name"] for model in json.loads(out)] == [job.fine_tuned_model]
+    [model] = json.loads(out)
+    assert model["name"] == job.fine_tuned_model
+    ended = datetime.fromtimestamp(max(e["created_at"] for e in job.events), UTC).isoformat(
+        timespec="seconds"
+    )
+    assert model["created_at"] == ended  # when the job ended, not when somebody looked
     assert err == f"Job {job.id} succeeded while nobody watched: registered {job.fine_tuned_model}\n"
     assert rows(workspace, "SELECT COUNT(*) FROM job_events") == [(len(job.events),)]
     assert (workspace / "training" / f"{job.id}-loss.png").is_file()

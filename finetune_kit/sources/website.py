@@ -73,7 +73,12 @@ class _PageSkipped(Exception):
 
 
 class _PageUnavailable(_PageSkipped):
-    """The site failed to serve a page for now (5xx, 429): a stored copy stays in use."""
+    """The site failed to serve a page for now (timeout, 5xx, 429): `known`, the stored copy of the URL that
+    failed (a redirect's target, maybe), stays in use."""
+
+    def __init__(self, reason: str, known: "Page | None") -> None:
+        super().__init__(reason)
+        self.known = known
 
 
 def iter_website(spec: str, settings: Settings, store: Store, source_id: str) -> SourceIter:
@@ -278,17 +283,19 @@ class Crawler:
             response, known = self._open(url, known)
             try:
                 return self._read_page(response, known, lastmod)
+            except httpx2.HTTPError as exc:  # the body broke off
+                raise _PageUnavailable(self._failure(exc), known) from exc
             finally:
                 response.close()
         except _PageUnavailable as exc:
-            return self._stored_or_skipped(url, known, str(exc))
+            return self._stored_or_skipped(url, exc.known, str(exc))
         except _PageSkipped as exc:
             return SkippedFile(page_path(url), str(exc))
-        except httpx2.TimeoutException:
-            timeout = f"timed out after {self.options.timeout_s:g}s (crawl_timeout_s)"
-            return self._stored_or_skipped(url, known, timeout)
-        except httpx2.HTTPError as exc:
-            return self._stored_or_skipped(url, known, f"unreachable ({_describe(exc)})")
+
+    def _failure(self, exc: httpx2.HTTPError) -> str:
+        if isinstance(exc, httpx2.TimeoutException):
+            return f"timed out after {self.options.timeout_s:g}s (crawl_timeout_s)"
+        return f"unreachable ({_describe(exc)})"
 
     def _stored_or_skipped(self, url: str, known: Page | None, reason: str) -> Page | SkippedFile:
         """A page the site failed to serve this time keeps its stored text: an outage retires nothing."""
@@ -302,12 +309,15 @@ class Crawler:
         page it ended on, whose validators were sent). The caller closes the response."""
         for _ in range(MAX_REDIRECTS + 1):
             request = self.client.build_request("GET", url, headers=_validators(known))
-            response = self.client.send(request, stream=True)
+            try:
+                response = self.client.send(request, stream=True)
+            except httpx2.HTTPError as exc:
+                raise _PageUnavailable(self._failure(exc), known) from exc
             if not response.has_redirect_location:
                 return response, known
             response.close()
             target = normalize_url(urljoin(url, response.headers["location"]))
-            if url == self.start and not self.is_same_site(target):
+            if url == self.start and not self.is_same_site(target) and _same_host(url, target):
                 self._move_to(target)  # http:// to https://, or example.com to www.example.com
             if not self.is_same_site(target):
                 raise _PageSkipped(f"redirects to another site ({target})")
@@ -331,7 +341,7 @@ class Crawler:
             modified = response.headers.get("last-modified") or known.last_modified
             return Page(url, known.text, known.links, etag, modified, lastmod, fetched=False)
         if response.status_code == 429 or response.status_code >= 500:
-            raise _PageUnavailable(f"HTTP {response.status_code}")
+            raise _PageUnavailable(f"HTTP {response.status_code}", known)
         if response.status_code != 200:
             raise _PageSkipped(f"HTTP {response.status_code}")
         content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -413,6 +423,12 @@ class Crawler:
             if len(raw) > MAX_SITEMAP_BYTES:
                 raise SourceError(f"{url}: unpacks to more than 50 MB — split it with a sitemap index")
         return raw
+
+
+def _same_host(url: str, target: str) -> bool:
+    """The same host but for the scheme, the port or a leading `www.`: a site that moved, not another site."""
+    hosts = [(urlsplit(u).hostname or "").removeprefix("www.") for u in (url, target)]
+    return hosts[0] == hosts[1] != ""
 
 
 def _looks_like_sitemap(url: str) -> bool:

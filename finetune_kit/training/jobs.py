@@ -96,8 +96,10 @@ def start_job(
     dataset = dataset_hash(train, validation)
     key = job_key(backend.identity, dataset, params)
     existing = _job_by_key(store, key)
-    if existing is not None and existing.id is not None and existing.status not in TERMINAL_STATUSES:
-        save_poll(store, existing.id, backend.retrieve_job(existing.id), [])  # a trainer may have died since
+    unfinished = existing is not None and existing.id is not None and existing.status not in TERMINAL_STATUSES
+    if unfinished and backend.name == "local":  # its trainer may have died since (a DB read, no request)
+        assert existing is not None and existing.id is not None
+        save_poll(store, existing.id, backend.retrieve_job(existing.id), [])
         existing = _job_by_key_required(store, key)
     if existing is not None and _trainer_died(existing):
         _set_aside(store, existing)  # a crash of the machine, not of the training: run the job again

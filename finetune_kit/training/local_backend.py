@@ -141,8 +141,9 @@ class LocalBackend:
             row = self._row(job_id)  # it may have finished between the two reads
             if row["status"] not in TERMINAL_STATUSES:
                 reason = f"{TRAINER_DIED} ({last_log_line(Path(row['output_dir']))})"
-                add_event(self.store, job_id, f"Training failed: {reason}", level="error")
-                finish_job(self.store, job_id, "failed", error=reason)
+                with self.store.transaction():  # status and event together, once, though many may look
+                    if finish_job(self.store, job_id, "failed", error=reason):
+                        add_event(self.store, job_id, f"Training failed: {reason}", level="error")
                 row = self._row(job_id)
         return _job(row)
 
@@ -245,19 +246,20 @@ def add_event(
     )
 
 
-def set_status(store: Store, job_id: str, status: str, **fields: Any) -> None:
+def set_status(store: Store, job_id: str, status: str, **fields: Any) -> bool:
     """Move a running job to `status`, with any of estimated_finish, trained_tokens, fine_tuned_model, error."""
     assignments = "".join(f", {name} = ?" for name in fields)
-    store.db.execute(  # a finished job stays finished (a cancel may land while the trainer reports a step)
+    cursor = store.db.execute(  # a finished job stays finished (a cancel may land while the trainer reports a step)
         f"UPDATE local_jobs SET status = ?, updated_at = ?{assignments}"
         f" WHERE id = ? AND status NOT IN ({', '.join('?' * len(TERMINAL_STATUSES))})",
         (status, utc_now(), *fields.values(), job_id, *sorted(TERMINAL_STATUSES)),
     )
+    return cursor.rowcount == 1
 
 
-def finish_job(store: Store, job_id: str, status: str, **fields: Any) -> None:
-    """End the job once: a finished job's status never changes again."""
-    set_status(store, job_id, status, estimated_finish=None, **fields)
+def finish_job(store: Store, job_id: str, status: str, **fields: Any) -> bool:
+    """End the job once: a finished job's status never changes again. True if this call ended it."""
+    return set_status(store, job_id, status, estimated_finish=None, **fields)
 
 
 def served_adapters(store: Store) -> list[ServedAdapter]:

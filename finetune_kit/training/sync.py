@@ -11,9 +11,9 @@ from finetune_kit.training.watch import WatchResult, sync_jobs
 log = logging.getLogger(__name__)
 
 
-def sync_registry(settings: Settings, store: Store, hosted: bool = False) -> list[str]:
+def sync_registry(settings: Settings, store: Store, hosted: bool = False, publish: bool = False) -> list[str]:
     """Poll once every job no watch saw finish — local ones always (a DB read), hosted ones with `hosted` and a
-    key — registering what succeeded and publishing what the sinks lack; one line for each thing done."""
+    key — registering what succeeded and, with `publish`, writing to the sinks what they lack; a line for each."""
     from finetune_kit.sinks import publish_pending
     from finetune_kit.training.local_backend import LocalBackend
 
@@ -26,7 +26,7 @@ def sync_registry(settings: Settings, store: Store, hosted: bool = False) -> lis
         except FtkitError as exc:  # the registry still lists what it has; the next call tries again
             lines.append(f"Hosted jobs not refreshed: {exc}")
     lines += [f"Job {r.job.id} {r.job.status} while nobody watched" + _registered(r.model) for r in results]
-    return lines + publish_pending(settings, store)
+    return lines + (publish_pending(settings, store) if publish else [])
 
 
 def _sync_hosted(settings: Settings, store: Store) -> list[WatchResult]:

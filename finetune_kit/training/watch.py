@@ -4,9 +4,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from finetune_kit.errors import FtkitError
 from finetune_kit.store import Store, utc_now
 from finetune_kit.training.backend import FineTuneBackend, FineTuneJob, JobEvent, JobFailedError, StepMetrics
 from finetune_kit.training.jobs import (
@@ -127,9 +129,12 @@ def sync_jobs(store: Store, backend: FineTuneBackend, curve_dir: Path) -> list[W
     results = []
     for record in unsettled_jobs(store, backend.identity):
         assert record.id is not None
-        job, _, _ = poll_once(store, backend, record.id, record.last_event_id)
-        if job.finished:
-            results.append(finish_job(store, backend, record, job, curve_dir))
+        try:
+            job, _, _ = poll_once(store, backend, record.id, record.last_event_id)
+            if job.finished:
+                results.append(finish_job(store, backend, record, job, curve_dir))
+        except FtkitError as exc:  # one job the service no longer knows must not keep the others unsettled
+            log.warning("job %s not settled: %s", record.id, exc)
     return results
 
 
@@ -158,11 +163,19 @@ def finish_job(
         base_model=record.base_model,
         job_id=record.id,
         dataset_hash=record.dataset_hash,
-        created_at=utc_now(),
+        created_at=_finished_at(store, record.id),
         metrics=summary,
     )
     register_model(store, model)
     return WatchResult(job, model=model, loss_curve=curve, metrics=summary)
+
+
+def _finished_at(store: Store, job_id: str) -> str:
+    """When the job ended, by its last event: a job settled days later must not pass for the newest model."""
+    last = store.scalar("SELECT MAX(created_at) FROM job_events WHERE job_id = ?", (job_id,))
+    if not isinstance(last, int):
+        return utc_now()
+    return datetime.fromtimestamp(last, UTC).isoformat(timespec="seconds")
 
 
 def _metrics_summary(rows: list[Any], job: FineTuneJob) -> dict[str, Any]:
