@@ -638,9 +638,8 @@ def models(
 
     settings = _settings(ctx)
     with Store(settings.db_path) as store:
-        for line in sync_registry(
-            settings, store, hosted=True, publish=True
-        ):  # jobs that ended while nobody watched
+        settled = sync_registry(settings, store, hosted=True, publish=True)  # jobs nobody watched end
+        for line in settled:
             err.print(line, markup=False, emoji=False)
         registered = list_models(store)
     if as_json:

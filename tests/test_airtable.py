@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from finetune_kit.cli import app
 from finetune_kit.config import Settings, load_settings
 from finetune_kit.errors import ConfigError
-from finetune_kit.sinks import publish_model, publish_pending
+from finetune_kit.sinks import publish_pending
 from finetune_kit.sources import SkippedFile, SourceDocument
 from finetune_kit.sources.airtable import AirtableError, read_airtable
 from finetune_kit.stages.ingest import ingest
@@ -411,15 +411,20 @@ def models_table(fake: FakeAirtable) -> FakeTable:
 
 
 def test_a_model_is_created_then_updated_never_duplicated(
-    fake: FakeAirtable, models_table: FakeTable, monkeypatch: pytest.MonkeyPatch
+    fake: FakeAirtable, models_table: FakeTable, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("FTKIT_AIRTABLE_MODELS_TABLE", MODELS)
-    settings = load_settings()
+    settings = load_settings(workspace=tmp_path / "ws")
     other = fake.add_record(models_table, {"Name": "ft:older", "Notes": "kept"})
 
-    first = publish_model(settings, model())
-    models_table.records[-1]["fields"]["Notes"] = "a person's note"
-    second = publish_model(settings, model(metrics={"train_loss": 0.4, "valid_loss": 0.5}))
+    with Store(settings.db_path) as store:
+        register_model(store, model())
+        first = publish_pending(settings, store)
+        models_table.records[-1]["fields"]["Notes"] = "a person's note"
+        register_model(
+            store, model(metrics={"train_loss": 0.4, "valid_loss": 0.5})
+        )  # a re-watch, new metrics
+        second = publish_pending(settings, store)
 
     name = model().name
     assert first == [f"Airtable: created model {name} in {MODELS}"]
@@ -459,8 +464,11 @@ def test_a_model_the_sink_could_not_take_is_written_on_the_next_call(
     assert len(fake.calls_to("PATCH")) == 3  # the failed write, then one per model
 
 
-def test_no_models_table_means_no_sink(fake: FakeAirtable) -> None:
-    assert publish_model(load_settings(), model()) == []
+def test_no_models_table_means_no_sink(fake: FakeAirtable, tmp_path: Path) -> None:
+    settings = load_settings(workspace=tmp_path / "ws")
+    with Store(settings.db_path) as store:
+        register_model(store, model())
+        assert publish_pending(settings, store) == []
     assert fake.calls == []
 
 
@@ -472,9 +480,11 @@ def test_a_sink_failure_is_a_line_and_the_model_stays_registered(
     with Store(settings.db_path) as store:
         register_model(store, model())
 
-        lines = publish_model(settings, model())
+        lines = publish_pending(settings, store)
         monkeypatch.delenv("AIRTABLE_API_KEY")
-        without_key = publish_model(load_settings(airtable_models_table=MODELS), model())
+        without_key = publish_pending(
+            load_settings(workspace=tmp_path / "ws", airtable_models_table=MODELS), store
+        )
 
         assert [m.name for m in list_models(store)] == [model().name]
     name, label = model().name, f"Airtable models table {MODELS}"

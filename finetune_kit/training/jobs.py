@@ -96,11 +96,8 @@ def start_job(
     dataset = dataset_hash(train, validation)
     key = job_key(backend.identity, dataset, params)
     existing = _job_by_key(store, key)
-    unfinished = existing is not None and existing.id is not None and existing.status not in TERMINAL_STATUSES
-    if unfinished and backend.name == "local":  # its trainer may have died since (a DB read, no request)
-        assert existing is not None and existing.id is not None
-        save_poll(store, existing.id, backend.retrieve_job(existing.id), [])
-        existing = _job_by_key_required(store, key)
+    if existing is not None and backend.name == "local":
+        existing = _refreshed(store, backend, existing)  # its trainer may have died since (a DB read)
     if existing is not None and _trainer_died(existing):
         _set_aside(store, existing)  # a crash of the machine, not of the training: run the job again
         existing = None
@@ -127,6 +124,14 @@ def start_job(
     return StartedJob(_job_by_key_required(store, key), uploaded=uploaded, created=created)
 
 
+def _refreshed(store: Store, backend: FineTuneBackend, record: JobRecord) -> JobRecord:
+    """The record after one look at the service, when the DB still has the job unfinished."""
+    if record.id is None or record.status in TERMINAL_STATUSES:
+        return record
+    save_poll(store, record.id, backend.retrieve_job(record.id), [])
+    return _job_by_key_required(store, record.key)
+
+
 def _trainer_died(record: JobRecord) -> bool:
     """A local job whose trainer process vanished (kill -9, OOM, reboot) failed for no reason of its own."""
     return record.status == "failed" and (record.error or "").startswith(TRAINER_DIED)
@@ -145,14 +150,10 @@ def ensure_file(store: Store, backend: FineTuneBackend, file: DatasetFile) -> tu
     )
     if known is not None and backend.has_file(str(known)):
         return str(known), 0
-    if known is not None:  # gone from the backend: upload it again under a fresh record
-        store.db.execute(
-            "DELETE FROM training_files WHERE backend = ? AND sha256 = ? AND purpose = ?",
-            (backend.identity, file.sha256, file.purpose),
-        )
-    file_id = backend.upload(file)
+    file_id = backend.upload(file)  # never uploaded, or gone from the backend since
     store.db.execute(
-        "INSERT INTO training_files(backend, sha256, purpose, file_id, uploaded_at) VALUES (?, ?, ?, ?, ?)",
+        "INSERT OR REPLACE INTO training_files(backend, sha256, purpose, file_id, uploaded_at)"
+        " VALUES (?, ?, ?, ?, ?)",
         (backend.identity, file.sha256, file.purpose, file_id, utc_now()),
     )
     return file_id, 1

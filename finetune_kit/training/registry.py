@@ -33,7 +33,9 @@ def register_model(store: Store, model: RegisteredModel) -> None:
     store.db.execute(
         """INSERT INTO finetuned_models(name, backend, base_model, job_id, dataset_hash, created_at, metrics_json)
            VALUES (?, ?, ?, ?, ?, ?, ?)
-           ON CONFLICT(name) DO UPDATE SET metrics_json = excluded.metrics_json""",
+           ON CONFLICT(name) DO UPDATE SET metrics_json = excluded.metrics_json,
+               -- new metrics make the sinks' copy stale: publish_pending writes it again
+               airtable_table = CASE WHEN metrics_json = excluded.metrics_json THEN airtable_table END""",
         (
             model.name,
             model.backend,

@@ -1,14 +1,12 @@
 """Settle the jobs nobody watched to their end: their models join the registry, then the sinks."""
 
-import logging
+from pathlib import Path
 
 from finetune_kit.config import Settings
 from finetune_kit.errors import FtkitError
 from finetune_kit.store import Store
 from finetune_kit.training.registry import RegisteredModel, list_models
 from finetune_kit.training.watch import WatchResult, sync_jobs
-
-log = logging.getLogger(__name__)
 
 
 def sync_registry(settings: Settings, store: Store, hosted: bool = False, publish: bool = False) -> list[str]:
@@ -22,18 +20,18 @@ def sync_registry(settings: Settings, store: Store, hosted: bool = False, publis
     lines: list[str] = []
     if hosted and settings.openai_api_key:
         try:
-            results += _sync_hosted(settings, store)
+            results += _sync_hosted(settings, store, curve_dir)
         except FtkitError as exc:  # the registry still lists what it has; the next call tries again
             lines.append(f"Hosted jobs not refreshed: {exc}")
     lines += [f"Job {r.job.id} {r.job.status} while nobody watched" + _registered(r.model) for r in results]
     return lines + (publish_pending(settings, store) if publish else [])
 
 
-def _sync_hosted(settings: Settings, store: Store) -> list[WatchResult]:
+def _sync_hosted(settings: Settings, store: Store, curve_dir: Path) -> list[WatchResult]:
     from finetune_kit.training import open_backend
 
     with open_backend(settings, "openai") as backend:
-        return sync_jobs(store, backend, settings.workspace / "training")
+        return sync_jobs(store, backend, curve_dir)
 
 
 def _registered(model: RegisteredModel | None) -> str:
