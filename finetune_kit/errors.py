@@ -33,6 +33,14 @@ class AuthenticationError(LLMError):
     """The LLM endpoint rejected the API key."""
 
 
+class PermissionDeniedError(LLMError):
+    """The endpoint refused this key the action asked for (HTTP 403)."""
+
+
+class ResourceNotFoundError(LLMError):
+    """The endpoint does not know the model, file, batch or job asked for (HTTP 404)."""
+
+
 class RequestRejectedError(LLMError):
     """The endpoint refused one request as invalid (HTTP 400/422): that item fails, the stage goes on."""
 

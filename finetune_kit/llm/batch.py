@@ -6,27 +6,22 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import openai
 from openai.types import Batch
 
-from finetune_kit.errors import AuthenticationError, BatchFailedError, EndpointUnreachableError, LLMError
-from finetune_kit.llm.client import (
-    ChatRequest,
-    Endpoint,
-    cached_result,
-    one_line,
-    record_response,
-    request_hash,
-)
+from finetune_kit.errors import BatchFailedError, ResourceNotFoundError
+from finetune_kit.llm.api import ApiCall, RetryPolicy, Wording, async_client, one_line, request
+from finetune_kit.llm.client import ChatRequest, Endpoint, cached_result, record_response, request_hash
 from finetune_kit.store import Store, utc_now
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 BATCH_URL: Final = "/v1/chat/completions"
 BATCH_PRICE_FACTOR = 0.5  # the Batch API bills tokens at half the synchronous price
@@ -38,6 +33,16 @@ TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 REMOTE_LOOKBACK_S = 25 * 3600
 # Answers a second try cannot change: reported at once rather than retried.
 FINAL_HTTP_STATUSES = frozenset({400, 401, 403, 404, 422})
+API_RETRIES = 2  # per call to the Files and Batch APIs (a batch's creation is never sent twice)
+KEPT = "(a submitted batch is picked up again, not sent twice)"
+BATCH_WORDING = Wording(
+    refused_key="{url} rejected the API key (401) while {doing} — check OPENAI_API_KEY",
+    unreachable="cannot reach {url} while {doing} — check the network and re-run " + KEPT,
+    forbidden="{url} refused {doing} (HTTP 403): {message} — check that the key may use the Batch API",
+    not_found="{url} answered 404 while {doing} — it may not offer the Batch API; drop --batch",
+    rejected="{url} answered HTTP {status} while {doing}: {message} — fix the request or drop --batch",
+    failed="{url} answered HTTP {status} while {doing}: {message} — re-run later " + KEPT,
+)
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ async def prefill_with_batch(
     pending = {key: request for key, request in wanted.items() if cached_result(store, key) is None}
     if not pending:
         return BatchReport(submitted=0, cached=len(wanted), merged=0, failed={}, batch_ids=[])
-    sdk = openai.AsyncOpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key)
+    sdk = async_client(endpoint.base_url, endpoint.api_key)
     runner = _BatchRunner(
         store, endpoint, sdk, run_id, _Polling(poll_interval_s, max_poll_interval_s, on_status)
     )
@@ -128,6 +133,11 @@ class _BatchRunner:
         self.submitted = 0
         self.merged = 0
         self.batch_ids: list[str] = []
+
+    async def _request(self, send: Callable[[], Awaitable[T]], doing: str, retries: int = API_RETRIES) -> T:
+        """One call to the Files or Batch API, retried by the shared policy, its failure naming the fix."""
+        call = ApiCall(self.endpoint.base_url, self.endpoint.api_key, BATCH_WORDING, doing=doing)
+        return await request(send, call, RetryPolicy(retries))
 
     async def settle(self, pending: dict[str, ChatRequest]) -> dict[str, _Failure]:
         """Get every pending request through a batch (an open one if it holds it); returns the failed lines."""
@@ -171,33 +181,43 @@ class _BatchRunner:
         That happens when a process is killed between creating a batch and storing its id.
         """
         known = {row[0] for row in self.store.db.execute("SELECT id FROM batches")}
-        since = time.time() - REMOTE_LOOKBACK_S
         found: dict[str, Batch] = {}
-        with _api_errors(self.endpoint, "listing batches"):
-            async for batch in self.sdk.batches.list(limit=100):
-                if batch.created_at < since:
-                    break
-                request_set = (batch.metadata or {}).get(METADATA_KEY)
-                usable = batch.status not in ("failed", "expired", "cancelling", "cancelled")
-                if request_set and usable and batch.id not in known:
-                    found.setdefault(request_set, batch)
+        for batch in await self._request(self._recent_batches, "listing batches"):
+            request_set = (batch.metadata or {}).get(METADATA_KEY)
+            usable = batch.status not in ("failed", "expired", "cancelling", "cancelled")
+            if request_set and usable and batch.id not in known:
+                found.setdefault(request_set, batch)
         return found
+
+    async def _recent_batches(self) -> list[Batch]:
+        """The batches on the server created within the lookback, newest first."""
+        since = time.time() - REMOTE_LOOKBACK_S
+        recent: list[Batch] = []
+        async for batch in self.sdk.batches.list(limit=100):
+            if batch.created_at < since:
+                break
+            recent.append(batch)
+        return recent
 
     async def _create(self, lines: dict[str, bytes], request_set: str, stage: str) -> Batch:
         """Upload one JSONL input file and create a batch over it."""
         with tempfile.TemporaryDirectory(prefix="ftkit-batch-") as folder:
             path = Path(folder) / f"ftkit-{request_set.removeprefix('s1:')[:16]}.jsonl"
             path.write_bytes(b"".join(lines.values()))
-            with _api_errors(self.endpoint, "uploading the batch input file"):
-                uploaded = await self.sdk.files.create(file=path, purpose="batch")
-        with _api_errors(self.endpoint, "creating a batch"):
-            # No SDK retry: a retried create whose first try did reach the server would start a second batch.
-            batch = await self.sdk.with_options(max_retries=0).batches.create(
+            uploaded = await self._request(
+                lambda: self.sdk.files.create(file=path, purpose="batch"), "uploading the batch input file"
+            )
+        # No retry: a retried create whose first try did reach the server would start a second batch.
+        batch = await self._request(
+            lambda: self.sdk.batches.create(
                 input_file_id=uploaded.id,
                 endpoint=BATCH_URL,
                 completion_window="24h",
                 metadata={METADATA_KEY: request_set, "ftkit_stage": stage},
-            )
+            ),
+            "creating a batch",
+            retries=0,
+        )
         log.info("submitted batch %s with %d requests", batch.id, len(lines))
         return batch
 
@@ -206,8 +226,7 @@ class _BatchRunner:
         interval = self.polling.interval_s
         last: BatchStatus | None = None
         while True:
-            with _api_errors(self.endpoint, f"polling batch {batch_id}"):
-                batch = await self._retrieve(batch_id)
+            batch = await self._retrieve(batch_id)
             if (status := _status(batch)) != last:
                 _store_status(self.store, batch)
                 if self.polling.on_status is not None:
@@ -221,8 +240,10 @@ class _BatchRunner:
     async def _retrieve(self, batch_id: str) -> Batch:
         """The batch's state; one the server does not know is marked failed, so no re-run waits on it again."""
         try:
-            return await self.sdk.batches.retrieve(batch_id)
-        except openai.NotFoundError as exc:
+            return await self._request(
+                lambda: self.sdk.batches.retrieve(batch_id), f"polling batch {batch_id}"
+            )
+        except ResourceNotFoundError as exc:
             with self.store.transaction() as db:
                 db.execute(
                     "UPDATE batches SET status = 'failed', updated_at = ? WHERE id = ?", (utc_now(), batch_id)
@@ -274,8 +295,9 @@ class _BatchRunner:
         """The JSON objects of a result file; other lines are skipped (their requests count as unanswered)."""
         if not file_id:
             return []
-        with _api_errors(self.endpoint, f"downloading batch results {file_id}"):
-            content = await self.sdk.files.content(file_id)
+        content = await self._request(
+            lambda: self.sdk.files.content(file_id), f"downloading batch results {file_id}"
+        )
         lines: list[dict[str, Any]] = []
         for number, text in enumerate(content.text.splitlines(), 1):
             try:
@@ -408,31 +430,6 @@ def _batch_error(batch: Batch, merged: int) -> BatchFailedError | None:
             "re-run to send the rest in a new batch"
         )
     return None
-
-
-@contextmanager
-def _api_errors(endpoint: Endpoint, action: str) -> Iterator[None]:
-    """Turn the SDK's errors into ftkit errors that name the fix."""
-    try:
-        yield
-    except openai.AuthenticationError as exc:
-        raise AuthenticationError(
-            f"{endpoint.base_url} rejected the API key (401) while {action} — check OPENAI_API_KEY"
-        ) from exc
-    except openai.NotFoundError as exc:
-        raise LLMError(
-            f"{endpoint.base_url} answered 404 while {action} — it may not offer the Batch API; drop --batch"
-        ) from exc
-    except (openai.APIConnectionError, openai.APITimeoutError) as exc:
-        raise EndpointUnreachableError(
-            f"cannot reach {endpoint.base_url} while {action} — check the network and re-run "
-            "(a submitted batch is picked up again, not sent twice)"
-        ) from exc
-    except openai.APIStatusError as exc:
-        raise LLMError(
-            f"{endpoint.base_url} answered HTTP {exc.status_code} while {action}: {one_line(exc.message)} "
-            "— re-run later (a submitted batch is picked up again, not sent twice)"
-        ) from exc
 
 
 def _mapping(value: object) -> dict[str, Any]:

@@ -3,39 +3,33 @@
 import asyncio
 import hashlib
 import json
-import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
-import openai
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
-from tenacity.wait import wait_base
-
-from finetune_kit.config import ModelPrice
-from finetune_kit.errors import AuthenticationError, EndpointUnreachableError, LLMError, RequestRejectedError
+from finetune_kit.llm.api import ChatAPI, Endpoint, RetryPolicy, Wording
 from finetune_kit.llm.budget import Budget, prompt_tokens
-from finetune_kit.llm.rate_limit import RateLimiter, cool_down_s, retry_after_s
+from finetune_kit.llm.rate_limit import RateLimiter
 from finetune_kit.store import Store, utc_now
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "ChatRequest",
+    "ChatResult",
+    "Endpoint",
+    "LLMClient",
+    "cached_result",
+    "record_response",
+    "request_hash",
+]
 
-TRANSIENT_ERRORS = (
-    openai.RateLimitError,
-    openai.APITimeoutError,
-    openai.APIConnectionError,
-    openai.InternalServerError,
+GENERATION_WORDING = Wording(
+    refused_key="{url} rejected the API key (401) — check OPENAI_API_KEY",
+    unreachable="cannot reach the LLM endpoint {url}{tries} — check OPENAI_BASE_URL and that the server is up,"
+    " then re-run (finished work is kept)",
+    forbidden="{url} refused the request (HTTP 403): {message} — check that the key may use model '{model}'",
+    not_found="model '{model}' not found at {url} — pick another with --model",
+    rejected="HTTP {status}: {message}",
+    failed="{url} answered HTTP {status}{tries}: {message} — re-run later (finished work is kept)",
 )
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where chat completions go; `identity` names the model server stably across restarts (for the cache)."""
-
-    base_url: str
-    api_key: str = field(repr=False)
-    model: str
-    identity: str
-    price: ModelPrice = field(default_factory=ModelPrice)
 
 
 @dataclass(frozen=True)
@@ -81,33 +75,6 @@ def request_hash(endpoint: Endpoint, request: ChatRequest) -> str:
     return "r1:" + digest[:40]
 
 
-class _WaitRetryAfter(wait_base):
-    """Honour a server's Retry-After header, else back off exponentially with jitter.
-
-    A 429 that says when to come back waits in the rate limiter's shared cool-down instead, not here.
-    """
-
-    def __init__(self) -> None:
-        self.fallback = wait_exponential_jitter(multiplier=0.5, max=30, jitter=0.5)
-
-    def __call__(self, retry_state: Any) -> float:
-        exc = retry_state.outcome.exception() if retry_state.outcome else None
-        response = getattr(exc, "response", None)
-        headers = response.headers if response is not None else {}
-        if isinstance(exc, openai.RateLimitError) and cool_down_s(headers) is not None:
-            return 0.0
-        retry_after = retry_after_s(headers)
-        return retry_after if retry_after is not None else float(self.fallback(retry_state))
-
-
-def _log_retry(retry_state: Any) -> None:
-    exc = retry_state.outcome.exception() if retry_state.outcome else None
-    wait = retry_state.next_action.sleep if retry_state.next_action else 0.0
-    log.info(
-        "attempt %d failed (%s); retrying in %.2f s", retry_state.attempt_number, one_line(str(exc), 80), wait
-    )
-
-
 class LLMClient:
     """Cached, retried, concurrency-bounded chat completions against one endpoint."""
 
@@ -128,22 +95,25 @@ class LLMClient:
         self.store = store
         self.run_id = run_id
         self.budget = budget or Budget(limit_usd=None)
-        self.max_retries = max_retries
         self.calls_made = 0
         self.cache_hits = 0
-        self.limiter = RateLimiter(
+        limiter = RateLimiter(
             max_concurrency=max_concurrency,
             requests_per_minute=requests_per_minute,
             tokens_per_minute=tokens_per_minute,
         )
         self._in_flight: dict[str, asyncio.Future[None]] = {}
-        self._sdk = openai.AsyncOpenAI(
-            base_url=endpoint.base_url, api_key=endpoint.api_key, max_retries=0, timeout=timeout_s
-        )
+        self.api = ChatAPI(endpoint, limiter, timeout_s=timeout_s, wording=GENERATION_WORDING)
+        self.policy = RetryPolicy(max_retries, limiter_cools_down=True)
+
+    @property
+    def limiter(self) -> RateLimiter:
+        """The pacing of this client's requests (rates, concurrency, 429s seen)."""
+        return self.api.limiter
 
     async def close(self) -> None:
         """Release the HTTP connection pool."""
-        await self._sdk.close()
+        await self.api.close()
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         """The completion for `request`: from the cache if this exact call was paid for before."""
@@ -166,58 +136,8 @@ class LLMClient:
             self._in_flight.pop(key).set_result(None)
 
     async def _call_with_retries(self, request: ChatRequest) -> dict[str, Any]:
-        payload = request.payload(self.endpoint.model)
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(lambda exc: isinstance(exc, TRANSIENT_ERRORS)),
-            wait=_WaitRetryAfter(),
-            stop=stop_after_attempt(self.max_retries + 1),
-            before_sleep=_log_retry,
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    response = await self._attempt(request, payload)
-        except openai.AuthenticationError as exc:
-            raise AuthenticationError(
-                f"{self.endpoint.base_url} rejected the API key (401) — check OPENAI_API_KEY"
-            ) from exc
-        except openai.NotFoundError as exc:
-            raise LLMError(
-                f"model '{self.endpoint.model}' not found at {self.endpoint.base_url} — pick another with --model"
-            ) from exc
-        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
-            raise EndpointUnreachableError(
-                f"cannot reach the LLM endpoint {self.endpoint.base_url} after {_tries(self.max_retries + 1)} "
-                "— check OPENAI_BASE_URL and that the server is up, then re-run (finished work is kept)"
-            ) from exc
-        except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
-            raise RequestRejectedError(f"HTTP {exc.status_code}: {one_line(exc.message)}") from exc
-        except openai.APIStatusError as exc:
-            raise LLMError(
-                f"{self.endpoint.base_url} answered HTTP {exc.status_code} after {_tries(self.max_retries + 1)}: "
-                f"{one_line(exc.message)} — re-run later (finished work is kept)"
-            ) from exc
-        return response
-
-    async def _attempt(self, request: ChatRequest, payload: dict[str, Any]) -> dict[str, Any]:
-        """One HTTP request, paced by the rate limiter, which learns from the response's headers."""
         tokens = prompt_tokens(request) + request.max_tokens if self.limiter.counts_tokens else 0
-        permit = await self.limiter.acquire(tokens)
-        try:
-            raw = await self._sdk.chat.completions.with_raw_response.create(**payload)
-        except openai.RateLimitError as exc:
-            self.limiter.observe(exc.response.headers)
-            self.limiter.on_rate_limited(cool_down_s(exc.response.headers), permit)
-            log.info(
-                "rate limited (429): pausing all requests; now %d in flight at most", self.limiter.concurrency
-            )
-            raise
-        finally:
-            self.limiter.release()
-        self.limiter.observe(raw.headers)
-        self.limiter.on_success()
-        return raw.parse().model_dump(mode="json")
+        return await self.api.complete(request.payload(self.endpoint.model), self.policy, tokens=tokens)
 
 
 def cached_result(store: Store, key: str) -> ChatResult | None:
@@ -282,13 +202,3 @@ def _result(
         cost_usd=cost,
         cached=cached,
     )
-
-
-def _tries(n: int) -> str:
-    return "1 try" if n == 1 else f"{n} tries"
-
-
-def one_line(message: str, limit: int = 160) -> str:
-    """`message` on one line, cut to `limit` characters."""
-    line = " ".join(message.split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -1,18 +1,19 @@
 """The model behind the bot: a small protocol, and its OpenAI-compatible implementation (streaming, deadline)."""
 
+import asyncio
 import contextlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-import openai
-
 from finetune_kit.config import Settings
-from finetune_kit.errors import ConfigError, FtkitError
-from finetune_kit.llm.client import Endpoint
+from finetune_kit.errors import ConfigError, FtkitError, LLMError
+from finetune_kit.llm.api import ChatAPI, Endpoint, RetryPolicy, Wording
+from finetune_kit.llm.rate_limit import RateLimiter
 from finetune_kit.tokens import count_tokens, truncate_tokens
 
 log = logging.getLogger(__name__)
@@ -20,8 +21,16 @@ log = logging.getLogger(__name__)
 API_CONTEXT_TOKENS = 16_384  # a window every current chat model has; also bounds what one answer costs
 MESSAGE_OVERHEAD_TOKENS = 4  # role and separators of one chat message
 CONTEXT_SAFETY = 0.9  # our tokenizer is an estimate of the model's own
-RETRY_PAUSE_S = 0.5
-TRANSIENT_ERRORS = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
+ANSWER_RETRIES = 1  # a person is waiting: one more try, within the answer's deadline
+# What the bot stores and logs about a failed call: the status and the server's words, never the key.
+ANSWER_WORDING = Wording(
+    refused_key="HTTP {status}: {reason}",
+    unreachable="{reason}",
+    forbidden="HTTP {status}: {reason}",
+    not_found="HTTP {status}: {reason}",
+    rejected="HTTP {status}: {reason}",
+    failed="HTTP {status}: {reason}",
+)
 
 OnText = Callable[[str], None]
 
@@ -111,7 +120,11 @@ def fit_to_context(system: str, turns: Sequence[Turn], budget_tokens: int) -> li
 
 
 class OpenAIAnswerer:
-    """Answers through any OpenAI-compatible endpoint, at most `max_concurrency` calls at once."""
+    """Answers through any OpenAI-compatible endpoint, at most `max_concurrency` calls at once.
+
+    Calls run on the answerer's own event loop (one thread), through the same ChatAPI that generation uses;
+    `answer` blocks its caller's thread, which also receives the streamed text.
+    """
 
     def __init__(
         self,
@@ -140,8 +153,11 @@ class OpenAIAnswerer:
                 "context — lower slack_max_answer_tokens or raise slack_context_tokens"
             )
         self._slots = threading.BoundedSemaphore(max_concurrency)
-        self._api_key = endpoint.api_key
-        self._sdk = openai.OpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key, max_retries=0)
+        limiter = RateLimiter(max_concurrency=max_concurrency)
+        self._api = ChatAPI(endpoint, limiter, timeout_s=timeout_s, wording=ANSWER_WORDING)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="answerer", daemon=True)
+        self._thread.start()
 
     @classmethod
     def from_settings(cls, endpoint: Endpoint, settings: Settings) -> "OpenAIAnswerer":
@@ -160,8 +176,11 @@ class OpenAIAnswerer:
         )
 
     def close(self) -> None:
-        """Release the HTTP connection pool."""
-        self._sdk.close()
+        """Release the HTTP connection pool and stop the answerer's event loop."""
+        asyncio.run_coroutine_threadsafe(self._api.close(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
     def answer(self, turns: Sequence[Turn], on_text: OnText | None = None) -> str:
         """The model's answer to the last turn, given the earlier ones; the timeout starts once a slot is free."""
@@ -172,56 +191,36 @@ class OpenAIAnswerer:
             "max_tokens": self.max_tokens,
         }
         with self._slots:
-            text = self._complete(payload, time.monotonic() + self.timeout_s, on_text)
+            text = self._on_loop(payload, on_text)
         if not text.strip():
             raise AnswerFailed("the model returned an empty answer")
         return text.strip()
 
-    def _complete(self, payload: dict[str, Any], deadline: float, on_text: OnText | None) -> str:
-        """One completion, retried once after a rate limit, server error or dropped connection."""
-        for attempt in (1, 2):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                if self.stream:
-                    return self._streamed(payload, deadline, remaining, on_text)
-                response = self._sdk.chat.completions.create(**payload, timeout=remaining)
-                return (response.choices[0].message.content or "") if response.choices else ""
-            except openai.APITimeoutError:
-                break
-            except TRANSIENT_ERRORS as exc:
-                if attempt == 2:
-                    raise AnswerFailed(self._describe(exc)) from exc
-                time.sleep(min(RETRY_PAUSE_S, max(deadline - time.monotonic(), 0)))
-            except openai.APIError as exc:
-                raise AnswerFailed(self._describe(exc)) from exc
-        raise AnswerFailed(f"no answer within {self.timeout_s:g} s", timed_out=True)
+    def _on_loop(self, payload: dict[str, Any], on_text: OnText | None) -> str:
+        """Run one completion on the event loop; its streamed text reaches `on_text` in this thread."""
+        updates: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        future = asyncio.run_coroutine_threadsafe(self._complete(payload, updates.put), self._loop)
+        future.add_done_callback(lambda _: updates.put(None))
+        while (text := updates.get()) is not None:
+            if on_text is not None:
+                on_text(text)
+        return future.result()
 
-    def _describe(self, exc: openai.APIError) -> str:
-        """One short line about a failed call: the status and the server's words, never a traceback or the key."""
-        status = getattr(exc, "status_code", None)
-        body = exc.body.get("message") if isinstance(exc.body, dict) else None
-        message = " ".join(str(body or exc.message).split())[:160]
-        if len(self._api_key) > 4:
-            message = message.replace(self._api_key, "***")
-        return f"HTTP {status}: {message}" if status else message
-
-    def _streamed(
-        self, payload: dict[str, Any], deadline: float, remaining: float, on_text: OnText | None
-    ) -> str:
-        text = ""
-        stream = self._sdk.chat.completions.create(**payload, stream=True, timeout=remaining)
-        with contextlib.closing(stream):
-            for chunk in stream:
-                if time.monotonic() > deadline:
-                    raise AnswerFailed(f"no answer within {self.timeout_s:g} s", timed_out=True)
-                delta = chunk.choices[0].delta.content if chunk.choices else None
-                if delta:
-                    text += delta
-                    if on_text is not None:
-                        on_text(text)
-        return text
+    async def _complete(self, payload: dict[str, Any], on_text: OnText) -> str:
+        """One completion, retried under the shared policy until the answer's deadline."""
+        deadline = time.monotonic() + self.timeout_s
+        policy = RetryPolicy(ANSWER_RETRIES, deadline=deadline)
+        completion = self._api.complete(payload, policy, stream=self.stream, on_text=on_text)
+        try:
+            body = await asyncio.wait_for(completion, self.timeout_s)
+        except TimeoutError:
+            raise AnswerFailed(f"no answer within {self.timeout_s:g} s", timed_out=True) from None
+        except LLMError as exc:
+            if time.monotonic() >= deadline:  # the SDK's own timeout fired as the deadline passed
+                raise AnswerFailed(f"no answer within {self.timeout_s:g} s", timed_out=True) from exc
+            raise AnswerFailed(str(exc)) from exc
+        choices = body.get("choices") or [{}]
+        return (choices[0].get("message") or {}).get("content") or ""
 
 
 @contextlib.contextmanager
