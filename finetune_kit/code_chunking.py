@@ -16,8 +16,9 @@ The rules, in order:
    changes no other function's chunk (nor its id, nor its questions). Smaller units next to each other (imports,
    constants, one-line helpers) are packed together up to `target_tokens`.
 3. Splitting. A unit bigger than the target is split into its parts: a class at its methods, a Python function at
-   its statements, an indented block at its inner blocks, recursively; a part without parts is cut at blank lines,
-   then lines, then (one huge line) tokens. No line is lost or repeated.
+   its statements, an indented block at its inner blocks, recursively (at most `_MAX_SPLIT_DEPTH` levels: deeper
+   nesting is cut as lines); a part without parts is cut at blank lines, then lines, then (one huge line) tokens.
+   No line is lost or repeated.
 4. Leftovers. A chunk still under `min_tokens` joins the previous chunk (else the next) when the two fit, except
    that the pieces of a split unit never join what lies outside it.
 
@@ -73,6 +74,7 @@ _SQL_DEFINITION = re.compile(
 _WINDOW_CHARS_PER_TOKEN = 4
 # A heading that leaves less room than this for code is over the target by itself: such a chunk is cut no further.
 _MIN_ROOM = 8
+_MAX_SPLIT_DEPTH = 64  # splitting recurses once per nesting level; a file nested deeper is cut by lines there
 _NAME_SCAN_CHARS = 300  # names are looked for at the start of a line; a minified line is not scanned whole
 
 
@@ -395,13 +397,13 @@ class _Chunker:
     def fits(self, start: int, end: int, names: tuple[str, ...]) -> bool:
         return self.file.cost(start, end) <= self.room(names)
 
-    def plan(self, units: list[_Unit]) -> list[_Group]:
+    def plan(self, units: list[_Unit], depth: int = 0) -> list[_Group]:
         """Groups for sibling units: definitions alone, small units packed, oversized units split."""
         groups: list[_Group] = []
         for unit in units:
             last = groups[-1] if groups else None
             if not self.fits(unit.start, unit.end, unit.names):
-                groups += [replace(group, open=False, sealed=True) for group in self.split(unit)]
+                groups += [replace(group, open=False, sealed=True) for group in self.split(unit, depth)]
             elif unit.definition and self.file.cost(unit.start, unit.end) >= self.settings.min_tokens:
                 groups.append(_Group(unit.start, unit.end, unit.names))
             elif (
@@ -414,11 +416,11 @@ class _Chunker:
                 groups.append(_Group(unit.start, unit.end, unit.names, open=True))
         return self.merge_leftovers(groups)
 
-    def split(self, unit: _Unit) -> list[_Group]:
-        """An oversized unit as groups: by its parts when it has several, else by lines."""
-        parts = unit.parts() if unit.parts else []
+    def split(self, unit: _Unit, depth: int) -> list[_Group]:
+        """An oversized unit as groups: by its parts when it has several (and nesting allows), else by lines."""
+        parts = unit.parts() if unit.parts and depth < _MAX_SPLIT_DEPTH else []
         if len(parts) > 1:
-            return self.plan(parts)
+            return self.plan(parts, depth + 1)
         return [
             _Group(s, e, unit.names) for s, e in self.line_pieces(unit.start, unit.end, self.room(unit.names))
         ]

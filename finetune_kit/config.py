@@ -5,7 +5,15 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, PrivateAttr, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,6 +35,7 @@ SECRET_SETTINGS = {
     "slack_api_url": "SLACK_API_URL",
     "airtable_api_key": "AIRTABLE_API_KEY",
 }
+MIN_CHUNK_TOKENS = 32  # room for a heading line and some text (the chunker refuses less)
 SLACK_DEFAULT_API_URL = "https://slack.com/api/"
 _SLACK_CONVERSATION_ID = re.compile(r"[CGD][A-Z0-9]{2,}")
 _AIRTABLE_TABLE = re.compile(r"app[A-Za-z0-9]+/[^/].*")  # BASE_ID/TABLE (a table name or tbl… ID)
@@ -94,6 +103,7 @@ class Settings(BaseSettings):
     include: list[str] = []
     exclude: list[str] = []
     include_code: bool = False
+    max_file_bytes: int = Field(5 * 1024 * 1024, ge=1)  # a bigger file is skipped with its reason
     chunk_target_tokens: int = 512
     chunk_overlap_tokens: int = 64
     chunk_min_tokens: int = 40
@@ -200,6 +210,28 @@ class Settings(BaseSettings):
     def _merge_limits(cls, value: dict[str, int]) -> dict[str, int]:
         """A limit set in ftkit.toml adds to (or overrides one row of) the default table."""
         return {**DEFAULT_EXAMPLE_TOKEN_LIMITS, **value}
+
+    @field_validator("chunk_target_tokens", mode="after")
+    @classmethod
+    def _chunk_target(cls, value: int) -> int:
+        """The chunker needs room for a heading and some text; named as the user sets it, not as the chunker does."""
+        if value < MIN_CHUNK_TOKENS:
+            raise ValueError(
+                f"must be at least {MIN_CHUNK_TOKENS}, not {value} (--chunk-tokens sets it; the default is 512)"
+            )
+        return value
+
+    @field_validator("chunk_overlap_tokens", "chunk_min_tokens", mode="after")
+    @classmethod
+    def _below_chunk_target(cls, value: int, info: ValidationInfo) -> int:
+        """Overlap stays below the chunk target and the merge threshold at or below it."""
+        target = info.data.get("chunk_target_tokens")
+        if target is None:  # the target itself was invalid; that error is the one to show
+            return value
+        top = target - 1 if info.field_name == "chunk_overlap_tokens" else target
+        if not 0 <= value <= top:
+            raise ValueError(f"must be from 0 to {top} (chunk_target_tokens is {target}), not {value}")
+        return value
 
     @field_validator("slack_allowed_channels", mode="after")
     @classmethod

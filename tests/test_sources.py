@@ -412,7 +412,7 @@ def test_single_file_path_yields_just_that_file(tmp_path: Path) -> None:
 def test_files_over_5_mb_are_skipped(tmp_path: Path) -> None:
     _write(tmp_path, {"big.txt": b"a" * (5 * 1024 * 1024 + 1), "ok.txt": b"a" * (5 * 1024 * 1024)})
     items = list(iter_directory(tmp_path, [], []))
-    assert items[0] == SkippedFile("big.txt", "larger than 5 MB")
+    assert items[0] == SkippedFile("big.txt", "larger than 5 MB (raise max_file_bytes to read it)")
     assert isinstance(items[1], SourceDocument) and items[1].path == "ok.txt"
 
 

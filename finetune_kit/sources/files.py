@@ -12,7 +12,10 @@ from finetune_kit.errors import SourceError
 from finetune_kit.sources import SkippedFile, SourceDocument, SourceItem, SourceIter
 from finetune_kit.sources.text import CODE_LANGUAGES, DOC_FORMATS, to_text
 
-MAX_FILE_BYTES = 5 * 1024 * 1024
+DEFAULT_MAX_FILE_BYTES = 5 * 1024 * 1024  # the `max_file_bytes` setting's default
+OUTSIDE_SOURCE = (
+    "a symbolic link to outside the source — not read (copy the file in, or add its folder as a source)"
+)
 _GLOB_TOKEN = re.compile(r"\*\*/|\*\*|\*|\?|\[!?\]?[^\]]*\]|.", re.S)
 _GLOB_WILDCARDS = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
 IGNORED_DIRS = frozenset({"node_modules", "__pycache__"})  # hidden names (".git", ".venv") are skipped too
@@ -24,17 +27,18 @@ def iter_directory(
     exclude: list[str],
     url_for: Callable[[str], str] | None = None,
     include_code: bool = False,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> SourceIter:
     """Yield every selected file under root (or root itself when it is a file), in sorted path order."""
     if not root.exists():
         raise SourceError(f"{root}: no such file or directory — check the path")
+    root = root.resolve()  # the folder (or file) named is the source, wherever a link to it points
     if root.is_file():
         # a file named on the command line is wanted whatever its type, code included
-        return iter([read_source_file(root.parent, root.name, url_for, include_code=True)])
-    relpaths, unreadable_dirs = _walk(root)
-    return itertools.chain(
-        iter_files(root, relpaths, include, exclude, url_for, include_code), unreadable_dirs
-    )
+        return iter([read_source_file(root.parent, root.name, url_for, True, max_file_bytes)])
+    relpaths, skipped_dirs = _walk(root, exclude)
+    files = iter_files(root, relpaths, include, exclude, url_for, include_code, max_file_bytes)
+    return itertools.chain(files, skipped_dirs)
 
 
 def iter_files(
@@ -44,28 +48,52 @@ def iter_files(
     exclude: list[str],
     url_for: Callable[[str], str] | None = None,
     include_code: bool = False,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> SourceIter:
     """Yield the selected files among relpaths (POSIX, relative to root), read and converted, sorted."""
     for relpath in sorted(relpaths):
         if is_selected(relpath, include, exclude, include_code):
             code_wanted = include_code or _names_extension(relpath, include)
-            yield read_source_file(root, relpath, url_for, code_wanted)
+            yield read_source_file(root, relpath, url_for, code_wanted, max_file_bytes)
 
 
-def _walk(root: Path) -> tuple[list[str], list[SkippedFile]]:
-    """List files under root as POSIX paths, pruning hidden and ignored dirs; also report unreadable dirs."""
+def _walk(root: Path, exclude: list[str]) -> tuple[list[str], list[SkippedFile]]:
+    """List files under root as POSIX paths, pruning hidden and ignored dirs; report unreadable and linked dirs."""
     found: list[str] = []
-    unreadable: list[SkippedFile] = []
+    skipped: list[SkippedFile] = []
 
     def record_unreadable(error: OSError) -> None:
         relpath = Path(error.filename).relative_to(root).as_posix()
-        unreadable.append(SkippedFile(relpath, f"unreadable: {error.strerror or error}"))
+        skipped.append(SkippedFile(relpath, f"unreadable: {error.strerror or error}"))
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=record_unreadable):
-        dirnames[:] = [name for name in dirnames if not _is_ignored_name(name)]
         relative_dir = Path(dirpath).relative_to(root)
+        dirnames[:] = [name for name in dirnames if not _is_ignored_name(name)]
+        for name in [name for name in dirnames if (Path(dirpath) / name).is_symlink()]:
+            dirnames.remove(
+                name
+            )  # os.walk does not descend into links; say so rather than drop them silently
+            relpath = (relative_dir / name).as_posix()
+            if not any(matches_glob(relpath, pattern) for pattern in exclude):
+                skipped.append(SkippedFile(relpath, _linked_dir_reason(root, root / relpath)))
         found.extend((relative_dir / name).as_posix() for name in filenames)
-    return found, unreadable
+    return found, skipped
+
+
+def _linked_dir_reason(root: Path, link: Path) -> str:
+    """Why a symbolic link to a directory is not read."""
+    return _outside_reason(link, root) or (
+        "a symbolic link to a folder of this source — not followed (its files are read where they lie)"
+    )
+
+
+def _outside_reason(path: Path, root: Path) -> str | None:
+    """Why `path` may not be read when, through any chain of links, it leaves `root` (resolved); else None."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a loop of links (Python 3.11 and 3.12)
+        return "unreadable: a loop of symbolic links"
+    return None if resolved.is_relative_to(root) else OUTSIDE_SOURCE
 
 
 def _is_ignored_name(name: str) -> bool:
@@ -120,17 +148,34 @@ def _glob_token_regex(token: str) -> str:
     return re.escape(token)
 
 
+def _size(n_bytes: int) -> str:
+    """A byte count as a person writes it: 5 MB, 512 KB, 1,000 bytes."""
+    for unit, scale in (("MB", 1024 * 1024), ("KB", 1024)):
+        if n_bytes % scale == 0:
+            return f"{n_bytes // scale} {unit}"
+    return f"{n_bytes:,} bytes"
+
+
 def read_source_file(
-    root: Path, relpath: str, url_for: Callable[[str], str] | None, include_code: bool
+    root: Path,
+    relpath: str,
+    url_for: Callable[[str], str] | None,
+    include_code: bool,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> SourceItem:
-    """Read and convert one file, or say why it was skipped."""
+    """Read and convert one file, or say why it was skipped; nothing that resolves outside root is read."""
     path = root / relpath
+    if (outside := _outside_reason(path, root.resolve())) is not None:
+        return SkippedFile(relpath, outside)
     try:
+        path = path.resolve()  # read what was checked, not a name a link could be swapped behind
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):
             return SkippedFile(relpath, "not a regular file")
-        if info.st_size > MAX_FILE_BYTES:
-            return SkippedFile(relpath, "larger than 5 MB")
+        if info.st_size > max_file_bytes:
+            return SkippedFile(
+                relpath, f"larger than {_size(max_file_bytes)} (raise max_file_bytes to read it)"
+            )
         raw = path.read_bytes()
     except OSError as exc:
         return SkippedFile(relpath, f"unreadable: {exc.strerror or exc}")

@@ -11,7 +11,7 @@ from urllib.parse import quote, unquote, urlparse
 
 from finetune_kit.errors import SourceError
 from finetune_kit.sources import SourceIter
-from finetune_kit.sources.files import iter_files
+from finetune_kit.sources.files import DEFAULT_MAX_FILE_BYTES, iter_files
 
 _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:")  # git@github.com:owner/repo.git
 _HOSTED = re.compile(r"^https?://(?:[^/@]+@)?(?:www\.)?(?:github\.com|gitlab\.com|bitbucket\.org)/", re.I)
@@ -42,7 +42,12 @@ def _is_repository(path: Path) -> bool:
 
 
 def iter_git(
-    spec: str, include: list[str], exclude: list[str], cache_dir: Path, include_code: bool = False
+    spec: str,
+    include: list[str],
+    exclude: list[str],
+    cache_dir: Path,
+    include_code: bool = False,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> SourceIter:
     """Yield the selected tracked files of a repository, each with a permalink at the HEAD commit."""
     if _is_url(spec):
@@ -63,7 +68,10 @@ def iter_git(
         "run git status there to see why",
     )
     url_for = _permalink_builder(remote, commit) or _file_url_builder(checkout, commit)
-    return iter_files(checkout, listing.split("\0")[:-1], include, exclude, url_for, include_code)
+    relpaths = listing.split("\0")[
+        :-1
+    ]  # a committed symlink is listed too: iter_files reads none leading outside
+    return iter_files(checkout, relpaths, include, exclude, url_for, include_code, max_file_bytes)
 
 
 def _is_url(spec: str) -> bool:

@@ -11,6 +11,8 @@ from bs4 import BeautifulSoup, Tag
 from docutils import nodes
 from markdownify import MarkdownConverter
 
+from finetune_kit.errors import SourceError
+
 DOC_FORMATS = {
     ".md": "markdown",
     ".markdown": "markdown",
@@ -27,6 +29,10 @@ CODE_LANGUAGES = {
     ".sql": "sql", ".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json",
 }  # fmt: skip
 BINARY_SNIFF_BYTES = 8192
+# The converters walk a document's tree recursively (markdownify ~3 frames per tag, docutils ~6-9 per level), so a
+# file nested deeper than this is skipped before it is walked; real documents stay far below both.
+MAX_HTML_DEPTH = 128
+MAX_RST_DEPTH = 48
 
 _FRONT_MATTER = re.compile(r"\A---\n([\w-]+[ \t]*:.*?)\n(?:---|\.\.\.)\n", re.S)  # starts with a YAML key
 _FRONT_MATTER_TITLE = re.compile(r"^title:\s*(.+?)\s*$", re.M)
@@ -43,6 +49,11 @@ _RST_ROLE = re.compile(r"^:(?P<role>[\w:.+-]+):`(?P<body>.*)`$", re.S)
 _CODE_ROLES = ("func", "meth", "class", "mod", "attr", "obj", "exc", "data", "code", "const")
 _SKIPPED_HTML_TAGS = ["script", "style", "nav", "footer", "noscript", "template"]
 _HTML_LANGUAGE_CLASS = re.compile(r"^(?:language|lang|highlight)-([\w+#.-]+)$")
+_RST_LIST_MARKERS = re.compile(r"(?:(?:[-*+\u2022\u2023\u2043]|\(?(?:\d{1,9}|#|[A-Za-z]{1,4})[.)])[ \t]+)*")
+
+
+class NestingTooDeep(SourceError):
+    """A document nests deeper than its converter can walk safely."""
 
 
 def to_text(path: str, raw: bytes, include_code: bool) -> tuple[str, str] | str:
@@ -59,7 +70,12 @@ def to_text(path: str, raw: bytes, include_code: bool) -> tuple[str, str] | str:
     except UnicodeDecodeError:
         return "not valid UTF-8 text"
     source = source.replace("\r\n", "\n").replace("\r", "\n")
-    text, fmt = _convert(path, suffix, source)
+    try:
+        text, fmt = _convert(path, suffix, source)
+    except NestingTooDeep as exc:
+        return str(exc)
+    except RecursionError:  # the last line of defence: a structure the depth checks do not foresee
+        return "nested too deeply to convert — flatten it, or leave it out with --exclude"
     text = "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
     if not text.strip():
         return "empty after conversion"
@@ -138,6 +154,10 @@ def _bracket_depth(line: str, depth: int) -> int:
 def html_to_markdown(html: str) -> str:
     """Convert HTML to Markdown: ATX headings, fenced code, no scripts, styles or navigation."""
     soup = BeautifulSoup(html, "html.parser")
+    if (depth := _html_depth(soup)) > MAX_HTML_DEPTH:
+        raise NestingTooDeep(
+            f"HTML nested {depth} tags deep (the limit is {MAX_HTML_DEPTH}) — flatten it, or leave it out with --exclude"
+        )
     for tag in soup.find_all(_SKIPPED_HTML_TAGS):
         tag.decompose()
     for anchor in soup.select("a.headerlink"):
@@ -153,6 +173,16 @@ def html_to_markdown(html: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", converter.convert_soup(main))
 
 
+def _html_depth(soup: BeautifulSoup) -> int:
+    """How deeply tags nest, counted without recursion (the parser builds any depth; walkers cannot)."""
+    deepest, stack = 0, list[tuple[Tag, int]]([(soup, 0)])
+    while stack:
+        tag, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in tag.children if isinstance(child, Tag))
+    return deepest
+
+
 def _html_code_language(pre: Tag) -> str:
     """Find a code block's language in `language-x` / `highlight-x` classes on it or around it."""
     candidates = [pre.find("code"), pre, pre.parent, pre.parent.parent if pre.parent else None]
@@ -166,6 +196,11 @@ def _html_code_language(pre: Tag) -> str:
 
 def rst_to_markdown(rst: str) -> str:
     """Parse reStructuredText with docutils (silently) and render the doctree as Markdown."""
+    if (depth := _rst_depth(rst)) > MAX_RST_DEPTH:
+        raise NestingTooDeep(
+            f"reStructuredText nested {depth} levels deep (the limit is {MAX_RST_DEPTH}) — flatten it, "
+            "or leave it out with --exclude"
+        )
     source = _RST_CODE_DIRECTIVE.sub(r"\g<indent>.. code::\g<lang>\n", rst)
     settings = {
         "report_level": 5,
@@ -182,6 +217,24 @@ def rst_to_markdown(rst: str) -> str:
     }
     doctree = docutils.core.publish_doctree(source, settings_overrides=settings)
     return _rst_blocks(doctree.children, 1)
+
+
+def _rst_depth(rst: str) -> int:
+    """An upper bound on reST nesting: the stack of indents (quotes, directives, list bodies) plus the list
+    markers stacked at the start of one line (`- - - x` is three nested lists)."""
+    deepest, indents = 0, list[int]()
+    for line in rst.split("\n"):
+        body = line.lstrip()
+        if not body:
+            continue
+        indent = len(line) - len(body)
+        while indents and indents[-1] >= indent:
+            indents.pop()
+        indents.append(indent)
+        markers = _RST_LIST_MARKERS.match(body)
+        stacked = len(re.findall(r"[ \t]+", markers.group())) if markers else 0
+        deepest = max(deepest, len(indents) + stacked)
+    return deepest
 
 
 _RST_SKIPPED = (

@@ -28,7 +28,7 @@ from finetune_kit import __version__
 from finetune_kit.config import Settings
 from finetune_kit.errors import SourceError
 from finetune_kit.sources import SkippedFile, SourceDocument, SourceItem, SourceIter
-from finetune_kit.sources.text import html_to_markdown
+from finetune_kit.sources.text import NestingTooDeep, html_to_markdown
 from finetune_kit.store import Store, utc_now
 
 log = logging.getLogger(__name__)
@@ -363,7 +363,7 @@ class Crawler:
             for anchor in soup.find_all("a", href=True)
             if self._is_followable(link := normalize_url(urljoin(base, str(anchor["href"]))))
         )
-        text = "\n".join(line.rstrip() for line in html_to_markdown(markup).split("\n")).strip("\n")
+        text = "\n".join(line.rstrip() for line in _page_markdown(markup).split("\n")).strip("\n")
         title = soup.title.get_text(" ", strip=True) if soup.title else ""
         if title and not re.search(r"^# ", text, re.M):
             text = f"# {title}\n\n{text}"
@@ -425,8 +425,20 @@ class Crawler:
         return raw
 
 
+def _page_markdown(markup: str) -> str:
+    """A page as Markdown; a page nested too deeply to convert is skipped with its reason, not the crawl."""
+    try:
+        return html_to_markdown(markup)
+    except NestingTooDeep as exc:
+        raise _PageSkipped(str(exc)) from exc
+    except RecursionError as exc:
+        raise _PageSkipped("nested too deeply to convert") from exc
+
+
 def _same_host(url: str, target: str) -> bool:
     """The same host but for the scheme, the port or a leading `www.`: a site that moved, not another site."""
+    if urlsplit(target).scheme.lower() not in ("http", "https"):
+        return False  # file:, ftp:, data: … are never a site that moved
     hosts = [(urlsplit(u).hostname or "").removeprefix("www.") for u in (url, target)]
     return hosts[0] == hosts[1] != ""
 
