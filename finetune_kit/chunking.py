@@ -15,7 +15,9 @@ The rules, in order:
    its fence or repeats its header in every piece. Each later piece of a section starts with up to
    `overlap_tokens` of the previous piece's trailing prose (whole lines, sentences or words; never code).
 4. Small chunks. A chunk under `min_tokens` is merged into the previous chunk, else the next, when both
-   are under the same `#` heading and the result fits the target; otherwise it is kept as it is.
+   are under the same `#` heading and the result fits the target. Three or more small chunks in a row (a
+   glossary, FAQ or changelog of one-line `#` sections) are merged across `#` headings too, under the heading
+   path they share. Otherwise a chunk is kept as it is.
 
 Every chunk starts with its heading lines, and `n_tokens` counts the whole text. Sizes are planned with
 per-block token counts (each block is counted once), so chunking stays linear in the document size.
@@ -349,6 +351,7 @@ class _Draft:
     top: int
     pieces: list[tuple[_Section, list[_Atom]]] = field(default_factory=list)
     tokens: int = 0
+    small_run: bool = False  # merged from a run of small chunks across `#` headings; more small ones may join
 
     def cost(self, section: _Section, atom: _Atom) -> int:
         """Estimated tokens that appending `atom` of `section` adds, headings and fences included."""
@@ -450,13 +453,14 @@ def _tail(text: str, room: int) -> list[_Atom]:
 
 
 def _merge_small(drafts: list[_Draft], settings: ChunkSettings) -> list[_Draft]:
-    """Merge each draft under min_tokens into the previous (else next) one under the same `#`, if it fits."""
+    """Merge each draft under min_tokens into the previous (else next) one under the same `#`, if it fits;
+    a run of three or more small drafts merges across `#` headings too."""
     merged: list[_Draft] = []
-    for draft in drafts:
+    for i, draft in enumerate(drafts):
         last = merged[-1] if merged else None
-        small = last is not None and min(last.tokens, draft.tokens) < settings.min_tokens
-        if last is not None and small and last.top == draft.top:
-            candidate = _Draft(last.chapter, last.top)
+        following = drafts[i + 1] if i + 1 < len(drafts) else None
+        if last is not None and (across := _merge_kind(last, draft, following, settings)) is not None:
+            candidate = _Draft(last.chapter, last.top, small_run=across or last.small_run)
             for section, atoms in last.pieces + draft.pieces:
                 for atom in atoms:
                     candidate.add(section, atom)
@@ -465,6 +469,19 @@ def _merge_small(drafts: list[_Draft], settings: ChunkSettings) -> list[_Draft]:
                 continue
         merged.append(draft)
     return merged
+
+
+def _merge_kind(
+    last: _Draft, draft: _Draft, following: _Draft | None, settings: ChunkSettings
+) -> bool | None:
+    """None: keep apart; False: merge under their `#` heading; True: merge across `#` (a run of small drafts)."""
+    minimum = settings.min_tokens
+    if min(last.tokens, draft.tokens) < minimum and last.top == draft.top:
+        return False
+    starts_run = last.tokens < minimum and following is not None and following.tokens < minimum
+    if draft.tokens < minimum and (last.small_run or starts_run):
+        return True
+    return None
 
 
 def _render_atoms(atoms: list[_Atom]) -> str:

@@ -1,17 +1,21 @@
 """Dry runs: the calls, tokens and dollars a generation stage would spend, computed before anything is sent."""
 
+import sqlite3
+from collections import Counter
 from dataclasses import dataclass
 
 from finetune_kit.config import Settings
 from finetune_kit.llm.budget import prompt_tokens, worst_case_cost
 from finetune_kit.llm.client import ChatRequest, Endpoint, cached_result, request_hash
 from finetune_kit.llm.endpoint import endpoint_identity
+from finetune_kit.prompts import FormatTemplates
 from finetune_kit.stages.build_dataset import answer_request, load_answer_templates, planned_answer_requests
 from finetune_kit.stages.generate_questions import (
     generation_key,
     load_question_templates,
     pending_chunks,
     question_request,
+    too_small_for_questions,
 )
 from finetune_kit.store import Store
 
@@ -29,6 +33,7 @@ class StageEstimate:
     max_completion_tokens: int
     max_cost_usd: float
     extrapolated: bool = False  # includes answers to questions that do not exist yet
+    by_chunk_size: tuple[tuple[str, int], ...] = ()  # (size bucket, calls) for the chunks still to be asked
 
 
 def planning_endpoint(settings: Settings) -> Endpoint:
@@ -37,8 +42,37 @@ def planning_endpoint(settings: Settings) -> Endpoint:
     return Endpoint(base_url="", api_key="", model=model, identity=identity, price=settings.price_for(model))
 
 
+def chunk_size_bucket(n_tokens: int, settings: Settings) -> str:
+    """The size range (in tokens) a chunk falls in, bounded by an eighth, a quarter and half of the target."""
+    tiny, target = settings.chunk_min_tokens // 2, settings.chunk_target_tokens
+    if n_tokens < tiny:
+        return f"under {tiny}"
+    low = tiny
+    for high in (target // 8, target // 4, target // 2, target):
+        if n_tokens <= high:
+            return f"{low}–{high}"
+        low = max(low, high + 1)
+    return f"over {target}"
+
+
+def _calls_by_size(
+    chunks: list[sqlite3.Row], calls_each: int, settings: Settings
+) -> tuple[tuple[str, int], ...]:
+    """Calls per chunk size bucket, smallest bucket first; chunks too small to ask about cost nothing."""
+    calls: Counter[str] = Counter()
+    for chunk in sorted(chunks, key=lambda c: int(c["n_tokens"])):
+        asked = not too_small_for_questions(chunk, settings)
+        calls[chunk_size_bucket(int(chunk["n_tokens"]), settings)] += calls_each if asked else 0
+    return tuple(calls.items())
+
+
 def estimate_stage(
-    stage: str, requests: list[ChatRequest], endpoint: Endpoint, factor: float, extrapolated: bool = False
+    stage: str,
+    requests: list[ChatRequest],
+    endpoint: Endpoint,
+    factor: float,
+    extrapolated: bool = False,
+    by_chunk_size: tuple[tuple[str, int], ...] = (),
 ) -> StageEstimate:
     """Totals for `requests` at the endpoint's price (times `factor`)."""
     return StageEstimate(
@@ -48,6 +82,7 @@ def estimate_stage(
         max_completion_tokens=sum(r.max_tokens for r in requests),
         max_cost_usd=sum(worst_case_cost(r, endpoint.price, factor) for r in requests),
         extrapolated=extrapolated,
+        by_chunk_size=by_chunk_size,
     )
 
 
@@ -57,29 +92,56 @@ def estimate_generation(
     """What generate-questions and build-dataset would spend now; cached calls cost nothing and are left out."""
     endpoint = planning_endpoint(settings)
     factor = BATCH_PRICE_FACTOR if settings.batch else 1.0
-
-    def uncached(requests: list[ChatRequest]) -> list[ChatRequest]:
-        return [r for r in requests if cached_result(store, request_hash(endpoint, r)) is None]
-
     templates = load_question_templates(settings)
     chunks = pending_chunks(
         store, generation_key(settings, templates.docs, endpoint.identity, endpoint.model)
     )
     estimates = []
     if questions:
-        asks = uncached(
-            [question_request(settings, templates.for_format(c["format"]), c["text"], 0) for c in chunks]
-        )
-        estimates.append(estimate_stage("generate-questions", asks, endpoint, factor))
+        estimates.append(_question_estimate(store, settings, endpoint, factor, templates, chunks))
     if answers:
-        existing = uncached(planned_answer_requests(store, settings, endpoint.identity, endpoint.model))
-        answer_templates = load_answer_templates(settings)
-        future = [
-            answer_request(
-                settings, answer_templates.for_format(chunk["format"]), chunk["text"], TYPICAL_QUESTION
-            )
-            for chunk in (chunks if questions else [])
-            for _ in range(settings.questions_per_chunk)
-        ]
-        estimates.append(estimate_stage("build-dataset", existing + future, endpoint, factor, bool(future)))
+        asked = [c for c in chunks if questions and not too_small_for_questions(c, settings)]
+        estimates.append(_answer_estimate(store, settings, endpoint, factor, asked))
     return estimates
+
+
+def _uncached(store: Store, endpoint: Endpoint, request: ChatRequest) -> bool:
+    return cached_result(store, request_hash(endpoint, request)) is None
+
+
+def _question_estimate(
+    store: Store,
+    settings: Settings,
+    endpoint: Endpoint,
+    factor: float,
+    templates: FormatTemplates,
+    chunks: list[sqlite3.Row],
+) -> StageEstimate:
+    """One question call per chunk big enough to ask about and not in the cache."""
+    asked = [
+        (chunk, question_request(settings, templates.for_format(chunk["format"]), chunk["text"], 0))
+        for chunk in chunks
+        if not too_small_for_questions(chunk, settings)
+    ]
+    asked = [(chunk, r) for chunk, r in asked if _uncached(store, endpoint, r)]
+    unasked = [chunk for chunk in chunks if too_small_for_questions(chunk, settings)]
+    sizes = _calls_by_size([chunk for chunk, _ in asked] + unasked, 1, settings)
+    return estimate_stage("generate-questions", [r for _, r in asked], endpoint, factor, False, sizes)
+
+
+def _answer_estimate(
+    store: Store, settings: Settings, endpoint: Endpoint, factor: float, future_chunks: list[sqlite3.Row]
+) -> StageEstimate:
+    """Answers to the questions that exist, plus N per chunk still to be asked (sized with a typical question)."""
+    planned = planned_answer_requests(store, settings, endpoint.identity, endpoint.model)
+    existing = [r for r in planned if _uncached(store, endpoint, r)]
+    answer_templates = load_answer_templates(settings)
+    future = [
+        answer_request(
+            settings, answer_templates.for_format(chunk["format"]), chunk["text"], TYPICAL_QUESTION
+        )
+        for chunk in future_chunks
+        for _ in range(settings.questions_per_chunk)
+    ]
+    sizes = _calls_by_size(future_chunks, settings.questions_per_chunk, settings)
+    return estimate_stage("build-dataset", existing + future, endpoint, factor, bool(future), sizes)

@@ -81,6 +81,9 @@ def ingest_lines(report: IngestReport) -> list[str]:
     if report.skipped:
         lines.append(f"Skipped {len(report.skipped)} file(s):")
         lines += [f"  {path}: {reason}" for path, reason in report.skipped]
+    if report.failed_sources:
+        lines.append(f"Left out {len(report.failed_sources)} source(s) that gave no usable document:")
+        lines += [f"  {message}" for _, message in report.failed_sources]
     return lines
 
 
@@ -116,6 +119,8 @@ def summary_table(summary: RunSummary) -> Table:
         )
         table.add_row("chunks (new)", str(summary.ingest.chunks_new))
         table.add_row("files skipped", str(len(summary.ingest.skipped)))
+        for _, message in summary.ingest.failed_sources:
+            table.add_row("source left out", message)
     if summary.questions:
         q = summary.questions
         table.add_row("chunks (total / already done)", f"{q.chunks_total} / {q.chunks_done_before}")
@@ -163,7 +168,22 @@ def estimate_table(estimates: list[StageEstimate]) -> Table:
         f"{sum(e.max_completion_tokens for e in estimates):,}",
         f"${sum(e.max_cost_usd for e in estimates):.4f}",
     )
+    _add_calls_by_chunk_size(table, estimates)
     return table
+
+
+def _add_calls_by_chunk_size(table: Table, estimates: list[StageEstimate]) -> None:
+    """Rows under the totals: how many calls each chunk size range costs, across the stages."""
+    calls_by_size: Counter[str] = Counter()
+    for e in estimates:
+        calls_by_size.update(dict(e.by_chunk_size))
+    if not calls_by_size:
+        return
+    table.add_section()
+    note = "chunks a–b: the calls for chunks of a to b tokens (under: never asked)"
+    table.caption = f"{table.caption}\n{note}" if table.caption else note
+    for bucket, calls in calls_by_size.items():
+        table.add_row(f"chunks {bucket}", f"{calls:,}", "", "", "")
 
 
 def status_table(report: StatusReport) -> Table:

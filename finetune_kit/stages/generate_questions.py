@@ -16,6 +16,7 @@ from finetune_kit.stages import Prefill, gather_all
 from finetune_kit.store import Store, utc_now
 
 MAX_ATTEMPTS = 3  # asks per chunk while the model's output yields no usable question
+TOO_SMALL = "too small for questions"  # the coverage reason of a chunk that is never asked about
 
 
 @dataclass
@@ -59,11 +60,16 @@ def generation_key(settings: Settings, template: PromptTemplate, endpoint_identi
 def pending_chunks(store: Store, key: str) -> list[sqlite3.Row]:
     """Active chunks with no question set for `key` yet."""
     return store.db.execute(
-        "SELECT c.id, c.text, d.format FROM chunks c JOIN documents d ON d.id = c.document_id"
+        "SELECT c.id, c.text, c.n_tokens, d.format FROM chunks c JOIN documents d ON d.id = c.document_id"
         " WHERE c.status = 'active' AND c.id NOT IN"
         " (SELECT chunk_id FROM question_sets WHERE generation_key = ?) ORDER BY c.document_id, c.seq",
         (key,),
     ).fetchall()
+
+
+def too_small_for_questions(chunk: sqlite3.Row, settings: Settings) -> bool:
+    """A chunk under half of chunk_min_tokens that merging could not grow holds too little to ask about."""
+    return int(chunk["n_tokens"]) < settings.chunk_min_tokens // 2
 
 
 def question_request(
@@ -102,6 +108,11 @@ async def generate_questions(
         chunks_total=int(store.scalar("SELECT count(*) FROM chunks WHERE status = 'active'"))
     )
     report.chunks_done_before = report.chunks_total - len(todo)
+    small = [chunk for chunk in todo if too_small_for_questions(chunk, settings)]
+    for chunk in small:  # recorded with its reason, so status shows it and no call is ever made for it
+        reason = f"{TOO_SMALL} (under {settings.chunk_min_tokens // 2} tokens; see chunk_min_tokens)"
+        _save_question_set(store, chunk["id"], key, settings.questions_per_chunk, [], reason, report)
+    todo = [chunk for chunk in todo if not too_small_for_questions(chunk, settings)]
     run = _QuestionRun(store, client, settings, templates, key, report, progress, prefill)
     progress.start("generate questions", len(todo))
     try:
@@ -182,7 +193,11 @@ def _fail_if_nothing_usable(store: Store, key: str, model: str, report: Question
     accepted = store.scalar(
         "SELECT count(*) FROM questions WHERE generation_key = ? AND status = 'accepted'", (key,)
     )
-    if report.chunks_total and not accepted:
+    too_small = store.scalar(
+        "SELECT count(*) FROM question_sets WHERE generation_key = ? AND reason LIKE ?",
+        (key, TOO_SMALL + "%"),
+    )
+    if report.chunks_total > too_small and not accepted:
         raise LLMError(
             f"model '{model}' produced no usable questions for any of {report.chunks_total} chunks"
             " — see `ftkit status` for the reasons; try a larger model with --model"
