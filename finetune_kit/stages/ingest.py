@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from finetune_kit.sources.git import is_git_spec, iter_git
 from finetune_kit.sources.slack_export import is_slack_export, iter_slack_export
 from finetune_kit.store import Store, utc_now
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class IngestReport:
@@ -31,6 +34,9 @@ class IngestReport:
     chunks_new: int = 0
     chunks_retired: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    failed_sources: list[tuple[str, str]] = field(
+        default_factory=list
+    )  # (spec, why it gave nothing), when others did
 
     @property
     def skipped_by_reason(self) -> Counter[str]:
@@ -64,23 +70,46 @@ def ingest(
     progress = progress or NoProgress()
     report = IngestReport()
     for spec in specs:
-        kind, items = _open_source(spec, settings, store)
-        items = list(items)
-        documents = [item for item in items if isinstance(item, SourceDocument)]
-        report.skipped += [(item.path, item.reason) for item in items if isinstance(item, SkippedFile)]
-        if not documents:
-            raise SourceError(_empty_source_message(spec, items))
-        source_id = _upsert_source(store, spec, kind)
-        progress.start(f"ingest {spec}", len(documents))
-        for document in documents:
-            _ingest_document(store, source_id, document, chunk_settings(settings), report)
-            progress.advance()
-        progress.finish()
-        _record_skips(store, source_id, [item for item in items if isinstance(item, SkippedFile)])
-        _retire_missing(store, source_id, {doc.path for doc in documents}, report)
-        store.db.execute("UPDATE sources SET last_sync = ? WHERE id = ?", (utc_now(), source_id))
-        report.sources += 1
+        try:
+            _ingest_source(store, settings, spec, progress, report)
+        except SourceError as exc:
+            if len(specs) == 1:
+                raise
+            log.warning("%s", exc)
+            report.failed_sources.append((spec, str(exc)))
+    if report.sources == 0 and report.failed_sources:
+        raise SourceError("; ".join(message for _, message in report.failed_sources))
     return report
+
+
+def _ingest_source(
+    store: Store, settings: Settings, spec: str, progress: Progress, report: IngestReport
+) -> None:
+    """Read one source into the DB; SourceError (and nothing written) when it yields no usable document."""
+    kind, items = _open_source(spec, settings, store)
+    items = list(items)
+    documents = [item for item in items if isinstance(item, SourceDocument)]
+    skipped = [item for item in items if isinstance(item, SkippedFile)]
+    if not documents:
+        raise SourceError(_empty_source_message(spec, items))
+    source_id = _upsert_source(store, spec, kind)
+    progress.start(f"ingest {spec}", len(documents))
+    kept: set[str] = set()
+    for document in documents:
+        try:
+            _ingest_document(store, source_id, document, chunk_settings(settings), report)
+            kept.add(document.path)
+        except RecursionError:  # the chunkers bound their depth; this is the last line of defence
+            skipped.append(
+                SkippedFile(document.path, "nested too deeply to chunk — flatten it, or --exclude it")
+            )
+        progress.advance()
+    progress.finish()
+    report.skipped += [(item.path, item.reason) for item in skipped]
+    _record_skips(store, source_id, skipped)
+    _retire_missing(store, source_id, kept, report)
+    store.db.execute("UPDATE sources SET last_sync = ? WHERE id = ?", (utc_now(), source_id))
+    report.sources += 1
 
 
 def _open_source(spec: str, settings: Settings, store: Store) -> tuple[str, list[SourceItem]]:
@@ -90,7 +119,10 @@ def _open_source(spec: str, settings: Settings, store: Store) -> tuple[str, list
         return "airtable", read_airtable(spec, settings)
     if is_git_spec(spec):
         cache = settings.workspace / "cache" / "git"
-        return "git", list(iter_git(spec, settings.include, settings.exclude, cache, settings.include_code))
+        items = iter_git(
+            spec, settings.include, settings.exclude, cache, settings.include_code, settings.max_file_bytes
+        )
+        return "git", list(items)
     if spec.lower().startswith(("http://", "https://")):
         from finetune_kit.sources.website import iter_website  # the HTTP client loads only for websites
 
@@ -98,7 +130,13 @@ def _open_source(spec: str, settings: Settings, store: Store) -> tuple[str, list
     if is_slack_export(spec):
         return "slack-export", list(iter_slack_export(Path(spec).expanduser(), settings.slack_workspace_url))
     path = Path(spec).expanduser()
-    items = iter_directory(path, settings.include, settings.exclude, include_code=settings.include_code)
+    items = iter_directory(
+        path,
+        settings.include,
+        settings.exclude,
+        include_code=settings.include_code,
+        max_file_bytes=settings.max_file_bytes,
+    )
     return ("directory" if path.is_dir() else "file"), list(items)
 
 
@@ -141,6 +179,9 @@ def _ingest_document(
     if row is not None and row["chunker_key"] == key and row["source_url"] == doc.source_url:
         report.documents_unchanged += 1
         return
+    chunks = _chunks_with_urls(
+        doc, chunking
+    )  # before any write: a document that cannot be chunked changes nothing
     with store.transaction() as db:
         if row is None:
             report.documents_retired += _retire_documents(
@@ -170,15 +211,15 @@ def _ingest_document(
                 (key, doc.source_url, doc_id),
             )
             report.documents_rechunked += 1
-        report.chunks_new += _insert_chunks(db, source_id, doc_id, doc, chunking)
+        report.chunks_new += _insert_chunks(db, source_id, doc_id, doc, chunks)
 
 
 def _insert_chunks(
-    db: sqlite3.Connection, source_id: str, doc_id: str, doc: SourceDocument, chunking: ChunkSettings
+    db: sqlite3.Connection, source_id: str, doc_id: str, doc: SourceDocument, chunks: list[tuple[Chunk, str]]
 ) -> int:
     """Insert a document's chunks; a chunk whose text is unchanged keeps its id (and its questions)."""
     new = 0
-    for chunk, source_url in _chunks_with_urls(doc, chunking):
+    for chunk, source_url in chunks:
         heading_path = json.dumps(list(chunk.heading_path))
         chunk_id = "c1:" + _sha(source_id, doc.path, heading_path, chunk.text)[:24]
         cur = db.execute(
