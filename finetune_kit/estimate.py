@@ -14,6 +14,7 @@ from finetune_kit.stages.generate_questions import (
     generation_key,
     load_question_templates,
     pending_chunks,
+    question_floor,
     question_request,
     too_small_for_questions,
 )
@@ -44,7 +45,7 @@ def planning_endpoint(settings: Settings) -> Endpoint:
 
 def chunk_size_bucket(n_tokens: int, settings: Settings) -> str:
     """The size range (in tokens) a chunk falls in, bounded by an eighth, a quarter and half of the target."""
-    tiny, target = settings.chunk_min_tokens // 2, settings.chunk_target_tokens
+    tiny, target = question_floor(settings), settings.chunk_target_tokens
     if n_tokens < tiny:
         return f"under {tiny}"
     low = tiny

@@ -342,7 +342,7 @@ def test_a_chunk_too_small_for_questions_costs_nothing_and_says_why(
     (docs / "changelog" / "tiny.md").write_text("# Fixed\n\nTypo.\n")
     code, out, err = ftkit(runner, "run", str(docs), "--dry-run")
     assert code == 0, err
-    assert "│ chunks under 20    │     0 │" in out
+    assert "│ chunks under 10    │     0 │" in out
     code, out, err = ftkit(runner, "run", str(docs), "--min-examples", "1")
     assert code == 0, err
     assert not any("Typo." in str(body) for body in fake_llm.requests)
@@ -351,7 +351,7 @@ def test_a_chunk_too_small_for_questions_costs_nothing_and_says_why(
             "SELECT c.text, q.reason FROM question_sets q JOIN chunks c ON c.id = q.chunk_id WHERE q.n_accepted = 0"
         ).fetchall()
     assert [tuple(row) for row in reasons] == [
-        ("# Fixed\n\nTypo.", "too small for questions (under 20 tokens; see chunk_min_tokens)")
+        ("# Fixed\n\nTypo.", "too small for questions (under 10 tokens; see chunk_min_tokens)")
     ]
 
 

@@ -67,9 +67,14 @@ def pending_chunks(store: Store, key: str) -> list[sqlite3.Row]:
     ).fetchall()
 
 
+def question_floor(settings: Settings) -> int:
+    """Chunks smaller than this (a quarter of chunk_min_tokens: a heading and a few words) are never asked about."""
+    return settings.chunk_min_tokens // 4
+
+
 def too_small_for_questions(chunk: sqlite3.Row, settings: Settings) -> bool:
-    """A chunk under half of chunk_min_tokens that merging could not grow holds too little to ask about."""
-    return int(chunk["n_tokens"]) < settings.chunk_min_tokens // 2
+    """A chunk that merging could not grow past the question floor holds too little to ask about."""
+    return int(chunk["n_tokens"]) < question_floor(settings)
 
 
 def question_request(
@@ -110,7 +115,7 @@ async def generate_questions(
     report.chunks_done_before = report.chunks_total - len(todo)
     small = [chunk for chunk in todo if too_small_for_questions(chunk, settings)]
     for chunk in small:  # recorded with its reason, so status shows it and no call is ever made for it
-        reason = f"{TOO_SMALL} (under {settings.chunk_min_tokens // 2} tokens; see chunk_min_tokens)"
+        reason = f"{TOO_SMALL} (under {question_floor(settings)} tokens; see chunk_min_tokens)"
         _save_question_set(store, chunk["id"], key, settings.questions_per_chunk, [], reason, report)
     todo = [chunk for chunk in todo if not too_small_for_questions(chunk, settings)]
     run = _QuestionRun(store, client, settings, templates, key, report, progress, prefill)
