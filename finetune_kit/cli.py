@@ -1,5 +1,6 @@
 """The `ftkit` command line: parse flags, build settings, call the library, print the result."""
 
+import copy
 import os
 import signal
 import traceback
@@ -17,8 +18,17 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+GLOBAL_OPTIONS = ("workspace", "config", "debug")  # the root's options, accepted after any command too
+
+
 class _FtkitGroup(TyperGroup):
     """Turns FtkitError into one `Error: …` line and exit code 1 (`--debug` shows the traceback)."""
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        given_once = [param for param in self.params if param.name in GLOBAL_OPTIONS]
+        if given_once:  # the root group: every command below it accepts the same options
+            _accept_after_command(self, given_once)
 
     def invoke(self, ctx: Any) -> Any:  # typer 0.29 vendors its own click; stay agnostic
         try:
@@ -30,6 +40,28 @@ class _FtkitGroup(TyperGroup):
                 ctx,
                 "Interrupted — finished work is saved in the workspace; re-run the same command to continue.",
             )
+
+
+def _accept_after_command(group: Any, options: list[Any]) -> None:
+    """Give every command under `group` a copy of the root's `options` that overrides the root's value."""
+    for command in group.commands.values():
+        known = {param.name for param in command.params}
+        for option in options:
+            if option.name not in known:
+                after = copy.copy(option)
+                after.expose_value, after.callback = False, _override_global
+                command.params.append(after)
+        if hasattr(command, "commands"):
+            _accept_after_command(command, options)
+
+
+def _override_global(ctx: Any, param: Any, value: Any) -> Any:
+    """A global option given after the command wins over the same option before it."""
+    if value is not None and value is not False:
+        root = ctx.find_root()
+        root.obj = root.obj or {}
+        root.obj[param.name] = value
+    return value
 
 
 def _report(ctx: typer.Context, message: str) -> None:
@@ -55,33 +87,40 @@ def _redact(text: str) -> str:
 
 app = typer.Typer(
     cls=_FtkitGroup,
-    help="Turn your documentation into a fine-tuning dataset and a support model you own.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
 
+ANYWHERE = " Before or after the command (after wins)."
 WorkspaceOpt = Annotated[
     Path | None,
     typer.Option(
-        "--workspace", "-w", metavar="DIR", help="Workspace folder (env FTKIT_WORKSPACE; default ./.ftkit)."
+        "--workspace",
+        "-w",
+        metavar="DIR",
+        help="Workspace folder (env FTKIT_WORKSPACE; default ./.ftkit)." + ANYWHERE,
     ),
 ]
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", metavar="FILE", help="Settings file (default ./ftkit.toml if present)."),
+    typer.Option(
+        "--config", metavar="FILE", help="Settings file (default ./ftkit.toml if present)." + ANYWHERE
+    ),
 ]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors." + ANYWHERE)]
 
 
 @app.callback()
 def _global(
-    ctx: typer.Context,
-    workspace: WorkspaceOpt = None,
-    config: ConfigOpt = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    ctx: typer.Context, workspace: WorkspaceOpt = None, config: ConfigOpt = None, debug: DebugOpt = False
 ) -> None:
-    """Turn your documentation into a fine-tuning dataset and a support model you own."""
+    """Turn your documentation into a fine-tuning dataset and a support model you own.
+
+    --workspace/-w, --config and --debug work before the command and after it (`ftkit run docs -w ws`, `ftkit
+    train watch -w ws`); given in both places, the one after the command wins.
+    """
     ctx.obj = {"workspace": workspace, "config": config, "debug": debug}
 
 
@@ -90,6 +129,8 @@ def _settings(ctx: typer.Context) -> Settings:
     obj = ctx.find_root().obj or {}
     # a repeatable option that was not given arrives as (); it must not hide ftkit.toml's list
     flags = {k: v for k, v in ctx.params.items() if k in Settings.model_fields and v != ()}
+    if flags.get("dataset_dir") is None and ctx.params.get("out") is not None:
+        flags["dataset_dir"] = ctx.params["out"]  # --out, the old name of --dataset
     return load_settings(obj.get("config"), workspace=obj.get("workspace"), **flags)
 
 
@@ -117,8 +158,17 @@ PerChunk = Annotated[
     int | None,
     typer.Option("--questions-per-chunk", "-n", metavar="N", help="Questions per chunk (default 3)."),
 ]
-OutDir = Annotated[
-    Path | None, typer.Option("--out", metavar="DIR", help="Dataset folder (default <workspace>/dataset).")
+DatasetDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--dataset",
+        metavar="DIR",
+        help="Dataset folder: build-dataset and run write train.jsonl there, train reads it"
+        " (setting dataset_dir; default <workspace>/dataset).",
+    ),
+]
+OldDatasetFlag = Annotated[
+    Path | None, typer.Option("--out", metavar="DIR", hidden=True, help="Old --dataset.")
 ]
 Format = Annotated[
     str | None,
@@ -132,7 +182,12 @@ Epochs = Annotated[
 ]
 Seed = Annotated[int | None, typer.Option("--seed", metavar="N", help="Seed of the train/validation split.")]
 MinExamples = Annotated[
-    int | None, typer.Option("--min-examples", metavar="N", help="Fewest training examples accepted.")
+    int | None,
+    typer.Option(
+        "--min-examples",
+        metavar="N",
+        help="Fewest training examples build-dataset writes and train uploads (OpenAI's minimum is 10).",
+    ),
 ]
 DryRun = Annotated[
     bool, typer.Option("--dry-run", help="Print the calls, tokens and dollars it would spend; send nothing.")
@@ -257,7 +312,8 @@ def generate_questions(
 @app.command("build-dataset")
 def build_dataset(
     ctx: typer.Context,
-    out_dir: OutDir = None,
+    dataset_dir: DatasetDir = None,
+    out: OldDatasetFlag = None,
     dataset_format: Format = None,
     provider: Provider = None,
     model: Model = None,
@@ -275,7 +331,7 @@ def build_dataset(
     from finetune_kit.render import RichProgress
 
     with _progress() as bar:
-        summary = run_build_dataset(_settings(ctx), out_dir, RichProgress(bar), dry_run)
+        summary = run_build_dataset(_settings(ctx), RichProgress(bar), dry_run)
     _print_summary(summary)
 
 
@@ -291,7 +347,8 @@ def run(
     model: Model = None,
     product: Product = None,
     questions_per_chunk: PerChunk = None,
-    out_dir: OutDir = None,
+    dataset_dir: DatasetDir = None,
+    out: OldDatasetFlag = None,
     dataset_format: Format = None,
     base_model: BaseModel = None,
     epochs: Epochs = None,
@@ -314,12 +371,10 @@ def run(
 
     settings = _settings(ctx)
     with _progress() as bar:
-        summary = run_all(settings, sources, out_dir, RichProgress(bar), dry_run)
+        summary = run_all(settings, sources, RichProgress(bar), dry_run)
     _print_summary(summary)
     if settings.trains_after_dataset and not dry_run:
-        _start_training(
-            settings.model_copy(update={"dataset_dir": out_dir or settings.dataset_dir}), watch=True
-        )
+        _train(settings, watch=True)
 
 
 @app.command()
@@ -418,7 +473,11 @@ def slack(
     slack_concurrency: Concurrency = None,
     slack_stream: Stream = None,
 ) -> None:
-    """Answer questions in Slack threads with the support model (Socket Mode or HTTP events)."""
+    """Answer questions in Slack threads with the support model (Socket Mode or HTTP events).
+
+    Without --model it first registers the local jobs that finished while nobody watched (said on stderr), then
+    answers with the newest fine-tuned model; it never asks the fine-tuning service nor writes to Airtable.
+    """
     import logging
 
     from finetune_kit.slack_bot import ReadyInfo, serve
@@ -436,8 +495,11 @@ def slack(
         )
         out.print(f"{where}, answering with {info.model}. Ctrl-C stops.", markup=False)
 
+    settings = _settings(ctx)
+    if settings.slack_model is None:
+        _settle(settings)
     try:
-        serve(_settings(ctx), ready)
+        serve(settings, ready)
     except KeyboardInterrupt:
         out.print("Stopped. Questions left unanswered are answered at the next start.", markup=False)
 
@@ -500,10 +562,6 @@ MaxLength = Annotated[
         "--max-length", metavar="TOKENS", help="Local: tokens per example; longer ones are cut (1024)."
     ),
 ]
-DatasetDir = Annotated[
-    Path | None,
-    typer.Option("--dataset", metavar="DIR", help="Folder with train.jsonl (default <workspace>/dataset)."),
-]
 JobArg = Annotated[
     str | None, typer.Argument(metavar="[JOB]", help="Job id (default: the newest job).", show_default=False)
 ]
@@ -521,6 +579,7 @@ def train(
     training_seed: TrainSeed = None,
     training_backend: TrainBackend = None,
     dataset_dir: DatasetDir = None,
+    min_examples: MinExamples = None,
     lora_rank: LoraRank = None,
     lora_alpha: LoraAlpha = None,
     training_threads: TrainThreads = None,
@@ -529,78 +588,62 @@ def train(
     """Upload the dataset and start a fine-tune, or re-attach to the job these inputs started."""
     if ctx.invoked_subcommand is not None:
         return
-    _start_training(_settings(ctx), watch)
+    _train(_settings(ctx), watch)
 
 
-def _start_training(settings: Settings, watch: bool) -> None:
-    from finetune_kit.store import Store
-    from finetune_kit.training import open_backend, training_params
-    from finetune_kit.training.jobs import start_job
-    from finetune_kit.training.report import started_line
+def _train(settings: Settings, watch: bool) -> None:
+    from finetune_kit.training import run_training
 
-    with open_backend(settings) as backend, Store(settings.db_path) as store:
-        started = start_job(store, backend, settings.dataset_path, training_params(settings))
-        _say(started_line(started))
-        if watch:
-            _follow(settings, store, backend, started.record)
-        else:
-            _say(f"Follow it with `ftkit train watch {started.record.id}`.")
+    outcome = _following(lambda show: run_training(settings, watch, show))
+    if not watch:
+        _say(f"Follow it with `ftkit train watch {outcome.record.id}`.")
 
 
 @train_app.command("watch")
 def train_watch(ctx: typer.Context, job: JobArg = None) -> None:
     """Re-attach to a fine-tuning job and follow it to its end (exit 1 if it fails)."""
-    from finetune_kit.store import Store
-    from finetune_kit.training import open_backend
-    from finetune_kit.training.jobs import find_job
+    from finetune_kit.training import watch_training
 
     settings = _settings(ctx)
-    with Store(settings.db_path) as store:
-        record = find_job(store, job)
-        with open_backend(settings, record.backend.split(":", 1)[0]) as backend:
-            _follow(settings, store, backend, record)
+    _following(lambda show: watch_training(settings, job, show))
 
 
 @train_app.command("cancel")
 def train_cancel(ctx: typer.Context, job: JobArg = None) -> None:
     """Cancel a fine-tuning job (default: the newest job)."""
-    from finetune_kit.store import Store
-    from finetune_kit.training import open_backend
-    from finetune_kit.training.jobs import cancel_job, find_job
+    from finetune_kit.training import cancel_training
 
-    settings = _settings(ctx)
-    with Store(settings.db_path) as store:
-        record = find_job(store, job)
-        with open_backend(settings, record.backend.split(":", 1)[0]) as backend:
-            cancelled = cancel_job(store, backend, record)
+    cancelled = cancel_training(_settings(ctx), job)
     _say(f"Asked to cancel job {cancelled.id}: now {cancelled.status}.")
 
 
-def _follow(settings: Settings, store: Any, backend: Any, record: Any) -> None:
-    """Watch a job, printing each update; Ctrl-C detaches (exit 130) and leaves the job running."""
-    from finetune_kit.sinks import publish_pending
-    from finetune_kit.training import polling
-    from finetune_kit.training.report import result_lines, update_line
-    from finetune_kit.training.watch import raise_if_unsuccessful, watch_job
+class _TrainingPrinter:
+    """Prints each training update as it comes, remembering the job being watched for the Ctrl-C line."""
 
-    _say(f"Watching job {record.id} ({record.status}). Ctrl-C detaches; the job keeps running.")
+    def __init__(self) -> None:
+        self.watching: str | None = None
 
-    def show(update: Any) -> None:
-        if (line := update_line(update)) is not None:
+    def __call__(self, update: Any) -> None:
+        from finetune_kit.training import TrainingFinished, WatchStarted
+        from finetune_kit.training.report import training_lines
+
+        if isinstance(update, WatchStarted | TrainingFinished):
+            self.watching = update.record.id if isinstance(update, WatchStarted) else None
+        for line in training_lines(update):
             _say(line)
 
-    every = polling(settings, backend.name)
+
+def _following(run: Any) -> Any:
+    """Run a training call with a printer; Ctrl-C while watching detaches (exit 130) and leaves the job running."""
+    printer = _TrainingPrinter()
     try:
-        result = watch_job(store, backend, record, show, every, settings.workspace / "training")
+        return run(printer)
     except KeyboardInterrupt:
-        _say(f"Detached from job {record.id}; it keeps running. `ftkit train watch {record.id}` re-attaches.")
+        if printer.watching is None:
+            raise
+        job = printer.watching
+        _say(f"Detached from job {job}; it keeps running. `ftkit train watch {job}` re-attaches.")
         raise typer.Exit(130) from None
-    price = settings.price_for(record.base_model).training if backend.name != "local" else 0.0
-    for line in result_lines(result, price):
-        _say(line)
-    for line in publish_pending(settings, store):  # this model, and any an earlier failed write left out
-        _say(line)
-    raise_if_unsuccessful(result.job)
 
 
 @app.command()
@@ -617,10 +660,17 @@ def ask(
     slack_temperature: Temperature = None,
     slack_system_prompt: SystemPrompt = None,
 ) -> None:
-    """Ask a fine-tuned model one question and print its answer (as the Slack bot would answer)."""
+    """Ask a fine-tuned model one question and print its answer (as the Slack bot would answer).
+
+    Without --model it first registers the local jobs that finished while nobody watched (a read of the workspace,
+    said on stderr); it never asks the fine-tuning service nor writes to Airtable.
+    """
     from finetune_kit.ask import ask as ask_model_question
 
-    answer = ask_model_question(_settings(ctx), question, ask_model)
+    settings = _settings(ctx)
+    if ask_model is None:
+        _settle(settings)
+    answer = ask_model_question(settings, question, ask_model)
     err.print(f"[{answer.model}]", markup=False, emoji=False)  # stdout holds the answer alone, for scripts
     _say(answer.text)
 
@@ -629,19 +679,23 @@ def ask(
 def models(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Print the registry as JSON.")] = False,
+    sync: Annotated[
+        bool,
+        typer.Option(
+            "--sync/--no-sync",
+            help="First settle the jobs nobody watched to their end: ask the service once about each, register"
+            " what succeeded and record it in the Airtable models table, each said on stderr (default: yes).",
+        ),
+    ] = True,
 ) -> None:
-    """List the fine-tuned models in the registry, newest first."""
-    from finetune_kit.store import Store
-    from finetune_kit.training.registry import list_models
+    """List the fine-tuned models in the registry, newest first; --no-sync lists it as it is, changing nothing."""
     from finetune_kit.training.report import models_json, models_lines
-    from finetune_kit.training.sync import sync_registry
+    from finetune_kit.training.sync import registered_models
 
     settings = _settings(ctx)
-    with Store(settings.db_path) as store:
-        settled = sync_registry(settings, store, hosted=True, publish=True)  # jobs nobody watched end
-        for line in settled:
-            err.print(line, markup=False, emoji=False)
-        registered = list_models(store)
+    if sync:
+        _settle(settings, hosted=True, publish=True)
+    registered = registered_models(settings)
     if as_json:
         typer.echo(models_json(registered))
         return
@@ -649,6 +703,14 @@ def models(
         "No fine-tuned models yet — `ftkit train --watch` registers them."
     ]:
         _say(line)
+
+
+def _settle(settings: Settings, hosted: bool = False, publish: bool = False) -> None:
+    """Settle the jobs nobody watched (see `training.sync.settle_jobs`), saying on stderr what that did."""
+    from finetune_kit.training.sync import settle_jobs
+
+    for line in settle_jobs(settings, hosted=hosted, publish=publish):
+        err.print(line, markup=False, emoji=False)
 
 
 def _say(line: str) -> None:

@@ -12,7 +12,7 @@ from finetune_kit.errors import ConfigError
 from finetune_kit.estimate import StageEstimate, estimate_generation
 from finetune_kit.llm.budget import Budget
 from finetune_kit.llm.client import ChatRequest, Endpoint, LLMClient
-from finetune_kit.llm.endpoint import open_endpoint
+from finetune_kit.llm.endpoint import endpoint_identity, open_endpoint
 from finetune_kit.progress import NoProgress, Progress
 from finetune_kit.stages import Prefill
 from finetune_kit.stages.build_dataset import (
@@ -23,7 +23,8 @@ from finetune_kit.stages.build_dataset import (
 )
 from finetune_kit.stages.generate_questions import QuestionReport, generate_questions
 from finetune_kit.stages.ingest import IngestReport, ingest
-from finetune_kit.store import Store
+from finetune_kit.status import answer_redo, current_keys, question_redo
+from finetune_kit.store import Store, utc_now
 
 log = logging.getLogger(__name__)
 DRY = " --dry-run"
@@ -82,27 +83,23 @@ def run_generate_questions(
 
 
 def run_build_dataset(
-    settings: Settings, out_dir: Path | None, progress: Progress | None = None, dry_run: bool = False
+    settings: Settings, progress: Progress | None = None, dry_run: bool = False
 ) -> RunSummary:
-    """`ftkit build-dataset`: answer, then write and validate train/validation JSONL (or, dry, what it would cost)."""
+    """`ftkit build-dataset`: answer, write and validate the JSONL in settings.dataset_path (dry: the cost)."""
     with recorded_run(settings, "build-dataset" + DRY * dry_run) as (store, run_id):
         summary = RunSummary()
         if dry_run:
             summary.estimates = estimate_generation(store, settings, questions=False)
             return summary
         asyncio.run(_generation(store, settings, run_id, summary, progress or NoProgress(), questions=False))
-        _write(store, settings, out_dir, summary)
+        _write(store, settings, summary)
         return summary
 
 
 def run_all(
-    settings: Settings,
-    specs: list[str],
-    out_dir: Path | None,
-    progress: Progress | None = None,
-    dry_run: bool = False,
+    settings: Settings, specs: list[str], progress: Progress | None = None, dry_run: bool = False
 ) -> RunSummary:
-    """`ftkit run`: ingest, generate questions, answer and write the dataset (dry: ingest, then estimate)."""
+    """`ftkit run`: ingest, ask, answer, write the JSONL in settings.dataset_path (dry: ingest, then estimate)."""
     progress = progress or NoProgress()
     with recorded_run(settings, "run" + DRY * dry_run) as (store, run_id):
         summary = RunSummary(ingest=ingest(store, settings, specs, progress))
@@ -110,7 +107,7 @@ def run_all(
             summary.estimates = estimate_generation(store, settings)
             return summary
         asyncio.run(_generation(store, settings, run_id, summary, progress))
-        _write(store, settings, out_dir, summary)
+        _write(store, settings, summary)
         return summary
 
 
@@ -127,7 +124,10 @@ async def _generation(
         raise ConfigError(
             "--batch uses the OpenAI Batch API — set OPENAI_API_KEY (or --provider openai), or drop --batch"
         )
+    stage = "generate-questions" if questions else "build-dataset"  # build-dataset alone asks nothing
+    _note(progress, question_redo(store, settings, *endpoint_identity(settings), stage))
     with open_endpoint(settings) as endpoint:
+        record_origins(store, settings, endpoint)
         concurrency = settings.max_concurrency if settings.resolved_provider == "openai" else 1
         client = LLMClient(
             endpoint,
@@ -145,11 +145,30 @@ async def _generation(
             if questions:
                 summary.questions = await generate_questions(store, client, settings, progress, prefill)
             if answer:
+                _note(progress, answer_redo(store, settings, endpoint.identity, endpoint.model))
                 summary.dataset = await answer_questions(store, client, settings, progress, prefill)
         finally:
             await client.close()
             _account(store, run_id, client, summary)
         summary.endpoint_identity, summary.model = endpoint.identity, endpoint.model
+
+
+def _note(progress: Progress, line: str | None) -> None:
+    """Say, before a stage starts, that it is about to make again work the workspace already holds."""
+    if line is not None:
+        log.info("%s", line)
+        progress.note(line)
+
+
+def record_origins(store: Store, settings: Settings, endpoint: Endpoint) -> None:
+    """Remember which endpoint and model the current question and answer keys stand for (read by `ftkit status`)."""
+    q_key, a_keys = current_keys(settings, endpoint.identity, endpoint.model)
+    keys = [(q_key, "questions"), *((key, "answers") for key in a_keys.values())]
+    with store.transaction() as db:
+        db.executemany(
+            "INSERT OR IGNORE INTO work_origins(key, stage, endpoint, model, recorded_at) VALUES (?, ?, ?, ?, ?)",
+            [(key, stage, endpoint.identity, endpoint.model, utc_now()) for key, stage in keys],
+        )
 
 
 def _batch_prefill(
@@ -185,8 +204,8 @@ def _account(store: Store, run_id: int, client: LLMClient, summary: RunSummary) 
     summary.llm_calls, summary.cache_hits = client.calls_made, client.cache_hits
 
 
-def _write(store: Store, settings: Settings, out_dir: Path | None, summary: RunSummary) -> None:
+def _write(store: Store, settings: Settings, summary: RunSummary) -> None:
     examples = accepted_examples(store, settings, summary.endpoint_identity, summary.model)
     report = summary.dataset or DatasetReport()
-    summary.dataset = write_dataset(examples, settings, out_dir or settings.workspace / "dataset", report)
+    summary.dataset = write_dataset(examples, settings, settings.dataset_path, report)
     summary.files = summary.dataset.files

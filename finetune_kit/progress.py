@@ -15,6 +15,9 @@ class Progress(Protocol):
     def finish(self) -> None:
         """The current stage is over."""
 
+    def note(self, line: str) -> None:
+        """A line to say before the work goes on (a stage about to make again work the workspace holds)."""
+
 
 class NoProgress:
     """A Progress that reports nothing."""
@@ -27,3 +30,6 @@ class NoProgress:
 
     def finish(self) -> None:
         """Ignore the end."""
+
+    def note(self, line: str) -> None:
+        """Ignore the line (the library logs it)."""

@@ -70,6 +70,10 @@ class RichProgress:
         """Leave the finished bar on screen."""
         self.task = None
 
+    def note(self, line: str) -> None:
+        """One plain line above the bars, on the bars' console (stderr)."""
+        self.bar.console.print(line, markup=False, emoji=False, highlight=False)
+
 
 def ingest_lines(report: IngestReport) -> list[str]:
     """What ingest changed, as plain lines."""

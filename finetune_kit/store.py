@@ -289,6 +289,20 @@ MIGRATIONS: list[tuple[str, str]] = [
         "0009_model_sinks",
         "ALTER TABLE finetuned_models ADD COLUMN airtable_table TEXT;",
     ),
+    (
+        # which endpoint and model a question set's generation_key or an answer_key stands for, so `ftkit status`
+        # can say who made the work a workspace holds, and a stage about to redo it can say why
+        "0010_work_origins",
+        """
+        CREATE TABLE work_origins (
+            key TEXT PRIMARY KEY,
+            stage TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            model TEXT NOT NULL,
+            recorded_at TEXT NOT NULL
+        );
+        """,
+    ),
 ]
 
 

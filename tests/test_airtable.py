@@ -580,6 +580,7 @@ def test_a_watched_fine_tune_lands_in_the_models_table(
     dataset.mkdir(parents=True)
     example = {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]}
     (dataset / "train.jsonl").write_text(json.dumps(example) + "\n")
+    monkeypatch.setenv("FTKIT_MIN_EXAMPLES", "1")
     monkeypatch.setenv("FTKIT_AIRTABLE_MODELS_TABLE", MODELS)
     monkeypatch.setenv("FTKIT_TRAINING_POLL_INTERVAL_S", "0.001")
     with FakeOpenAI(docs_responder, api_key=TEST_KEY) as openai:

@@ -28,8 +28,13 @@ COMMANDS = sorted(ALL)
 README = (REPO / "README.md").read_text()
 
 
+GLOBAL = [p for p in GROUP.params if p.param_type_name == "option" and p.name != "help"]
+
+
 def options(command: object) -> list:
-    return [p for p in command.params if p.param_type_name == "option" and p.name != "help"]  # type: ignore[attr-defined]
+    """The command's own options: the global ones it also accepts are documented once, in the reference's intro."""
+    own = [p for p in command.params if p.param_type_name == "option" and p.name != "help"]  # type: ignore[attr-defined]
+    return [p for p in own if p.name not in {g.name for g in GLOBAL}]
 
 
 def readme_section(command: str) -> str:
@@ -68,6 +73,15 @@ def test_every_command_and_option_is_in_the_readme(name: str) -> None:
     section = readme_section(name)
     for param in options(ALL[name]):
         assert param.opts[0] in section, f"README section for {name} does not mention {param.opts[0]}"
+
+
+def test_the_global_options_are_documented_once_and_accepted_by_every_command() -> None:
+    intro = re.search(r"^## CLI reference\n(.*?)(?=^### )", README, re.M | re.S)
+    assert intro and [p.opts[0] for p in GLOBAL] == ["--workspace", "--config", "--debug"]
+    assert all(p.opts[0] in intro.group(1) for p in GLOBAL)
+    for name in COMMANDS:
+        accepted = {p.name: p.opts for p in ALL[name].params}  # type: ignore[attr-defined]
+        assert all(accepted.get(p.name) == p.opts for p in GLOBAL), name
 
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_second() -> None:

@@ -265,7 +265,7 @@ def test_code_chunks_are_answered_with_the_code_template_and_docs_with_the_docs_
     settings = code_settings(tmp_path)
     run_ingest(settings, [str(corpus)])
     run_generate_questions(settings)
-    summary = run_build_dataset(settings, None)
+    summary = run_build_dataset(settings)
 
     assert openings(user_prompts(fake_llm)) == [DOCS_ANSWER] * 3 + [CODE_ANSWER] * 3
     assert summary.dataset is not None and summary.dataset.answers_accepted == 6
@@ -302,12 +302,12 @@ def test_editing_the_code_answers_template_re_asks_only_code_answers(
     settings = code_settings(tmp_path, prompts_dir=prompts)
     run_ingest(settings, [str(corpus)])
     run_generate_questions(settings)
-    run_build_dataset(settings, None)
+    run_build_dataset(settings)
     docs_keys, sent = stored_answer_keys(settings)["markdown"], len(fake_llm.requests)
 
     code_template = prompts / "code_answers.txt"
     code_template.write_text(code_template.read_text().replace("only the source code", "only the code"))
-    summary = run_build_dataset(settings, None)
+    summary = run_build_dataset(settings)
 
     assert openings(user_prompts(fake_llm)[sent:]) == [CODE_ANSWER.replace("source code", "code")] * 3
     assert summary.dataset is not None and summary.dataset.answered == 3
@@ -317,7 +317,7 @@ def test_editing_the_code_answers_template_re_asks_only_code_answers(
     assert summary.dataset.train.examples + summary.dataset.validation.examples == 6
     sent = len(fake_llm.requests)
 
-    run_build_dataset(settings, None)
+    run_build_dataset(settings)
     assert len(fake_llm.requests) == sent  # a re-run makes no calls
 
 
@@ -333,12 +333,12 @@ def test_a_workspace_answered_before_code_answers_re_asks_only_code_chunks(
     settings = code_settings(tmp_path, prompts_dir=prompts)
     run_ingest(settings, [str(corpus)])
     run_generate_questions(settings)
-    run_build_dataset(settings, None)
+    run_build_dataset(settings)
     assert openings(user_prompts(fake_llm)) == [DOCS_ANSWER] * 6
     sent = len(fake_llm.requests)
 
     (prompts / "code_answers.txt").unlink()  # the prompts_dir of a workspace made before code_answers.txt
-    run_build_dataset(settings, None)
+    run_build_dataset(settings)
 
     assert openings(user_prompts(fake_llm)[sent:]) == [CODE_ANSWER] * 3
 
@@ -375,7 +375,7 @@ def test_batch_prefill_sends_code_answers_with_the_code_template(
     settings = code_settings(tmp_path, model="gpt-4o-mini", batch=True)
     run_ingest(settings, [str(corpus)])
     run_generate_questions(settings)
-    run_build_dataset(settings, None)
+    run_build_dataset(settings)
 
     assert fake_llm.requests == []  # every completion came through the Batch API
     uploads = [f for f in fake_llm.batch_api.files.values() if f.purpose == "batch"]

@@ -23,6 +23,7 @@ from finetune_kit.training.backend import TrainingParams
 from finetune_kit.training.jobs import start_job
 from finetune_kit.training.local_backend import LocalBackend, ServedAdapter, add_event, served_adapters
 from finetune_kit.training.local_trainer import LORA_TARGETS
+from finetune_kit.training.sync import settle_jobs
 from tests.conftest import REPO
 from tests.test_training import ftkit, rows
 
@@ -55,6 +56,7 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     dataset.mkdir(parents=True)
     (dataset / "train.jsonl").write_text("".join(json.dumps(chat(*pair)) + "\n" for pair in EXAMPLES[:3]))
     (dataset / "validation.jsonl").write_text(json.dumps(chat(*EXAMPLES[3])) + "\n")
+    monkeypatch.setenv("FTKIT_MIN_EXAMPLES", "1")  # a tiny dataset keeps real training short
     monkeypatch.setenv("FTKIT_TRAINING_POLL_INTERVAL_S", "0.05")
     monkeypatch.setenv("FTKIT_TRAINING_MAX_POLL_INTERVAL_S", "0.2")
     return tmp_path / "ws"
@@ -301,9 +303,16 @@ def test_a_local_job_that_finished_unwatched_is_registered_and_answers_by_defaul
     with Store(workspace / "state.db") as store:
         served = finished_unwatched_job(store, workspace, "ftjob-local-1", base)
         over_a_folder = finished_unwatched_job(store, workspace, "ftjob-local-2", None)  # newer, not servable
-    assert registered_model(load_settings(workspace=workspace)) == served
+    settings = load_settings(workspace=workspace)
+    assert registered_model(settings) is None  # reading registers nothing
+    assert rows(workspace, "SELECT COUNT(*) FROM finetuned_models") == [(0,)]
+    assert settle_jobs(settings) == [
+        f"Job ftjob-local-1 succeeded while nobody watched: registered {served}",
+        f"Job ftjob-local-2 succeeded while nobody watched: registered {over_a_folder}",
+    ]
+    assert registered_model(settings) == served
     code, out, err = ftkit(workspace, "models", "--json")
-    assert code == 0 and err == ""  # registered already, by registered_model
+    assert code == 0 and err == ""  # registered already, by settle_jobs
     assert [(m["name"], m["metrics"]["train_loss"]) for m in json.loads(out)] == [
         (over_a_folder, 1.5),
         (served, 1.5),

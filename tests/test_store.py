@@ -45,6 +45,7 @@ def test_fresh_database_has_the_tables(tmp_path: Path) -> None:
         "web_pages",
         "local_jobs",
         "local_job_events",
+        "work_origins",
     }
 
 

@@ -34,10 +34,10 @@ EXAMPLE = {
 
 @pytest.fixture
 def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A workspace holding a small dataset, and polling fast enough for tests."""
+    """A workspace holding a dataset of OpenAI's minimum size, and polling fast enough for tests."""
     dataset = tmp_path / "ws" / "dataset"
     dataset.mkdir(parents=True)
-    (dataset / "train.jsonl").write_text("".join(json.dumps(EXAMPLE) + "\n" for _ in range(3)))
+    (dataset / "train.jsonl").write_text("".join(json.dumps(EXAMPLE) + "\n" for _ in range(10)))
     (dataset / "validation.jsonl").write_text(json.dumps(EXAMPLE) + "\n")
     monkeypatch.setenv("FTKIT_TRAINING_POLL_INTERVAL_S", "0.001")
     monkeypatch.setenv("FTKIT_TRAINING_MAX_POLL_INTERVAL_S", "0.01")
@@ -312,3 +312,103 @@ def test_epochs_beyond_the_services_range_are_refused_before_any_upload(
     code, _, err = ftkit(workspace, "train", "--epochs", "51")
     assert code == 1 and "epochs" in err and len(err.splitlines()) == 1
     assert uploads(fake_llm) == 0
+
+
+def test_a_dataset_below_min_examples_is_refused_before_any_upload(
+    fake_llm: FakeOpenAI, workspace: Path
+) -> None:
+    train = workspace / "dataset" / "train.jsonl"
+    train.write_text(
+        "".join(json.dumps(EXAMPLE) + "\n" for _ in range(9)) + "\n"
+    )  # a blank line is no example
+    code, out, err = ftkit(workspace, "train", "--watch")
+    assert (code, out) == (1, "")
+    assert err == (
+        f"Error: {train}: only 9 training examples, fewer than min_examples (10; OpenAI accepts no fewer than 10)"
+        " — build a bigger dataset (more documents or --questions-per-chunk), or lower --min-examples\n"
+    )
+    assert uploads(fake_llm) == 0 and fake_llm.fine_tuning.calls == []
+    assert ftkit(workspace, "train", "--min-examples", "9")[0] == 0  # the setting, lowered, lets it through
+    assert uploads(fake_llm) == 2
+
+
+def test_the_library_trains_publishes_and_fails_as_the_cli_does(
+    fake_llm: FakeOpenAI, workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script calling `run_training` gets the same job, report, sink writes and failure as `ftkit train`."""
+    from finetune_kit.config import load_settings
+    from finetune_kit.training import JobStarted, TrainingFinished, WatchStarted, run_training
+    from finetune_kit.training.backend import JobFailedError
+    from tests.fake_airtable import API_KEY, BASE, FakeAirtable
+
+    with FakeAirtable() as airtable:
+        table = airtable.add_table("Models", ["Name", "Base model", "Job", "Dataset", "Created", "Metrics"])
+        monkeypatch.setenv("AIRTABLE_API_KEY", API_KEY)
+        monkeypatch.setenv("FTKIT_AIRTABLE_API_URL", airtable.url)
+        settings = load_settings(workspace=workspace, airtable_models_table=f"{BASE}/Models")
+        updates: list[object] = []
+        outcome = run_training(settings, watch=True, on_update=updates.append)
+        [job] = fake_llm.fine_tuning.jobs.values()
+        assert outcome.result is not None and outcome.result.model is not None
+        assert outcome.result.model.name == job.fine_tuned_model
+        assert outcome.published == [f"Airtable: created model {job.fine_tuned_model} in {BASE}/Models"]
+        assert [r["fields"]["Name"] for r in table.records] == [job.fine_tuned_model]
+        kinds = [type(u) for u in updates]
+        assert kinds[:2] == [JobStarted, WatchStarted] and kinds[-1] is TrainingFinished
+
+        fake_llm.fine_tuning.fail_at_step = 2
+        updates.clear()
+        with pytest.raises(JobFailedError, match="Training file has 3 invalid examples"):
+            run_training(
+                settings.model_copy(update={"training_seed": 5}), watch=True, on_update=updates.append
+            )
+        finished = updates[-1]
+        assert isinstance(finished, TrainingFinished) and finished.outcome.result is not None
+        assert finished.outcome.result.job.status == "failed"
+
+
+def test_models_no_sync_reads_the_registry_and_asks_nothing(fake_llm: FakeOpenAI, workspace: Path) -> None:
+    assert ftkit(workspace, "train")[0] == 0  # started, not watched
+    calls, jobs = len(fake_llm.fine_tuning.calls), rows(workspace, "SELECT * FROM jobs")
+    for _ in range(5):
+        assert ftkit(workspace, "models", "--no-sync", "--json") == (0, "[]\n", "")
+    assert len(fake_llm.fine_tuning.calls) == calls
+    assert rows(workspace, "SELECT * FROM jobs") == jobs
+
+
+def test_ask_and_registered_model_never_poll_the_service(fake_llm: FakeOpenAI, workspace: Path) -> None:
+    from finetune_kit.config import load_settings
+    from finetune_kit.slack.answerer import registered_model
+
+    assert ftkit(workspace, "train")[0] == 0  # a hosted job nobody watched
+    calls = len(fake_llm.fine_tuning.calls)
+    assert registered_model(load_settings(workspace=workspace)) is None
+    code, _, err = ftkit(workspace, "ask", "How do I export?")
+    assert code == 1 and err.startswith(f"Error: no fine-tuned model in {workspace} yet")
+    assert len(fake_llm.fine_tuning.calls) == calls
+
+
+def test_ask_answers_with_a_registered_model_and_writes_nothing_to_airtable(
+    fake_llm: FakeOpenAI, workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune_kit.training.registry import RegisteredModel, register_model
+    from tests.fake_airtable import API_KEY, BASE, FakeAirtable
+
+    model = RegisteredModel(
+        "ft:gpt-4o-mini-2024-07-18:acme::q1",
+        "openai",
+        "gpt-4o-mini-2024-07-18",
+        "ftjob-1",
+        "ds1",
+        "2026-05-01T00:00:00+00:00",
+    )
+    with Store(workspace / "state.db") as store:
+        register_model(store, model)  # not in the models table yet: a sync would write it
+    with FakeAirtable() as airtable:
+        airtable.add_table("Models", ["Name", "Base model", "Job", "Dataset", "Created", "Metrics"])
+        monkeypatch.setenv("AIRTABLE_API_KEY", API_KEY)
+        monkeypatch.setenv("FTKIT_AIRTABLE_API_URL", airtable.url)
+        monkeypatch.setenv("FTKIT_AIRTABLE_MODELS_TABLE", f"{BASE}/Models")
+        code, out, err = ftkit(workspace, "ask", "How do I export a document?")
+        assert (code, err) == (0, f"[{model.name}]\n") and out.strip()
+        assert airtable.calls == []

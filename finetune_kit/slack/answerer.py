@@ -68,19 +68,18 @@ def bot_model(settings: Settings) -> str:
 
 
 def registered_model(settings: Settings) -> str | None:
-    """The newest succeeded fine-tuned model of the workspace that can answer, or None.
+    """The newest succeeded fine-tuned model of the workspace that can answer, or None; it reads, changing nothing.
 
-    Local jobs that finished while nobody watched are registered first; a local model whose adapter llama.cpp
-    cannot serve (trained over a Hugging Face folder, not a GGUF) is passed over.
+    Jobs that finished while nobody watched count once `training.sync.settle_jobs` registered them (`ftkit ask` and
+    `ftkit slack` call it first); a local model whose adapter llama.cpp cannot serve (trained over a Hugging Face
+    folder, not a GGUF) is passed over.
     """
     if not settings.db_path.exists():
         return None
     from finetune_kit.store import Store
-    from finetune_kit.training.sync import servable_models, sync_registry
+    from finetune_kit.training.sync import servable_models
 
     with Store(settings.db_path) as store:
-        for line in sync_registry(settings, store):
-            log.info("%s", line)
         models = servable_models(store)
     return models[0].name if models else None
 

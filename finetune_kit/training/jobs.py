@@ -72,6 +72,18 @@ def dataset_files(dataset_dir: Path) -> tuple[DatasetFile, DatasetFile | None]:
     return _dataset_file(train), _dataset_file(validation) if has_validation else None
 
 
+def check_example_count(train: DatasetFile, minimum: int) -> None:
+    """Refuse, before anything is uploaded, a training file with fewer examples than the service accepts."""
+    with train.path.open("rb") as lines:
+        count = sum(1 for line in lines if line.strip())
+    if count < minimum:
+        raise TrainingError(
+            f"{train.path}: only {count} training example{'s' if count != 1 else ''}, fewer than min_examples"
+            f" ({minimum}; OpenAI accepts no fewer than 10) — build a bigger dataset (more documents or"
+            " --questions-per-chunk), or lower --min-examples"
+        )
+
+
 def _dataset_file(path: Path) -> DatasetFile:
     return DatasetFile(path=path, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
 
@@ -89,10 +101,11 @@ def job_key(backend_identity: str, dataset: str, params: TrainingParams) -> str:
 
 
 def start_job(
-    store: Store, backend: FineTuneBackend, dataset_dir: Path, params: TrainingParams
+    store: Store, backend: FineTuneBackend, dataset_dir: Path, params: TrainingParams, min_examples: int = 1
 ) -> StartedJob:
     """Upload what is not uploaded yet and create the job — or return the job these inputs already made."""
     train, validation = dataset_files(dataset_dir)
+    check_example_count(train, min_examples)
     dataset = dataset_hash(train, validation)
     key = job_key(backend.identity, dataset, params)
     existing = _job_by_key(store, key)

@@ -4,6 +4,7 @@ import json
 from dataclasses import asdict
 from datetime import datetime
 
+from finetune_kit.training import JobStarted, TrainingFinished, TrainingUpdate, WatchStarted
 from finetune_kit.training.backend import StepMetrics
 from finetune_kit.training.jobs import StartedJob
 from finetune_kit.training.registry import RegisteredModel
@@ -24,6 +25,21 @@ def started_line(started: StartedJob) -> str:
         files = f"uploaded {started.uploaded} file{'s' if started.uploaded != 1 else ''}"
         return f"Started fine-tuning job {record.id} on {record.base_model} ({files}; dataset {record.dataset_hash})."
     return f"Job {record.id} already exists for this dataset and these parameters ({record.status}); nothing uploaded."
+
+
+def training_lines(update: TrainingUpdate) -> list[str]:
+    """The lines `ftkit train` prints for one update of `run_training` or `watch_training`."""
+    if isinstance(update, JobStarted):
+        return [started_line(update.started)]
+    if isinstance(update, WatchStarted):
+        record = update.record
+        return [f"Watching job {record.id} ({record.status}). Ctrl-C detaches; the job keeps running."]
+    if isinstance(update, TrainingFinished):
+        outcome = update.outcome
+        finished = result_lines(outcome.result, outcome.training_price) if outcome.result else []
+        return finished + outcome.published
+    line = update_line(update)
+    return [line] if line is not None else []
 
 
 def update_line(update: WatchUpdate) -> str | None:

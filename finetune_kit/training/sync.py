@@ -1,4 +1,7 @@
-"""Settle the jobs nobody watched to their end: their models join the registry, then the sinks."""
+"""Settle the jobs nobody watched to their end: their models join the registry, then the sinks.
+
+Reading the registry (`registered_models`, `servable_models`) never syncs; settling is this explicit step.
+"""
 
 from pathlib import Path
 
@@ -7,6 +10,22 @@ from finetune_kit.errors import FtkitError
 from finetune_kit.store import Store
 from finetune_kit.training.registry import RegisteredModel, list_models
 from finetune_kit.training.watch import WatchResult, sync_jobs
+
+
+def settle_jobs(settings: Settings, hosted: bool = False, publish: bool = False) -> list[str]:
+    """`sync_registry` on the workspace's state DB (nothing to settle without one); a line for each thing done."""
+    if not settings.db_path.is_file():
+        return []
+    with Store(settings.db_path) as store:
+        return sync_registry(settings, store, hosted=hosted, publish=publish)
+
+
+def registered_models(settings: Settings) -> list[RegisteredModel]:
+    """The registry as it is, newest first: no service is asked, nothing is written."""
+    if not settings.db_path.is_file():
+        return []
+    with Store(settings.db_path) as store:
+        return list_models(store)
 
 
 def sync_registry(settings: Settings, store: Store, hosted: bool = False, publish: bool = False) -> list[str]:
