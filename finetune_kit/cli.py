@@ -4,8 +4,9 @@ import copy
 import os
 import signal
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -13,6 +14,9 @@ from typer.core import TyperGroup
 
 from finetune_kit.config import Settings, load_settings
 from finetune_kit.errors import FtkitError
+
+if TYPE_CHECKING:
+    from finetune_kit.training import TrainingOutcome
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -627,13 +631,15 @@ class _TrainingPrinter:
         from finetune_kit.training import TrainingFinished, WatchStarted
         from finetune_kit.training.report import training_lines
 
-        if isinstance(update, WatchStarted | TrainingFinished):
-            self.watching = update.record.id if isinstance(update, WatchStarted) else None
+        if isinstance(update, WatchStarted):
+            self.watching = update.record.id
+        elif isinstance(update, TrainingFinished):
+            self.watching = None  # the job ended: nothing left to detach from
         for line in training_lines(update):
             _say(line)
 
 
-def _following(run: Any) -> Any:
+def _following(run: "Callable[[_TrainingPrinter], TrainingOutcome]") -> "TrainingOutcome":
     """Run a training call with a printer; Ctrl-C while watching detaches (exit 130) and leaves the job running."""
     printer = _TrainingPrinter()
     try:
