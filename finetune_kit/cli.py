@@ -283,7 +283,20 @@ def ingest(
     airtable_body_fields: AirtableBody = None,
     airtable_url_field: AirtableUrl = None,
 ) -> None:
-    """Read docs (folders, files, git repos, Airtable, Slack exports, websites) into documents and chunks."""
+    """Read docs (folders, files, git repos, Airtable, Slack exports, websites) into documents and chunks.
+
+    A SOURCE is a folder or file; a git repository (a local clone, read in place, or a clone URL), whose documents
+    link to their permalinks at the ingested commit; an Airtable table (airtable:BASE_ID/TABLE, key from
+    AIRTABLE_API_KEY); a Slack export .zip (one document per thread); or an http(s):// website (its sitemap.xml or
+    a start page, crawled within its host). --include, --exclude and --code apply to files only; the --airtable-*
+    options map a table's fields to documents.
+
+    Re-running is incremental: an unchanged file, record or page costs nothing, an edited one becomes a new
+    version, a deleted one is retired with its chunks. What a source may hold is bounded (max_file_bytes per file,
+    HTML and reST nesting depth) and nothing that resolves outside a source's root is read, through any chain of
+    links; a file past a bound is skipped with its reason and the rest is read. Given several sources, one that
+    yields no usable document is reported and the others go on (exit 0); only when none is usable is it an error.
+    """
     from finetune_kit.pipeline import run_ingest
     from finetune_kit.render import RichProgress, ingest_lines
 
@@ -304,7 +317,16 @@ def generate_questions(
     batch: Batch = None,
     dry_run: DryRun = False,
 ) -> None:
-    """Have the model write N questions per chunk; chunks already done are skipped."""
+    """Have the model write N questions per chunk; chunks already done are skipped.
+
+    --provider and --model pick the endpoint; --product names the product in the prompt. Every rejected question
+    is recorded with its reason (ftkit status shows them). Spending controls, on every paid stage: --dry-run
+    prints the calls, tokens and worst-case dollars it would spend, and the calls per chunk size range, and sends
+    nothing; --max-cost stops cleanly before the run could spend more (calls already in flight finish and are
+    kept; re-run with a higher budget to continue); --batch sends the calls through the OpenAI Batch API at half
+    price (results within 24 hours; the batch id is stored first, so a killed wait re-attaches instead of paying
+    again).
+    """
     from finetune_kit.pipeline import run_generate_questions
     from finetune_kit.render import RichProgress
 
@@ -330,7 +352,14 @@ def build_dataset(
     batch: Batch = None,
     dry_run: DryRun = False,
 ) -> None:
-    """Answer each question from its chunk and write validated train/validation JSONL."""
+    """Answer each question from its chunk and write validated train/validation JSONL.
+
+    train.jsonl and validation.jsonl go into --dataset DIR (the setting dataset_dir, the folder ftkit train reads).
+    --base-model and --epochs size the token-limit check and the cost estimate; a dataset that the fine-tuning
+    service would reject (too few examples, malformed lines, examples over the model's token limit) is refused
+    with exit 1 and its files are kept for inspection. --provider, --model, --product, --dry-run, --max-cost and
+    --batch as for generate-questions.
+    """
     from finetune_kit.pipeline import run_build_dataset
     from finetune_kit.render import RichProgress
 
@@ -369,7 +398,14 @@ def run(
     ] = None,
     dry_run: DryRun = False,
 ) -> None:
-    """Run every stage in order: ingest, generate-questions, build-dataset, then train and follow the job."""
+    """Run every stage in order: ingest, generate-questions, build-dataset, then train and follow the job.
+
+    It takes every option of the three stages, shows progress bars and ends with a summary table (documents,
+    chunks, questions, answers, rejects by reason, tokens, cost, output files); with --dry-run it ingests (free),
+    then prints the estimate. Then it fine-tunes on the dataset and follows the job like ftkit train --watch: by
+    default only when the training backend is local (no key set) — a hosted job costs money and a self-hosted
+    OPENAI_BASE_URL server may not fine-tune at all, so with a key ask for it with --train.
+    """
     from finetune_kit.pipeline import run_all
     from finetune_kit.render import RichProgress
 
@@ -385,7 +421,14 @@ def run(
 def status(
     ctx: typer.Context, provider: Provider = None, model: Model = None, product: Product = None
 ) -> None:
-    """Show documents, chunk coverage (and why chunks have no questions), answers and LLM cost."""
+    """Show documents, chunk coverage (and why chunks have no questions), answers and LLM cost.
+
+    It shows what the workspace holds whichever settings are current: sources, which model at which endpoint
+    made its questions and answers (and how many), documents, skipped files by reason, chunks with and without
+    questions (and why), answers by outcome, and the LLM ledger per stage. --provider, --model and --product give
+    the current settings; when they differ from those that made the work, a "settings changed" row says what the
+    next generate-questions and build-dataset would make again, with their estimated calls.
+    """
     from finetune_kit.render import status_table
     from finetune_kit.status import workspace_status
 
@@ -397,7 +440,11 @@ def sources_command(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sources as JSON.")] = False,
 ) -> None:
-    """List each ingested source: its documents, chunks, skipped files and last sync."""
+    """List each ingested source: its documents, chunks, skipped files and last sync.
+
+    Per source: its kind (directory, file, git, airtable, slack-export, website), spec, active documents, active
+    chunks, files skipped at its last sync, and when that was; --json prints the same fields as JSON.
+    """
     import json
 
     from finetune_kit.sources_report import list_sources
@@ -479,8 +526,12 @@ def slack(
 ) -> None:
     """Answer questions in Slack threads with the support model (Socket Mode or HTTP events).
 
-    Without --model it first registers the local jobs that finished while nobody watched (said on stderr), then
-    answers with the newest fine-tuned model; it never asks the fine-tuning service nor writes to Airtable.
+    Socket Mode when SLACK_APP_TOKEN is set; otherwise it serves Slack's Events API over HTTP on --host and --port
+    at /slack/events, verifying each request with SLACK_SIGNING_SECRET, with GET /healthz for load balancers. A
+    missing SLACK_BOT_TOKEN, or neither SLACK_APP_TOKEN nor SLACK_SIGNING_SECRET, is a one-line error naming the
+    variable and where to find its value. --timeout bounds each model call from when it starts. Without --model
+    it first registers the local jobs that finished while nobody watched (said on stderr), then answers with the
+    newest fine-tuned model; it never asks the fine-tuning service nor writes to Airtable.
     """
     import logging
 
@@ -589,7 +640,15 @@ def train(
     training_threads: TrainThreads = None,
     training_max_length: MaxLength = None,
 ) -> None:
-    """Upload the dataset and start a fine-tune, or re-attach to the job these inputs started."""
+    """Upload the dataset and start a fine-tune, or re-attach to the job these inputs started.
+
+    Files already uploaded are not sent again, and a train.jsonl with fewer than --min-examples examples is
+    refused before anything is uploaded. The same dataset and parameters re-attach to the job they started
+    instead of starting another. --watch follows the job to its end: exit 0 when it succeeds, 1 when it fails or
+    is cancelled, 130 when Ctrl-C detaches (the job keeps running). --backend openai is OpenAI or, through
+    OPENAI_BASE_URL, Azure OpenAI; local trains a LoRA adapter on this machine (needs the train extra) over the
+    embedded model, a .gguf file or a checkpoint folder, served afterwards by the embedded llama.cpp server.
+    """
     if ctx.invoked_subcommand is not None:
         return
     _train(_settings(ctx), watch)
@@ -605,7 +664,10 @@ def _train(settings: Settings, watch: bool) -> None:
 
 @train_app.command("watch")
 def train_watch(ctx: typer.Context, job: JobArg = None) -> None:
-    """Re-attach to a fine-tuning job and follow it to its end (exit 1 if it fails)."""
+    """Re-attach to a fine-tuning job and follow it to its end (exit 1 if it fails).
+
+    JOB is a job in the state DB (default: the newest); only what was not printed before is printed.
+    """
     from finetune_kit.training import watch_training
 
     settings = _settings(ctx)
@@ -668,8 +730,12 @@ def ask(
 ) -> None:
     """Ask a fine-tuned model one question and print its answer (as the Slack bot would answer).
 
-    Without --model it first registers the local jobs that finished while nobody watched (a read of the workspace,
-    said on stderr); it never asks the fine-tuning service nor writes to Airtable.
+    It asks the newest fine-tuned model in the registry (or --model NAME; --model smollm2-135m-instruct asks the
+    untuned base) through the same endpoint and prompt as the Slack bot. The answer alone goes to stdout (the
+    model's name to stderr), so scripts can use it. A local model trained over a Hugging Face folder rather than
+    a GGUF has no adapter llama.cpp can serve and is passed over as the default. Without --model it first
+    registers the local jobs that finished while nobody watched (a read of the workspace, said on stderr); it
+    never asks the fine-tuning service nor writes to Airtable.
     """
     from finetune_kit.ask import ask as ask_model_question
 
@@ -694,7 +760,14 @@ def models(
         ),
     ] = True,
 ) -> None:
-    """List the fine-tuned models in the registry, newest first; --no-sync lists it as it is, changing nothing."""
+    """List the fine-tuned models in the registry, newest first; --no-sync lists it as it is, changing nothing.
+
+    Each with backend, base model, job, date and final losses; --json prints name, backend, base_model, job_id,
+    dataset_hash, created_at and metrics. With --sync (the default) it first settles the jobs that ended while
+    nobody watched: it asks the service once about each (hosted ones only with a key), registers what succeeded
+    and records it in the Airtable models table when airtable_models_table is set, retrying a write that failed
+    before, saying each on stderr.
+    """
     from finetune_kit.training.report import models_json, models_lines
     from finetune_kit.training.sync import registered_models
 

@@ -31,9 +31,8 @@ def help_text(name: str, command: Any) -> str:
     return command.get_help(ctx).rstrip()
 
 
-def render(app: typer.Typer) -> str:
-    """The reference: the global options, then one section per command holding its help."""
-    group = typer.main.get_command(app)
+def render(group: Any) -> str:
+    """The reference for a Click group (`typer.main.get_command(app)`): its help, then each command's."""
     sections = [f"### `ftkit`\n\n```text\n{help_text('ftkit', group)}\n```"]
     for name, command in commands(group):
         sections.append(f"### `ftkit {name}`\n\n```text\n{help_text('ftkit ' + name, command)}\n```")
@@ -59,11 +58,13 @@ def main() -> None:
     from finetune_kit.cli import app
 
     text = args.readme.read_text()
-    new = updated(text, render(app))
+    new = updated(text, render(typer.main.get_command(app)))
     if args.write:
         args.readme.write_text(new)
     elif new != text:
-        sys.exit(f"{args.readme}: the CLI reference is out of date — run python -m finetune_kit.cli_reference --write {args.readme}")
+        sys.exit(
+            f"{args.readme}: the CLI reference is out of date — run python -m finetune_kit.cli_reference --write {args.readme}"
+        )
 
 
 if __name__ == "__main__":

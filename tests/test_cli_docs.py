@@ -8,6 +8,7 @@ import pytest
 import typer
 
 from finetune_kit.cli import app
+from finetune_kit.cli_reference import render, updated
 from tests.conftest import REPO
 
 GROUP = typer.main.get_command(app)
@@ -33,7 +34,11 @@ GLOBAL = [p for p in GROUP.params if p.param_type_name == "option" and p.name !=
 
 def options(command: object) -> list:
     """The command's own options: the global ones it also accepts are documented once, in the reference's intro."""
-    own = [p for p in command.params if p.param_type_name == "option" and p.name != "help"]  # type: ignore[attr-defined]
+    own = [
+        p
+        for p in command.params  # type: ignore[attr-defined]
+        if p.param_type_name == "option" and p.name != "help" and not p.hidden
+    ]
     return [p for p in own if p.name not in {g.name for g in GLOBAL}]
 
 
@@ -82,6 +87,23 @@ def test_the_global_options_are_documented_once_and_accepted_by_every_command() 
     for name in COMMANDS:
         accepted = {p.name: p.opts for p in ALL[name].params}  # type: ignore[attr-defined]
         assert all(accepted.get(p.name) == p.opts for p in GLOBAL), name
+
+
+def test_the_readme_reference_is_every_commands_own_help() -> None:
+    assert updated(README, render(GROUP)) == README, (
+        "README's CLI reference is out of date — run python -m finetune_kit.cli_reference --write README.md"
+    )
+
+
+def test_a_changed_help_text_changes_the_reference() -> None:
+    ingest = GROUP.commands["ingest"]  # type: ignore[attr-defined]
+    before = render(GROUP)
+    saved = ingest.help
+    try:
+        ingest.help = saved + " Added."
+        assert render(GROUP) != before and "Added." in render(GROUP)
+    finally:
+        ingest.help = saved
 
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_second() -> None:
