@@ -5,14 +5,11 @@ from __future__ import annotations
 import email.message
 import email.policy
 import functools
-import hashlib
 import itertools
 import json
 import math
-import os
 import random
 import re
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -30,26 +27,8 @@ from referencing.jsonschema import DRAFT202012
 
 from tests.loopback import LoopbackServer
 
-SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "reference" / "openai-openapi.yaml"
+SPEC_PATH = Path(__file__).resolve().parent / "fixtures" / "openai-schemas.json"  # make_openai_subset.py
 MODEL_IDS = ("gpt-4o-mini", "fake-model")
-SPEC_SCHEMA_NAMES = (
-    "CreateChatCompletionRequest",
-    "CreateChatCompletionResponse",
-    "CreateChatCompletionStreamResponse",
-    "ListModelsResponse",
-    "ErrorResponse",
-    "CreateFileRequest",
-    "OpenAIFile",
-    "CreateBatchRequest",
-    "Batch",
-    "ListBatchesResponse",
-    "CreateFineTuningJobRequest",
-    "FineTuningJob",
-    "ListFineTuningJobEventsResponse",
-    "ListFineTuningJobCheckpointsResponse",
-)
-# Bump when the extraction below changes, so stale on-disk caches are ignored.
-_EXTRACTION_VERSION = "4"
 _SPEC_URI = "urn:openai-openapi"
 
 
@@ -104,74 +83,10 @@ Responder = Callable[[dict], Reply]
 # --- The OpenAI spec ---------------------------------------------------------------------------------
 
 
-def _referenced_names(node: object) -> Iterator[str]:
-    """Names of the component schemas that `node` refers to directly."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "$ref" and isinstance(value, str) and value.startswith("#/components/schemas/"):
-                yield value.rsplit("/", 1)[1]
-            else:
-                yield from _referenced_names(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _referenced_names(item)
-
-
-def _schema_closure(schemas: dict[str, Any], roots: tuple[str, ...]) -> dict[str, Any]:
-    """The root schemas and every schema they reach through `$ref`."""
-    closure: dict[str, Any] = {}
-    pending = list(roots)
-    while pending:
-        name = pending.pop()
-        if name not in closure:
-            closure[name] = schemas[name]
-            pending.extend(_referenced_names(schemas[name]))
-    return closure
-
-
-def _translate_nullable(node: Any) -> Any:
-    """Rewrite OpenAPI 3.0's `nullable: true` as `anyOf [null, ...]`, and its boolean `exclusiveMinimum`."""
-    if isinstance(node, list):
-        return [_translate_nullable(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    translated = {key: _translate_nullable(value) for key, value in node.items()}
-    if translated.get("exclusiveMinimum") is True and "minimum" in translated:  # 3.0's boolean form
-        translated["exclusiveMinimum"] = translated.pop("minimum")
-    if translated.pop("nullable", False) is True:
-        return {"anyOf": [{"type": "null"}, translated]}
-    return translated
-
-
-def _extract_schemas(spec_path: Path) -> dict[str, Any]:
-    """Parse the whole YAML spec (about 1 s) and keep the schemas the fake needs as a JSON Schema doc."""
-    import yaml
-
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    spec = yaml.load(spec_path.read_text(encoding="utf-8"), Loader=loader)
-    closure = _schema_closure(spec["components"]["schemas"], SPEC_SCHEMA_NAMES)
-    return {"components": {"schemas": _translate_nullable(closure)}}
-
-
 @functools.cache
 def spec_schemas(spec_path: Path = SPEC_PATH) -> dict[str, Any]:
-    """The needed subtree of the spec, cached as JSON on disk (keyed by the spec's hash) and in memory."""
-    digest = hashlib.sha256(spec_path.read_bytes() + _EXTRACTION_VERSION.encode()).hexdigest()[:16]
-    cache = Path(tempfile.gettempdir()) / f"ftkit-openai-schemas-{digest}.json"
-    try:
-        return json.loads(cache.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        pass
-    document = _extract_schemas(spec_path)
-    # Written under a temporary name and renamed, so a parallel test process never reads half a file.
-    fd, tmp_name = tempfile.mkstemp(dir=cache.parent, prefix=cache.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-            json.dump(document, tmp)
-        os.replace(tmp_name, cache)
-    except OSError:  # e.g. another user's cache file in a shared /tmp: the in-memory copy still serves
-        Path(tmp_name).unlink(missing_ok=True)
-    return document
+    """The schemas of the OpenAI spec the fake checks against: the subset kept in tests/fixtures."""
+    return json.loads(spec_path.read_text(encoding="utf-8"))
 
 
 @functools.cache

@@ -11,6 +11,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from tests.conftest import REPO
 from tests.fake_openai import SPEC_PATH, FakeOpenAI, Reply, docs_responder, spec_violation
 
 KEY = "sk-test-fake"
@@ -34,8 +35,9 @@ def client_for(fake: FakeOpenAI, **options: object) -> openai.OpenAI:
     return openai.OpenAI(base_url=fake.url, api_key=KEY, max_retries=0, **options)  # type: ignore[arg-type]
 
 
-def test_spec_is_found_next_to_the_repo() -> None:
+def test_spec_is_found_inside_the_repo() -> None:
     assert SPEC_PATH.is_file()
+    assert SPEC_PATH.is_relative_to(REPO / "tests" / "fixtures")
 
 
 def test_completion_round_trip(fake: FakeOpenAI) -> None:
