@@ -9,6 +9,10 @@ class ConfigError(FtkitError):
     """A setting, flag or config file is invalid."""
 
 
+class ExtraMissingError(FtkitError):
+    """A command needs an optional part of ftkit (an extra) that is not installed."""
+
+
 class SourceError(FtkitError):
     """A corpus source is missing, empty or unreadable."""
 

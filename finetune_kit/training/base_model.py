@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_kit.config import LOCAL_MODEL_ALIAS
+from finetune_kit.extras import require_train
 from finetune_kit.training.backend import TrainingError
 
 
@@ -93,6 +94,7 @@ def materialise(base: BaseModel, cache_dir: Path) -> Path:
 
 def _load_gguf(gguf: Path) -> tuple[Any, Any]:
     """transformers dequantises a GGUF to float32; its quantisation marks must go before it can be saved."""
+    require_train("converting a GGUF base model for training")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

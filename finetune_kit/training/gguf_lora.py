@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from finetune_kit.extras import require_train
 from finetune_kit.training.backend import TrainingError
 
 ARCHITECTURES = {"llama": "LLAMA"}  # what transformers calls it -> gguf.MODEL_ARCH member
@@ -20,6 +21,7 @@ LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\
 
 def write_gguf_adapter(adapter_dir: Path, base_config: dict[str, Any], out: Path) -> Path:
     """Convert the adapter saved in `adapter_dir` (adapter_config.json + adapter_model.safetensors) to `out`."""
+    require_train("the GGUF conversion of a LoRA adapter")
     import gguf
     from safetensors.torch import load_file
 

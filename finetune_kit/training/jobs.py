@@ -7,6 +7,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune_kit.extras import require_train
 from finetune_kit.store import Store, utc_now
 from finetune_kit.training.backend import (
     TERMINAL_STATUSES,
@@ -116,6 +117,8 @@ def start_job(
         existing = None
     if existing is not None and existing.id is not None:
         return StartedJob(existing, uploaded=0, created=False)
+    if backend.name == "local":  # checked before any upload or row, so a missing extra leaves no trace
+        require_train("local training")
     train_id, uploaded = ensure_file(store, backend, train)
     validation_id = None
     if validation is not None:
