@@ -76,7 +76,9 @@ def write_dataset(folder: Path) -> None:
 
 def test_local_training_without_the_extra_is_one_line_and_keeps_state(tmp_path: Path) -> None:
     write_dataset(Path("ws/dataset"))
-    result = python_without(HIDDEN, FTKIT, "--workspace", "ws", "train", log=tmp_path / "lookups")
+    result = python_without(
+        HIDDEN, FTKIT, "--workspace", "ws", "train", "--min-examples", "1", log=tmp_path / "lookups"
+    )
     assert (result.returncode, result.stderr) == (1, MISSING_TRAIN_LINE + "\n")
     assert result.stdout == ""
     with sqlite3.connect("ws/state.db") as db:
