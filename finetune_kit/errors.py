@@ -63,3 +63,7 @@ class LocalServerError(LLMError):
 
 class DatasetError(FtkitError):
     """The dataset cannot be built or fails validation."""
+
+
+class DiskFullError(FtkitError):
+    """A disk (or its quota) is full: the message names the path and the space needed or free."""

@@ -25,6 +25,7 @@ from finetune_kit.stages.generate_questions import QuestionReport, generate_ques
 from finetune_kit.stages.ingest import IngestReport, ingest
 from finetune_kit.status import answer_redo, current_keys, question_redo
 from finetune_kit.store import Store, utc_now
+from finetune_kit.workspace_lock import writer_lock
 
 log = logging.getLogger(__name__)
 DRY = " --dry-run"
@@ -51,8 +52,9 @@ class RunSummary:
 
 @contextlib.contextmanager
 def recorded_run(settings: Settings, command: str) -> Iterator[tuple[Store, int]]:
-    """Open the workspace's store and record one run of `command`, however it ends."""
-    with Store(settings.db_path) as store:
+    """Hold the workspace's writer lock, open its store and record one run of `command`, however it ends."""
+    with writer_lock(settings.workspace, command), Store(settings.db_path) as store:
+        store.mark_interrupted_runs()
         run_id = store.start_run(command)
         try:
             yield store, run_id

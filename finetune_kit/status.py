@@ -12,7 +12,7 @@ from finetune_kit.llm.endpoint import endpoint_identity
 from finetune_kit.prompts import load_prompt
 from finetune_kit.stages.build_dataset import CHUNK_ANSWER_KEY, answer_keys
 from finetune_kit.stages.generate_questions import generation_key
-from finetune_kit.store import Store
+from finetune_kit.store import Store, run_status
 
 RECENT_RUNS = 5  # runs listed, newest first, with what each one spent
 UNRECORDED = "a model and endpoint not recorded (work from before ftkit recorded them)"
@@ -161,9 +161,10 @@ def workspace_status(settings: Settings) -> StatusReport:
             )
         ]
         report.runs = [
-            tuple(row)  # type: ignore[misc]
+            (row[0], row[1], run_status(row[2], row[6], row[7]), row[3], row[4], row[5])
             for row in store.db.execute(
-                "SELECT r.id, r.command, r.status, r.started_at, count(c.request_hash), coalesce(sum(c.cost_usd), 0)"
+                "SELECT r.id, r.command, r.status, r.started_at, count(c.request_hash), coalesce(sum(c.cost_usd), 0),"
+                " r.pid, r.pid_started"
                 " FROM runs r LEFT JOIN llm_calls c ON c.run_id = r.id GROUP BY r.id ORDER BY r.id DESC LIMIT ?",
                 (RECENT_RUNS,),
             )

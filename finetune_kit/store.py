@@ -1,14 +1,17 @@
 """SQLite state: ordered, recorded migrations and the queries every stage uses to resume."""
 
 import json
+import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from finetune_kit.errors import StoreError
+from finetune_kit.disk_space import NEARLY_FULL_BYTES, SQLITE_IOERR, disk_full_error, free_bytes, is_disk_full
+from finetune_kit.errors import DiskFullError, StoreError
+from finetune_kit.llm.local_server import pid_alive, process_start_time
 
 MIGRATIONS: list[tuple[str, str]] = [
     (
@@ -303,12 +306,43 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        # which process records a run, so a run whose process was killed shows as interrupted, not running
+        "0011_run_process",
+        """
+        ALTER TABLE runs ADD COLUMN pid INTEGER;
+        ALTER TABLE runs ADD COLUMN pid_started TEXT;
+        """,
+    ),
 ]
 
 
 def utc_now() -> str:
     """The current UTC time as ISO 8601 with seconds."""
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose "database or disk is full" errors name the database file and the space free."""
+
+    path: Path
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        with self._full_disk_named():
+            return super().execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> sqlite3.Cursor:
+        with self._full_disk_named():
+            return super().executemany(sql, parameters)
+
+    @contextmanager
+    def _full_disk_named(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(self.path) from exc
+            raise
 
 
 class Store:
@@ -318,16 +352,19 @@ class Store:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+            self.db = sqlite3.connect(path, isolation_level=None, timeout=30, factory=_Connection)
+            self.db.path = path
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.execute("PRAGMA synchronous=NORMAL")
             migrate(self.db)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(path) from exc
+            raise
         except sqlite3.DatabaseError as exc:
-            raise StoreError(
-                f"{path}: cannot open the state database ({exc}) — move it aside to start over"
-            ) from exc
+            raise _open_error(path, exc) from exc
 
     def close(self) -> None:
         """Close the connection."""
@@ -356,9 +393,25 @@ class Store:
         return row[0] if row else None
 
     def start_run(self, command: str) -> int:
-        """Record the start of a command; returns its run id."""
-        cur = self.db.execute("INSERT INTO runs(command, started_at) VALUES (?, ?)", (command, utc_now()))
+        """Record the start of a command by this process; returns its run id."""
+        pid = os.getpid()
+        cur = self.db.execute(
+            "INSERT INTO runs(command, started_at, pid, pid_started) VALUES (?, ?, ?, ?)",
+            (command, utc_now(), pid, process_start_time(pid)),
+        )
         return int(cur.lastrowid or 0)
+
+    def mark_interrupted_runs(self) -> int:
+        """Mark runs whose process died unrecorded (kill -9) as interrupted; the workspace's writer calls it."""
+        rows = self.db.execute("SELECT id, pid, pid_started FROM runs WHERE status = 'running'").fetchall()
+        dead = [
+            row["id"]  # with the writer lock held, a run without a pid (older ftkit) cannot be running either
+            for row in rows
+            if row["pid"] is None or run_status("running", row["pid"], row["pid_started"]) != "running"
+        ]
+        for run_id in dead:
+            self.finish_run(run_id, "interrupted")
+        return len(dead)
 
     def finish_run(self, run_id: int, status: str, summary: dict[str, object] | None = None) -> None:
         """Record how a run ended."""
@@ -366,6 +419,23 @@ class Store:
             "UPDATE runs SET finished_at = ?, status = ?, summary_json = ? WHERE id = ?",
             (utc_now(), status, json.dumps(summary) if summary is not None else None, run_id),
         )
+
+
+def run_status(status: str, pid: int | None, pid_started: str | None) -> str:
+    """A run's status as it stands: "running" only while the process that recorded it still runs."""
+    if status != "running" or pid is None:  # no pid: recorded before 0011_run_process, cannot tell
+        return status
+    alive = pid_alive(pid) and (pid_started is None or process_start_time(pid) in (None, pid_started))
+    return "running" if alive else "interrupted"
+
+
+def _open_error(path: Path, exc: sqlite3.DatabaseError) -> DiskFullError | StoreError:
+    """Why the database cannot be opened: a full disk (free some space) or a damaged file (move it aside)."""
+    code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+    free = free_bytes(path)
+    if is_disk_full(exc) or (code == SQLITE_IOERR and free is not None and free < NEARLY_FULL_BYTES):
+        return disk_full_error(path)
+    return StoreError(f"{path}: cannot open the state database ({exc}) — move it aside to start over")
 
 
 def migrate(db: sqlite3.Connection) -> list[str]:
@@ -382,6 +452,9 @@ def migrate(db: sqlite3.Connection) -> list[str]:
         if name in done:
             continue
         db.execute("BEGIN IMMEDIATE")
+        if db.execute("SELECT 1 FROM migrations WHERE name = ?", (name,)).fetchone():
+            db.execute("ROLLBACK")  # another process applied it while this one waited for the write lock
+            continue
         try:
             for statement in _statements(sql):
                 db.execute(statement)
