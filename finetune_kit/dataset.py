@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any, Literal
 
 import jsonlines
 
+from finetune_kit.disk_space import written_whole
 from finetune_kit.tokens import count_tokens
 
 PROMPT_SEPARATOR = "\n\n###\n\n"
@@ -67,12 +67,17 @@ def to_record(
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    """Write records to `path` via a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with jsonlines.open(tmp, mode="w", compact=True, sort_keys=False) as writer:
+    """Write records to `path` via a temporary file and an atomic rename; a full disk leaves the old file as it was."""
+    with (
+        written_whole(path, needed=lambda: jsonl_bytes(records)) as tmp,
+        jsonlines.open(tmp, mode="w", compact=True, sort_keys=False) as writer,
+    ):
         writer.write_all(records)
-    os.replace(tmp, path)
+
+
+def jsonl_bytes(records: list[dict[str, Any]]) -> int:
+    """The size of `records` written as compact JSON lines, as write_jsonl writes them."""
+    return sum(len(json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode()) + 1 for r in records)
 
 
 def example_tokens(record: dict[str, Any]) -> int:

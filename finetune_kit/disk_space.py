@@ -1,8 +1,11 @@
-"""Full disks as one-line errors that name the path, the space needed and the space free."""
+"""Files written whole, and full disks as one-line errors that name the path, the space needed and the space free."""
 
 import errno
+import os
 import shutil
 import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from finetune_kit.errors import DiskFullError
@@ -41,6 +44,26 @@ def disk_full_error(path: Path, needed: int | None = None) -> DiskFullError:
         f"{path}: no space left on its disk ({', '.join(space) or 'free space unknown'})"
         " — free some space (or point the output elsewhere) and re-run; finished work is kept"
     )
+
+
+@contextmanager
+def written_whole(
+    path: Path, suffix: str = ".tmp", needed: Callable[[], int] | None = None
+) -> Iterator[Path]:
+    """A temporary path beside `path` that replaces `path` when the block succeeds and is removed when it fails.
+
+    A full disk becomes a DiskFullError naming `path` and, if `needed` says, the bytes the file needs.
+    """
+    partial = path.with_name(path.name + suffix)  # one name: the workspace's writer lock admits one writer
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield partial
+        os.replace(partial, path)
+    except BaseException as exc:
+        partial.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full_error(path, needed() if needed else None) from exc
+        raise
 
 
 def human_size(n: int) -> str:

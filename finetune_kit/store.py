@@ -383,7 +383,8 @@ class Store:
         try:
             yield self.db
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # SQLite rolls back by itself on some errors (a full disk among them)
+                self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
 
@@ -460,7 +461,8 @@ def migrate(db: sqlite3.Connection) -> list[str]:
                 db.execute(statement)
             db.execute("INSERT INTO migrations(name, applied_at) VALUES (?, ?)", (name, utc_now()))
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
         applied.append(name)

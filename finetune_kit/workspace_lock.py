@@ -72,7 +72,9 @@ def writer_lock(
 def _record_holder(fd: int, workspace: Path, command: str) -> LockHolder:
     pid = os.getpid()
     holder = LockHolder(pid, command, utc_now(), process_start_time(pid))
-    data = json.dumps({"pid": pid, "command": command, "since": holder.since, "pid_started": holder.pid_started})
+    data = json.dumps(
+        {"pid": pid, "command": command, "since": holder.since, "pid_started": holder.pid_started}
+    )
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, data.encode(), 0)

@@ -41,7 +41,9 @@ def ledger(db: Path) -> tuple[int, dict[str, int]]:
     """Rows in the cost ledger, and the calls each run recorded."""
     with sqlite3.connect(db) as conn:
         total = conn.execute("SELECT count(*) FROM llm_calls").fetchone()[0]
-        per_run = dict(conn.execute("SELECT coalesce(run_id, 0), count(*) FROM llm_calls GROUP BY 1").fetchall())
+        per_run = dict(
+            conn.execute("SELECT coalesce(run_id, 0), count(*) FROM llm_calls GROUP BY 1").fetchall()
+        )
     return total, per_run
 
 

@@ -7,11 +7,11 @@ converter changes in llama weights — the rotary row order of q and k — on B,
 """
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
+from finetune_kit.disk_space import written_whole
 from finetune_kit.extras import require_train
 from finetune_kit.training.backend import TrainingError
 
@@ -34,25 +34,24 @@ def write_gguf_adapter(adapter_dir: Path, base_config: dict[str, Any], out: Path
     n_layers = int(base_config["num_hidden_layers"])
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, ARCHITECTURES[arch]), n_layers)
     pairs = _pairs(load_file(str(adapter_dir / "adapter_model.safetensors")))
-    partial = out.with_name(out.name + ".partial")
-    writer = gguf.GGUFWriter(partial, arch)
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config["lora_alpha"]))
-    for module, (a, b) in sorted(pairs.items()):
-        target = names.get_name(module, try_suffixes=(".weight",))
-        if target is None:
-            raise TrainingError(
-                f"adapter module {module} has no llama.cpp tensor — train attention/MLP modules only"
-            )
-        b = _unrotate(module, b, base_config)
-        writer.add_tensor(f"{target}.weight.lora_a", a.float().contiguous().numpy())
-        writer.add_tensor(f"{target}.weight.lora_b", b.float().contiguous().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(partial, out)
+    with written_whole(out, ".partial") as partial:  # a full disk or a cancel leaves no half-written adapter
+        writer = gguf.GGUFWriter(partial, arch)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config["lora_alpha"]))
+        for module, (a, b) in sorted(pairs.items()):
+            target = names.get_name(module, try_suffixes=(".weight",))
+            if target is None:
+                raise TrainingError(
+                    f"adapter module {module} has no llama.cpp tensor — train attention/MLP modules only"
+                )
+            b = _unrotate(module, b, base_config)
+            writer.add_tensor(f"{target}.weight.lora_a", a.float().contiguous().numpy())
+            writer.add_tensor(f"{target}.weight.lora_b", b.float().contiguous().numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return out
 
 

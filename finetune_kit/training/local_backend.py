@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune_kit.disk_space import written_whole
 from finetune_kit.llm.local_server import pid_alive, process_start_time, reap
 from finetune_kit.store import Store, utc_now
 from finetune_kit.training.backend import (
@@ -77,10 +78,7 @@ class LocalBackend:
         file_id = f"file-local-{file.sha256[:24]}"
         target = self.root / "files" / f"{file_id}.jsonl"
         if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(target.name + ".partial")
-            shutil.copyfile(file.path, partial)
-            os.replace(partial, target)
+            _copy_whole(file.path, target)
         return file_id
 
     def has_file(self, file_id: str) -> bool:
@@ -275,6 +273,12 @@ def served_adapters(store: Store) -> list[ServedAdapter]:
         for row in rows
     ]
     return [adapter for adapter in adapters if adapter.base_gguf.is_file() and adapter.adapter_gguf.is_file()]
+
+
+def _copy_whole(source: Path, target: Path) -> None:
+    """Copy `source` to `target` through a partial file: a full disk leaves neither behind and says what it needs."""
+    with written_whole(target, ".partial", needed=lambda: source.stat().st_size) as partial:
+        shutil.copyfile(source, partial)
 
 
 def last_log_line(output: Path) -> str:

@@ -18,6 +18,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from finetune_kit.disk_space import disk_full_error, is_disk_full
+from finetune_kit.errors import DiskFullError
 from finetune_kit.llm.local_server import process_start_time
 from finetune_kit.store import Store
 from finetune_kit.training.backend import TrainingParams
@@ -92,12 +94,24 @@ def main(db_path: str, job_id: str) -> int:
             _cancelled(journal)
         except BaseException as exc:
             traceback.print_exc()
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
+            output = store.scalar("SELECT output_dir FROM local_jobs WHERE id = ?", (job_id,))
+            reason = failure_reason(exc, Path(output) if output else Path(db_path).parent)
             # events before the final status: a watch that sees the job end has seen every event
             journal.event(f"Training failed: {reason[:500]}", level="error")
             journal.finish("failed", error=reason[:500])
             return 1
     return 0
+
+
+def failure_reason(exc: BaseException, output: Path) -> str:
+    """The job's error in one line; a full disk names the file (or else the job's output folder) and the space free."""
+    if isinstance(exc, DiskFullError):
+        return str(exc)
+    if is_disk_full(exc):
+        filename = exc.filename if isinstance(exc, OSError) else None
+        return str(disk_full_error(Path(filename) if filename else output))
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no message'}"
 
 
 def train(journal: Journal, stop: dict[str, bool]) -> None:

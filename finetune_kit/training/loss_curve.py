@@ -4,6 +4,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from finetune_kit.disk_space import disk_full_error, is_disk_full
+
 
 def write_loss_curve(
     path: Path, steps: list[int], train_loss: list[float | None], valid_loss: list[float | None], title: str
@@ -27,12 +29,15 @@ def write_loss_curve(
     axes.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
+    # a name of its own: `train watch` and `models` may draw the same curve at once, neither holding the writer lock
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             figure.savefig(handle, format="png")
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp_name).unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full_error(path) from exc
         raise
     return path
