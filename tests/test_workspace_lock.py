@@ -156,3 +156,37 @@ def _wait_for(condition: object, process: subprocess.Popen[str]) -> None:
     while not condition() and process.poll() is None and time.monotonic() < deadline:  # type: ignore[operator]
         time.sleep(0.01)
     assert process.poll() is None, process.communicate()
+
+
+def test_a_migration_applied_by_another_process_meanwhile_is_not_applied_twice(tmp_path: Path) -> None:
+    from finetune_kit.store import MIGRATIONS, Store, _statements
+
+    path = tmp_path / "state.db"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("PRAGMA journal_mode=WAL")
+    other.execute("CREATE TABLE migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+    for name, sql in MIGRATIONS[:-1]:  # a database from the ftkit before the newest migration
+        for statement in _statements(sql):
+            other.execute(statement)
+        other.execute("INSERT INTO migrations VALUES (?, 'then')", (name,))
+    other.execute("BEGIN IMMEDIATE")  # another process is about to apply the newest migration
+    outcome: list[BaseException | None] = []
+
+    def open_store() -> None:
+        try:
+            Store(path).close()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    opener = threading.Thread(target=open_store)
+    opener.start()
+    time.sleep(1.0)  # the opener has read which migrations are done and now waits for the write lock
+    name, sql = MIGRATIONS[-1]
+    for statement in _statements(sql):
+        other.execute(statement)
+    other.execute("INSERT INTO migrations VALUES (?, 'now')", (name,))
+    other.execute("COMMIT")
+    opener.join(timeout=60)
+    assert outcome == [None]
+    assert other.execute("SELECT count(*) FROM migrations").fetchone()[0] == len(MIGRATIONS)
