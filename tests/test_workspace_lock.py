@@ -93,8 +93,7 @@ def test_a_waiting_writer_names_the_holder(tmp_path: Path) -> None:
         first = ftkit_run(fake, workspace)
         _wait_for(lambda: len(fake.requests) >= 1, first)  # it holds the lock, its calls held at the gate
         second = ftkit_run(fake, workspace)
-        assert second.stderr is not None
-        said = second.stderr.readline()
+        said = first_stderr_line(second, timeout_s=60)
         requests_while_waiting = len(fake.requests)
         gate.open.set()
         _, first_err = first.communicate(timeout=180)
@@ -111,9 +110,11 @@ def test_readers_do_not_wait_for_the_writer(tmp_path: Path) -> None:
         writer = ftkit_run(fake, workspace)
         _wait_for(lambda: len(fake.requests) >= 1, writer)
         readers = [ftkit(fake, workspace, *args) for args in (["status"], ["sources"], ["models"])]
-        outcomes = [reader.communicate(timeout=60) for reader in readers]  # the gate holds the writer
-        still_writing = writer.poll() is None
-        gate.open.set()
+        try:
+            outcomes = [reader.communicate(timeout=60) for reader in readers]  # the gate holds the writer
+            still_writing = writer.poll() is None
+        finally:
+            gate.open.set()
         writer.communicate(timeout=180)
     assert still_writing
     for reader, (_, err) in zip(readers, outcomes, strict=True):
@@ -149,6 +150,15 @@ def test_the_lock_file_names_its_holder(tmp_path: Path) -> None:
         writer.communicate(timeout=180)
     assert holder["pid"] == writer.pid
     assert holder["command"] == "run"
+
+
+def first_stderr_line(process: subprocess.Popen[str], timeout_s: float) -> str:
+    """The first line a process writes to stderr, or "" if it writes none in time."""
+    line: list[str] = []
+    reader = threading.Thread(target=lambda: line.append(process.stderr.readline()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    reader.join(timeout_s)
+    return line[0] if line else ""
 
 
 def _wait_for(condition: object, process: subprocess.Popen[str]) -> None:
