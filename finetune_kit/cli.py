@@ -1,10 +1,12 @@
 """The `ftkit` command line: parse flags, build settings, call the library, print the result."""
 
+import contextlib
 import copy
+import logging
 import os
 import signal
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -12,7 +14,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from finetune_kit.config import Settings, load_settings
+from finetune_kit.config import FLAT_NAMES, Settings, load_settings, setting_default
 from finetune_kit.errors import FtkitError
 
 if TYPE_CHECKING:
@@ -98,13 +100,32 @@ app = typer.Typer(
 )
 
 ANYWHERE = " Before or after the command (after wins)."
+SETTING_NAMES = set(Settings.model_fields) | set(FLAT_NAMES)  # a parameter with one of these names is a flag
+
+
+def _shown(value: Any) -> str:
+    """A default as `--help` shows it: 60 not 60.0, yes/no, a list joined."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ", ".join(str(item) for item in value)
+    return str(value)
+
+
+def _default(setting: str, text: str) -> str:
+    """`text` with the setting's own default appended, so a changed default cannot leave the help behind."""
+    return f"{text} (default: {_shown(setting_default(setting))})."
+
+
 WorkspaceOpt = Annotated[
     Path | None,
     typer.Option(
         "--workspace",
         "-w",
         metavar="DIR",
-        help="Workspace folder (env FTKIT_WORKSPACE; default ./.ftkit)." + ANYWHERE,
+        help=_default("workspace", "Workspace folder (env FTKIT_WORKSPACE)") + ANYWHERE,
     ),
 ]
 ConfigOpt = Annotated[
@@ -129,13 +150,33 @@ def _global(
 
 
 def _settings(ctx: typer.Context) -> Settings:
-    """Settings with this command's flags on top: every parameter named after a setting is one."""
+    """Settings with this command's flags on top: every parameter named after a setting is one.
+
+    A grouped setting's parameter has its flat name: `slack_temperature` sets [slack] temperature.
+    """
     obj = ctx.find_root().obj or {}
     # a repeatable option that was not given arrives as (); it must not hide ftkit.toml's list
-    flags = {k: v for k, v in ctx.params.items() if k in Settings.model_fields and v != ()}
+    flags = {k: v for k, v in ctx.params.items() if k in SETTING_NAMES and v != ()}
     if flags.get("dataset_dir") is None and ctx.params.get("out") is not None:
         flags["dataset_dir"] = ctx.params["out"]  # --out, the old name of --dataset
-    return load_settings(obj.get("config"), workspace=obj.get("workspace"), **flags)
+    with _warnings_on_stderr("finetune_kit.config"):
+        return load_settings(obj.get("config"), workspace=obj.get("workspace"), **flags)
+
+
+@contextlib.contextmanager
+def _warnings_on_stderr(logger_name: str) -> Iterator[None]:
+    """Show the warnings `logger_name` logs meanwhile (an old ftkit.toml key) as `Warning: …` lines."""
+
+    class Printer(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            err.print(f"Warning: {record.getMessage()}", markup=False, emoji=False)
+
+    logger, printer = logging.getLogger(logger_name), Printer(logging.WARNING)
+    logger.addHandler(printer)
+    try:
+        yield
+    finally:
+        logger.removeHandler(printer)
 
 
 Include = Annotated[
@@ -144,23 +185,39 @@ Include = Annotated[
 Exclude = Annotated[
     list[str] | None, typer.Option("--exclude", metavar="GLOB", help="Glob of files to skip (repeatable).")
 ]
-Code = Annotated[bool | None, typer.Option("--code/--no-code", help="Also read source-code files.")]
+Code = Annotated[
+    bool | None,
+    typer.Option("--code/--no-code", help=_default("include_code", "Also read source-code files")),
+]
 ChunkTokens = Annotated[
-    int | None, typer.Option("--chunk-tokens", metavar="N", help="Target chunk size in tokens (default 512).")
+    int | None,
+    typer.Option(
+        "--chunk-tokens", metavar="N", help=_default("chunk_target_tokens", "Target chunk size in tokens")
+    ),
 ]
 Provider = Annotated[
     str | None,
-    typer.Option("--provider", metavar="auto|local|openai", help="auto, local (embedded model) or openai."),
+    typer.Option(
+        "--provider",
+        metavar="auto|local|openai",
+        help=_default("provider", "auto, local (embedded model) or openai"),
+    ),
 ]
 Model = Annotated[
     str | None, typer.Option("--model", metavar="NAME", help="Model that writes questions and answers.")
 ]
 Product = Annotated[
-    str | None, typer.Option("--product", metavar="NAME", help="Product name used in the prompts.")
+    str | None,
+    typer.Option("--product", metavar="NAME", help=_default("product", "Product name used in the prompts")),
 ]
 PerChunk = Annotated[
     int | None,
-    typer.Option("--questions-per-chunk", "-n", metavar="N", help="Questions per chunk (default 3)."),
+    typer.Option(
+        "--questions-per-chunk",
+        "-n",
+        metavar="N",
+        help=_default("questions_per_chunk", "Questions per chunk"),
+    ),
 ]
 DatasetDir = Annotated[
     Path | None,
@@ -176,21 +233,32 @@ OldDatasetFlag = Annotated[
 ]
 Format = Annotated[
     str | None,
-    typer.Option("--format", metavar="chat|prompt-completion", help="chat (default) or prompt-completion."),
+    typer.Option(
+        "--format",
+        metavar="chat|prompt-completion",
+        help=_default("dataset_format", "chat or prompt-completion"),
+    ),
 ]
 BaseModel = Annotated[
     str | None, typer.Option("--base-model", metavar="NAME", help="Model to fine-tune, for limits and cost.")
 ]
 Epochs = Annotated[
-    int | None, typer.Option("--epochs", metavar="N", help="Training epochs, for the cost estimate.")
+    int | None,
+    typer.Option("--epochs", metavar="N", help=_default("epochs", "Training epochs, for the cost estimate")),
 ]
-Seed = Annotated[int | None, typer.Option("--seed", metavar="N", help="Seed of the train/validation split.")]
+Seed = Annotated[
+    int | None,
+    typer.Option("--seed", metavar="N", help=_default("split_seed", "Seed of the train/validation split")),
+]
 MinExamples = Annotated[
     int | None,
     typer.Option(
         "--min-examples",
         metavar="N",
-        help="Fewest training examples build-dataset writes and train uploads (OpenAI's minimum is 10).",
+        help=_default(
+            "min_examples",
+            "Fewest training examples build-dataset writes and train uploads (OpenAI's minimum is 10)",
+        ),
     ),
 ]
 DryRun = Annotated[
@@ -204,7 +272,10 @@ MaxCost = Annotated[
 ]
 Batch = Annotated[
     bool | None,
-    typer.Option("--batch/--no-batch", help="Use the OpenAI Batch API (half price, results within 24 h)."),
+    typer.Option(
+        "--batch/--no-batch",
+        help=_default("batch", "Use the OpenAI Batch API (half price, results within 24 h)"),
+    ),
 ]
 Sources = Annotated[
     list[str],
@@ -227,7 +298,9 @@ AirtableFormula = Annotated[
 AirtableTitle = Annotated[
     str | None,
     typer.Option(
-        "--airtable-title-field", metavar="FIELD", help="Airtable: field holding the title (default Name)."
+        "--airtable-title-field",
+        metavar="FIELD",
+        help=_default("airtable_title_field", "Airtable: field holding the title"),
     ),
 ]
 AirtableBody = Annotated[
@@ -235,7 +308,7 @@ AirtableBody = Annotated[
     typer.Option(
         "--airtable-body-field",
         metavar="FIELD",
-        help="Airtable: field holding text (repeatable; default Notes).",
+        help=_default("airtable_body_fields", "Airtable: field holding text (repeatable)"),
     ),
 ]
 AirtableUrl = Annotated[
@@ -470,11 +543,13 @@ BotModel = Annotated[
 ]
 Host = Annotated[
     str | None,
-    typer.Option("--host", metavar="HOST", help="HTTP mode: address to listen on (default 127.0.0.1)."),
+    typer.Option("--host", metavar="HOST", help=_default("slack_host", "HTTP mode: address to listen on")),
 ]
 Port = Annotated[
     int | None,
-    typer.Option("--port", metavar="PORT", help="HTTP mode: port (default 3000; 0 picks a free one)."),
+    typer.Option(
+        "--port", metavar="PORT", help=_default("slack_port", "HTTP mode: port, 0 picks a free one")
+    ),
 ]
 Channels = Annotated[
     list[str] | None,
@@ -482,7 +557,9 @@ Channels = Annotated[
         "--channel", metavar="ID", help="Answer only in this channel ID (repeatable; default: all)."
     ),
 ]
-Dms = Annotated[bool | None, typer.Option("--dms/--no-dms", help="Answer direct messages (default: yes).")]
+Dms = Annotated[
+    bool | None, typer.Option("--dms/--no-dms", help=_default("slack_answer_dms", "Answer direct messages"))
+]
 SystemPrompt = Annotated[
     str | None,
     typer.Option(
@@ -490,20 +567,30 @@ SystemPrompt = Annotated[
     ),
 ]
 Temperature = Annotated[
-    float | None, typer.Option("--temperature", metavar="T", help="Sampling temperature (default 0.2).")
+    float | None,
+    typer.Option("--temperature", metavar="T", help=_default("slack_temperature", "Sampling temperature")),
 ]
 MaxTokens = Annotated[
-    int | None, typer.Option("--max-tokens", metavar="N", help="Longest answer in tokens (default 512).")
+    int | None,
+    typer.Option(
+        "--max-tokens", metavar="N", help=_default("slack_max_answer_tokens", "Longest answer in tokens")
+    ),
 ]
 Timeout = Annotated[
     float | None,
-    typer.Option("--timeout", metavar="SECONDS", help="Give up on the model after this long (default 60)."),
+    typer.Option(
+        "--timeout",
+        metavar="SECONDS",
+        help=_default("slack_timeout_s", "Give up on the model after this long"),
+    ),
 ]
 Concurrency = Annotated[
-    int | None, typer.Option("--concurrency", metavar="N", help="Model calls at once (default 4).")
+    int | None,
+    typer.Option("--concurrency", metavar="N", help=_default("slack_concurrency", "Model calls at once")),
 ]
 Stream = Annotated[
-    bool | None, typer.Option("--stream/--no-stream", help="Show the answer as it is written (default: yes).")
+    bool | None,
+    typer.Option("--stream/--no-stream", help=_default("slack_stream", "Show the answer as it is written")),
 ]
 
 
@@ -551,7 +638,7 @@ def slack(
         out.print(f"{where}, answering with {info.model}. Ctrl-C stops.", markup=False)
 
     settings = _settings(ctx)
-    if settings.slack_model is None:
+    if settings.slack.model is None:
         _settle(settings)
     try:
         serve(settings, ready)
@@ -579,7 +666,7 @@ TrainBaseModel = Annotated[
     ),
 ]
 TrainEpochs = Annotated[
-    int | None, typer.Option("--epochs", metavar="N", help="Training epochs (default 3).")
+    int | None, typer.Option("--epochs", metavar="N", help=_default("epochs", "Training epochs"))
 ]
 BatchSize = Annotated[
     int | None,
@@ -598,14 +685,17 @@ TrainBackend = Annotated[
     typer.Option(
         "--backend",
         metavar="auto|openai|local",
-        help="openai (or Azure via OPENAI_BASE_URL), or local LoRA on this machine; auto: openai with a key.",
+        help=_default(
+            "training_backend",
+            "openai (or Azure via OPENAI_BASE_URL), or local LoRA on this machine; auto: openai with a key",
+        ),
     ),
 ]
 LoraRank = Annotated[
-    int | None, typer.Option("--lora-rank", metavar="N", help="Local: LoRA rank (default 16).")
+    int | None, typer.Option("--lora-rank", metavar="N", help=_default("lora_rank", "Local: LoRA rank"))
 ]
 LoraAlpha = Annotated[
-    int | None, typer.Option("--lora-alpha", metavar="N", help="Local: LoRA alpha (default 32).")
+    int | None, typer.Option("--lora-alpha", metavar="N", help=_default("lora_alpha", "Local: LoRA alpha"))
 ]
 TrainThreads = Annotated[
     int | None,
@@ -614,7 +704,9 @@ TrainThreads = Annotated[
 MaxLength = Annotated[
     int | None,
     typer.Option(
-        "--max-length", metavar="TOKENS", help="Local: tokens per example; longer ones are cut (1024)."
+        "--max-length",
+        metavar="TOKENS",
+        help=_default("training_max_length", "Local: tokens per example; longer ones are cut"),
     ),
 ]
 JobArg = Annotated[

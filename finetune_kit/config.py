@@ -1,12 +1,17 @@
 """Typed settings: defaults < ftkit.toml < environment (FTKIT_*) < flags. Secrets come from the environment only."""
 
+import json
+import logging
 import os
 import re
+import typing
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
+    ConfigDict,
     Field,
     PrivateAttr,
     SecretStr,
@@ -14,6 +19,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +28,8 @@ from pydantic_settings import (
 )
 
 from finetune_kit.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_FILE = Path("ftkit.toml")
 LOCAL_MODEL_ALIAS = "smollm2-135m-instruct"
@@ -77,6 +85,133 @@ DEFAULT_EXAMPLE_TOKEN_LIMITS: dict[str, int] = {
 }
 
 
+class _Group(BaseModel):
+    """One table of ftkit.toml; its settings are also read as flat names (`slack_temperature`, FTKIT_SLACK_TEMPERATURE)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class SlackSettings(_Group):
+    """[slack]: the bot (`ftkit slack`, `ftkit ask`) and Slack export permalinks."""
+
+    model: str | None = None  # unset: the newest fine-tuned model, else the base model
+    system_prompt: str | None = None  # unset: the dataset's system prompt, which the model was trained on
+    temperature: float = Field(0.2, ge=0, le=2)
+    max_answer_tokens: int = Field(512, ge=16)
+    context_tokens: int | None = Field(None, ge=256)  # unset: local_context_tokens, or 16384 for APIs
+    timeout_s: float = Field(60.0, gt=0)
+    concurrency: int = Field(4, ge=1)
+    stream: bool = True
+    update_interval_s: float = Field(1.0, ge=0.05)
+    allowed_channels: list[str] = []  # empty: every channel the bot is invited to
+    answer_dms: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(3000, ge=0, le=65535)
+    workspace_url: str | None = None  # https://acme.slack.com, for thread permalinks of an export
+
+    @field_validator("allowed_channels", mode="after")
+    @classmethod
+    def _channel_ids(cls, value: list[str]) -> list[str]:
+        """Slack events name conversations by ID, so the allow-list must hold IDs, not names."""
+        for channel in value:
+            if not _SLACK_CONVERSATION_ID.fullmatch(channel):
+                raise ValueError(
+                    f"'{channel}' is not a channel ID — copy the ID (C…) from the channel's details in Slack"
+                )
+        return value
+
+
+class AirtableSettings(_Group):
+    """[airtable]: the source `airtable:BASE_ID/TABLE` and the models-table sink; the key is AIRTABLE_API_KEY."""
+
+    api_url: str = "https://api.airtable.com"  # a proxy, or a test fake
+    view: str | None = None  # unset: every record of the table
+    formula: str | None = None  # filterByFormula, e.g. "{Status} = 'Published'"
+    title_field: str = "Name"
+    body_fields: list[str] = Field(default_factory=lambda: ["Notes"], min_length=1)
+    url_field: str | None = None  # unset: the record's page on airtable.com
+    requests_per_second: float = Field(5.0, gt=0)  # Airtable allows 5 per base
+    backoff_s: float = Field(30.0, ge=0)  # Airtable asks for 30 s after a 429
+    max_retries: int = Field(3, ge=0)
+    timeout_s: float = Field(30.0, gt=0)
+    models_table: str | None = None  # "BASE_ID/TABLE": fine-tuned models are upserted there
+
+    @field_validator("models_table", mode="after")
+    @classmethod
+    def _airtable_table(cls, value: str | None) -> str | None:
+        """The models table is named as BASE_ID/TABLE, like the `airtable:` source."""
+        if value is not None and not _AIRTABLE_TABLE.fullmatch(value):
+            raise ValueError(
+                f"'{value}' is not BASE_ID/TABLE — copy the base ID (app…) from the base's URL, e.g. appXXXXXXXXXXXXXX/Models"
+            )
+        return value
+
+
+class TrainingSettings(_Group):
+    """[training]: `ftkit train`; epochs and base_model stay top-level, shared with the dataset's cost estimate."""
+
+    backend: Literal["auto", "openai", "local"] = "auto"  # auto: openai with a key, else local
+    batch_size: int | None = Field(None, ge=1, le=256)  # unset: the service picks ("auto")
+    learning_rate_multiplier: float | None = Field(None, gt=0)  # unset: the service picks ("auto")
+    suffix: str | None = Field(None, min_length=1, max_length=64)
+    seed: int | None = Field(None, ge=0, le=2_147_483_647)
+    poll_interval_s: float | None = Field(None, gt=0)  # unset: 10 s hosted, 2 s local
+    max_poll_interval_s: float | None = Field(None, gt=0)  # unset: 60 s hosted, 10 s local
+    lora_rank: int = Field(16, ge=1, le=256)  # local backend
+    lora_alpha: int = Field(32, ge=1)  # local backend
+    threads: int | None = Field(None, ge=1)  # local backend on CPU; unset: torch's default (all cores)
+    max_length: int = Field(1024, ge=64)  # local backend: tokens per example, longer ones are cut
+    # local backend: the command that starts the trainer's Python, e.g. ["accelerate", "launch"] for several GPUs
+    launcher: list[str] = Field(default_factory=list)
+
+
+class CrawlSettings(_Group):
+    """[crawl]: websites (`ftkit ingest https://…`)."""
+
+    concurrency: int = Field(4, ge=1, le=32)  # requests in flight to one site
+    max_pages: int = Field(500, ge=1)
+    timeout_s: float = Field(30.0, gt=0)
+
+
+GROUPS: dict[str, type[_Group]] = {
+    "slack": SlackSettings,
+    "airtable": AirtableSettings,
+    "training": TrainingSettings,
+    "crawl": CrawlSettings,
+}
+_UNPREFIXED = {"lora_rank", "lora_alpha", "learning_rate_multiplier"}  # flat names older than the tables
+# flat name (flag parameter, FTKIT_* name, old ftkit.toml key) -> (table, key): slack_temperature -> slack.temperature
+
+
+def flat_name(group: str, key: str) -> str:
+    """The flat name of [group] key: `slack_temperature` for [slack] temperature."""
+    return key if group == "training" and key in _UNPREFIXED else f"{group}_{key}"
+
+
+FLAT_NAMES: dict[str, tuple[str, str]] = {
+    flat_name(group, key): (group, key) for group, model in GROUPS.items() for key in model.model_fields
+}
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """Flat names sorted into their tables; other names kept as they are."""
+    nested: dict[str, Any] = {}
+    for name, value in flat.items():
+        if name in FLAT_NAMES:
+            group, key = FLAT_NAMES[name]
+            nested.setdefault(group, {})[key] = value
+        else:
+            nested[name] = value
+    return nested
+
+
+def setting_default(name: str) -> Any:
+    """The default of a setting named flat (`slack_port`) or top-level (`epochs`)."""
+    group, key = FLAT_NAMES.get(name, (None, name))
+    field = (GROUPS[group] if group else Settings).model_fields[key]
+    return field.get_default(call_default_factory=True)
+
+
 class Settings(BaseSettings):
     """Every knob ftkit reads; one object passed explicitly to each stage."""
 
@@ -108,12 +243,6 @@ class Settings(BaseSettings):
     chunk_overlap_tokens: int = 64
     chunk_min_tokens: int = 40
 
-    # websites (`ftkit ingest https://…`) and Slack exports (`ftkit ingest export.zip`)
-    crawl_concurrency: int = Field(4, ge=1, le=32)  # requests in flight to one site
-    crawl_max_pages: int = Field(500, ge=1)
-    crawl_timeout_s: float = Field(30.0, gt=0)
-    slack_workspace_url: str | None = None  # https://acme.slack.com, for thread permalinks
-
     # generation
     prompts_dir: Path | None = None
     questions_per_chunk: int = Field(3, ge=1, le=20)
@@ -132,26 +261,11 @@ class Settings(BaseSettings):
     base_model: str | None = None
     epochs: int = Field(3, ge=1, le=50)  # OpenAI's n_epochs range; checked before anything is uploaded
 
-    # training (`ftkit train`); epochs and base_model above are shared with the dataset's cost estimate
-    training_backend: Literal["auto", "openai", "local"] = "auto"  # auto: openai with a key, else local
+    # training (`ftkit train`, `ftkit run`); the rest of it is [training]
     dataset_dir: Path | None = None  # unset: <workspace>/dataset, where build-dataset writes
-    training_batch_size: int | None = Field(None, ge=1, le=256)  # unset: the service picks ("auto")
-    learning_rate_multiplier: float | None = Field(None, gt=0)  # unset: the service picks ("auto")
-    training_suffix: str | None = Field(None, min_length=1, max_length=64)
-    training_seed: int | None = Field(None, ge=0, le=2_147_483_647)
-    training_poll_interval_s: float | None = Field(None, gt=0)  # unset: 10 s hosted, 2 s local
-    training_max_poll_interval_s: float | None = Field(None, gt=0)  # unset: 60 s hosted, 10 s local
-    lora_rank: int | None = Field(None, ge=1, le=256)  # local backend; unset: 16
-    lora_alpha: int | None = Field(None, ge=1)  # local backend; unset: 32
-    training_threads: int | None = Field(
-        None, ge=1
-    )  # local backend on CPU; unset: torch's default (all cores)
-    training_max_length: int = Field(1024, ge=64)  # local backend: tokens per example, longer ones are cut
     # `ftkit run` goes on to fine-tune and follow the job; unset: only on the local backend (free, offline) —
     # a hosted job costs money, and an OPENAI_BASE_URL server (vLLM, Ollama) may not fine-tune at all
     train_after_dataset: bool | None = None
-    # local backend: the command that starts the trainer's Python, e.g. ["accelerate", "launch"] for several GPUs
-    training_launcher: list[str] = Field(default_factory=list)
 
     # spending
     max_cost_usd: float | None = Field(None, ge=0)
@@ -160,35 +274,10 @@ class Settings(BaseSettings):
     prices: dict[str, ModelPrice] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
     example_token_limits: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_EXAMPLE_TOKEN_LIMITS))
 
-    # slack bot
-    slack_model: str | None = None  # unset: the newest fine-tuned model, else the base model
-    slack_system_prompt: str | None = (
-        None  # unset: the dataset's system prompt, which the model was trained on
-    )
-    slack_temperature: float = Field(0.2, ge=0, le=2)
-    slack_max_answer_tokens: int = Field(512, ge=16)
-    slack_context_tokens: int | None = Field(None, ge=256)  # unset: local_context_tokens, or 16384 for APIs
-    slack_timeout_s: float = Field(60.0, gt=0)
-    slack_concurrency: int = Field(4, ge=1)
-    slack_stream: bool = True
-    slack_update_interval_s: float = Field(1.0, ge=0.05)
-    slack_allowed_channels: list[str] = []  # empty: every channel the bot is invited to
-    slack_answer_dms: bool = True
-    slack_host: str = "127.0.0.1"
-    slack_port: int = Field(3000, ge=0, le=65535)
-
-    # airtable (source `airtable:BASE_ID/TABLE` and the models-table sink); the key is AIRTABLE_API_KEY
-    airtable_api_url: str = "https://api.airtable.com"  # a proxy, or a test fake
-    airtable_view: str | None = None  # unset: every record of the table
-    airtable_formula: str | None = None  # filterByFormula, e.g. "{Status} = 'Published'"
-    airtable_title_field: str = "Name"
-    airtable_body_fields: list[str] = Field(default_factory=lambda: ["Notes"], min_length=1)
-    airtable_url_field: str | None = None  # unset: the record's page on airtable.com
-    airtable_requests_per_second: float = Field(5.0, gt=0)  # Airtable allows 5 per base
-    airtable_backoff_s: float = Field(30.0, ge=0)  # Airtable asks for 30 s after a 429
-    airtable_max_retries: int = Field(3, ge=0)
-    airtable_timeout_s: float = Field(30.0, gt=0)
-    airtable_models_table: str | None = None  # "BASE_ID/TABLE": fine-tuned models are upserted there
+    slack: SlackSettings = Field(default_factory=SlackSettings)
+    airtable: AirtableSettings = Field(default_factory=AirtableSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    crawl: CrawlSettings = Field(default_factory=CrawlSettings)
 
     # read from the environment only (never from ftkit.toml or flags), never serialised
     _openai_api_key: SecretStr | None = PrivateAttr(None)
@@ -217,7 +306,8 @@ class Settings(BaseSettings):
         """The chunker needs room for a heading and some text; named as the user sets it, not as the chunker does."""
         if value < MIN_CHUNK_TOKENS:
             raise ValueError(
-                f"must be at least {MIN_CHUNK_TOKENS}, not {value} (--chunk-tokens sets it; the default is 512)"
+                f"must be at least {MIN_CHUNK_TOKENS}, not {value}"
+                f" (--chunk-tokens sets it; the default is {cls.model_fields['chunk_target_tokens'].default})"
             )
         return value
 
@@ -233,27 +323,6 @@ class Settings(BaseSettings):
             raise ValueError(f"must be from 0 to {top} (chunk_target_tokens is {target}), not {value}")
         return value
 
-    @field_validator("slack_allowed_channels", mode="after")
-    @classmethod
-    def _channel_ids(cls, value: list[str]) -> list[str]:
-        """Slack events name conversations by ID, so the allow-list must hold IDs, not names."""
-        for channel in value:
-            if not _SLACK_CONVERSATION_ID.fullmatch(channel):
-                raise ValueError(
-                    f"'{channel}' is not a channel ID — copy the ID (C…) from the channel's details in Slack"
-                )
-        return value
-
-    @field_validator("airtable_models_table", mode="after")
-    @classmethod
-    def _airtable_table(cls, value: str | None) -> str | None:
-        """The models table is named as BASE_ID/TABLE, like the `airtable:` source."""
-        if value is not None and not _AIRTABLE_TABLE.fullmatch(value):
-            raise ValueError(
-                f"'{value}' is not BASE_ID/TABLE — copy the base ID (app…) from the base's URL, e.g. appXXXXXXXXXXXXXX/Models"
-            )
-        return value
-
     @classmethod
     def settings_customise_sources(
         cls,
@@ -264,7 +333,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Flags (init) beat environment, which beats ftkit.toml, which beats defaults."""
-        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+        return init_settings, env_settings, _FlatEnvSource(settings_cls), _TomlSource(settings_cls)
 
     @property
     def openai_api_key(self) -> SecretStr | None:
@@ -329,8 +398,8 @@ class Settings(BaseSettings):
 
         A base URL alone (vLLM, Ollama, llama.cpp) serves completions but fine-tunes nothing, so it does not count.
         """
-        if self.training_backend != "auto":
-            return self.training_backend
+        if self.training.backend != "auto":
+            return self.training.backend
         return "openai" if self.openai_api_key else "local"
 
     @property
@@ -359,6 +428,50 @@ class Settings(BaseSettings):
         return self.prices[family] if family else ModelPrice()
 
 
+class _FlatEnvSource(PydanticBaseSettingsSource):
+    """FTKIT_<flat name> sets a table's key: FTKIT_SLACK_TEMPERATURE is [slack] temperature."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        """Unused: `__call__` reads every grouped name at once."""
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        """The grouped settings found in the environment, as nested tables."""
+        found: dict[str, Any] = {}
+        for name, (group, key) in FLAT_NAMES.items():
+            raw = os.environ.get(f"FTKIT_{name.upper()}")
+            if raw is not None:
+                found[name] = _env_value(name, raw, GROUPS[group].model_fields[key])
+        return nest(found)
+
+
+def _env_value(name: str, raw: str, field: FieldInfo) -> Any:
+    """A list setting is written as JSON (`["C012AB3CD"]`), like the top-level ones; any other is left to pydantic."""
+    if typing.get_origin(field.annotation) is not list:
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f'FTKIT_{name.upper()}: not a JSON list ({exc.msg}) — write it as ["first", "second"]'
+        ) from exc
+
+
+class _TomlSource(TomlConfigSettingsSource):
+    """ftkit.toml, where an old flat key (`slack_temperature`) still counts, with a warning naming its table."""
+
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
+        data = super()._read_file(file_path)
+        old = [name for name in data if name in FLAT_NAMES]
+        for name in old:
+            group, key = FLAT_NAMES[name]
+            log.warning("%s: %s is now [%s] %s — move it into that table", file_path, name, group, key)
+            table = data.setdefault(group, {})
+            if isinstance(table, dict):
+                table.setdefault(key, data.pop(name))  # the table's own key wins over the old name
+        return data
+
+
 def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
     """Build Settings from defaults, `config_file` (or ./ftkit.toml), FTKIT_* env and the given flags."""
     path = config_file or DEFAULT_CONFIG_FILE
@@ -371,7 +484,7 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
         raise ConfigError(f"{config_file}: config file not found — check the --config path")
     cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}})
     try:
-        settings = cls(**{k: v for k, v in flags.items() if v is not None})
+        settings = cls(**nest({k: v for k, v in flags.items() if v is not None}))
     except ValidationError as exc:
         raise ConfigError(_describe_validation_error(exc, path)) from exc
     except ValueError as exc:  # malformed TOML
@@ -394,12 +507,14 @@ def _with_environment_secrets(settings: Settings) -> Settings:
 
 def _describe_validation_error(exc: ValidationError, path: Path) -> str:
     err = exc.errors()[0]
-    name = ".".join(str(part) for part in err["loc"])
-    if name in SECRET_SETTINGS:
+    loc = [str(part) for part in err["loc"]]
+    name = ".".join(loc)
+    flat = flat_name(loc[0], loc[1]) if loc[0] in GROUPS and len(loc) > 1 else loc[0]
+    if flat in SECRET_SETTINGS:
         return (
-            f"{name} cannot be set in {path} or FTKIT_* — secrets are read from {SECRET_SETTINGS[name]} only"
+            f"{name} cannot be set in {path} or FTKIT_* — secrets are read from {SECRET_SETTINGS[flat]} only"
         )
     if err["type"] == "extra_forbidden":
         return f"unknown setting '{name}' — check the spelling in {path} or the FTKIT_* environment"
-    env = "FTKIT_" + str(err["loc"][0]).upper()
+    env = "FTKIT_" + flat.upper()
     return f"invalid setting '{name}': {err['msg']} — fix it in {path}, {env} or the matching flag"

@@ -104,7 +104,7 @@ class SlackBot:
         self._events_pruned_at = -float(EVENT_PRUNE_INTERVAL_S)  # the first event prunes what past runs left
         self._idle = threading.Condition()
         self._listeners = listeners
-        self._jobs = ThreadPoolExecutor(settings.slack_concurrency, thread_name_prefix="ftkit-slack-answers")
+        self._jobs = ThreadPoolExecutor(settings.slack.concurrency, thread_name_prefix="ftkit-slack-answers")
         app.use(self._skip_repeated_events)
         # With process_before_response off, bolt acks an event before it runs the listener on its executor: the
         # ack is immediate without lazy listeners, which exist for FaaS and deep-copy every request (8x the CPU).
@@ -204,8 +204,8 @@ class SlackBot:
     def _answers_in(self, channel: str, direct: bool) -> bool:
         """DMs unless turned off; channels on the allow-list, or all of them when it is empty."""
         if direct:
-            return self.settings.slack_answer_dms
-        allowed = self.settings.slack_allowed_channels
+            return self.settings.slack.answer_dms
+        allowed = self.settings.slack.allowed_channels
         return not allowed or channel in allowed
 
     def _start(self, question: Question, received: float) -> None:
@@ -249,9 +249,9 @@ class SlackBot:
             not_answers = self.records.not_answers(question.channel, question.thread_ts)
             turns = conversation(self.client, question, self.identity, not_answers)
             preview = None
-            if self.settings.slack_stream:
+            if self.settings.slack.stream:
                 preview = StreamPreview(
-                    self.client, question.channel, job.placeholder_ts, self.settings.slack_update_interval_s
+                    self.client, question.channel, job.placeholder_ts, self.settings.slack.update_interval_s
                 )
             text = self.answerer.answer(turns, preview)
             self._finish(job, "answered", text, None, self._post_answer(job, text))
@@ -357,7 +357,7 @@ def serve(settings: Settings, on_ready: Callable[[ReadyInfo], None]) -> None:
                 finally:
                     handler.close()
             else:
-                server = _listen(bot.app, settings.slack_host, settings.slack_port)
+                server = _listen(bot.app, settings.slack.host, settings.slack.port)
                 on_ready(ReadyInfo("http", server.url, answerer.model))
                 try:
                     server.serve_forever()

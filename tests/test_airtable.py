@@ -229,9 +229,9 @@ def test_requests_are_paced_to_the_per_base_limit(fake: FakeAirtable, tmp_path: 
 def test_defaults_follow_airtables_published_limits() -> None:
     settings = load_settings()
 
-    assert (settings.airtable_requests_per_second, settings.airtable_backoff_s) == (5.0, 30.0)
-    assert (settings.airtable_title_field, settings.airtable_body_fields) == ("Name", ["Notes"])
-    assert settings.airtable_api_url == "https://api.airtable.com"
+    assert (settings.airtable.requests_per_second, settings.airtable.backoff_s) == (5.0, 30.0)
+    assert (settings.airtable.title_field, settings.airtable.body_fields) == ("Name", ["Notes"])
+    assert settings.airtable.api_url == "https://api.airtable.com"
 
 
 # --- bad input, through the CLI --------------------------------------------------------------------------
@@ -505,7 +505,7 @@ def test_a_malformed_models_table_setting_is_refused(tmp_path: Path) -> None:
         load_settings()
 
     assert str(caught.value) == (
-        "invalid setting 'airtable_models_table': Value error, 'Models' is not BASE_ID/TABLE — copy the base"
+        "invalid setting 'airtable.models_table': Value error, 'Models' is not BASE_ID/TABLE — copy the base"
         " ID (app…) from the base's URL, e.g. appXXXXXXXXXXXXXX/Models — fix it in ftkit.toml,"
         " FTKIT_AIRTABLE_MODELS_TABLE or the matching flag"
     )

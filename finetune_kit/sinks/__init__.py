@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 def publish_pending(settings: Settings, store: Store) -> list[str]:
     """Record in the sinks every registered model they do not hold (or hold stale), oldest first; a line each,
     failures included, never raised."""
-    models_table = settings.airtable_models_table
+    models_table = settings.airtable.models_table
     if models_table is None:
         return []
     pending = {

@@ -64,7 +64,7 @@ class Answerer(Protocol):
 
 def bot_model(settings: Settings) -> str:
     """The model the bot answers with: --model, else the newest fine-tuned model, else the base model."""
-    return settings.slack_model or registered_model(settings) or settings.fine_tune_base_model
+    return settings.slack.model or registered_model(settings) or settings.fine_tune_base_model
 
 
 def registered_model(settings: Settings) -> str | None:
@@ -86,8 +86,8 @@ def registered_model(settings: Settings) -> str | None:
 
 def context_tokens(settings: Settings, embedded: bool | None = None) -> int:
     """The answering model's context window: configured, the embedded server's, or a safe API default."""
-    if settings.slack_context_tokens is not None:
-        return settings.slack_context_tokens
+    if settings.slack.context_tokens is not None:
+        return settings.slack.context_tokens
     if embedded is None:
         embedded = settings.resolved_provider == "local"
     return settings.local_context_tokens if embedded else API_CONTEXT_TOKENS
@@ -165,13 +165,13 @@ class OpenAIAnswerer:
 
         return cls(
             endpoint,
-            system_prompt=settings.slack_system_prompt or default_system_prompt(settings),
-            temperature=settings.slack_temperature,
-            max_tokens=settings.slack_max_answer_tokens,
+            system_prompt=settings.slack.system_prompt or default_system_prompt(settings),
+            temperature=settings.slack.temperature,
+            max_tokens=settings.slack.max_answer_tokens,
             context_tokens=context_tokens(settings, embedded=endpoint.identity.startswith("local:")),
-            timeout_s=settings.slack_timeout_s,
-            max_concurrency=settings.slack_concurrency,
-            stream=settings.slack_stream,
+            timeout_s=settings.slack.timeout_s,
+            max_concurrency=settings.slack.concurrency,
+            stream=settings.slack.stream,
         )
 
     def close(self) -> None:

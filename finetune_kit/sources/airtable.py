@@ -87,10 +87,10 @@ def read_airtable(spec: str, settings: Settings) -> list[SourceItem]:
     table_ref = parse_spec(spec)
     table = open_table(settings, table_ref, spec, READ_SCOPE)
     options: dict[str, Any] = {"page_size": PAGE_SIZE, "fields": _mapped_fields(settings)}
-    if settings.airtable_view is not None:
-        options["view"] = settings.airtable_view
-    if settings.airtable_formula is not None:
-        options["formula"] = settings.airtable_formula
+    if settings.airtable.view is not None:
+        options["view"] = settings.airtable.view
+    if settings.airtable.formula is not None:
+        options["formula"] = settings.airtable.formula
     with airtable_errors(settings, spec, READ_SCOPE, _field_settings(settings)):
         records = [record for page in table.iterate(**options) for record in page]
     linked = _with_table_id(table, table_ref, settings, spec) if records else table_ref
@@ -101,7 +101,7 @@ def read_airtable(spec: str, settings: Settings) -> list[SourceItem]:
         )
     if not any(isinstance(item, SourceDocument) for item in items):
         raise AirtableError(
-            f"{spec}: all {len(items)} records are empty (no text in {', '.join(settings.airtable_body_fields)})"
+            f"{spec}: all {len(items)} records are empty (no text in {', '.join(settings.airtable.body_fields)})"
             " — point airtable_body_fields (--airtable-body-field) at the columns that hold the text"
         )
     return items
@@ -128,33 +128,33 @@ def _with_table_id(table: Table, table_ref: AirtableTable, settings: Settings, l
 
 def _mapped_fields(settings: Settings) -> list[str]:
     """The fields the mapping reads, so Airtable sends only those and rejects a misspelt one."""
-    fields = [settings.airtable_title_field, *settings.airtable_body_fields]
-    if settings.airtable_url_field is not None:
-        fields.append(settings.airtable_url_field)
+    fields = [settings.airtable.title_field, *settings.airtable.body_fields]
+    if settings.airtable.url_field is not None:
+        fields.append(settings.airtable.url_field)
     return list(dict.fromkeys(fields))
 
 
 def _field_settings(settings: Settings) -> dict[str, str]:
     """field name -> how to fix a mapping that names a field the table lacks."""
     fixes = {
-        name: "fix airtable_body_fields (--airtable-body-field)" for name in settings.airtable_body_fields
+        name: "fix airtable_body_fields (--airtable-body-field)" for name in settings.airtable.body_fields
     }
-    fixes[settings.airtable_title_field] = "fix airtable_title_field (--airtable-title-field)"
-    if settings.airtable_url_field is not None:
-        fixes[settings.airtable_url_field] = "fix airtable_url_field (--airtable-url-field)"
+    fixes[settings.airtable.title_field] = "fix airtable_title_field (--airtable-title-field)"
+    if settings.airtable.url_field is not None:
+        fixes[settings.airtable.url_field] = "fix airtable_url_field (--airtable-url-field)"
     return fixes
 
 
 def _selection(settings: Settings) -> str:
-    view = f" in view '{settings.airtable_view}'" if settings.airtable_view is not None else ""
-    formula = f" matching {settings.airtable_formula}" if settings.airtable_formula is not None else ""
+    view = f" in view '{settings.airtable.view}'" if settings.airtable.view is not None else ""
+    formula = f" matching {settings.airtable.formula}" if settings.airtable.formula is not None else ""
     return view + formula
 
 
 def record_item(record: RecordDict, table: AirtableTable, settings: Settings) -> SourceItem:
     """One record as Markdown: `# title`, then the body fields (each under `## field` when several)."""
     fields = record.get("fields", {})
-    body_fields = settings.airtable_body_fields
+    body_fields = settings.airtable.body_fields
     sections = [(name, field_text(fields.get(name))) for name in body_fields]
     sections = [(name, text) for name, text in sections if text]
     if not sections:
@@ -163,8 +163,8 @@ def record_item(record: RecordDict, table: AirtableTable, settings: Settings) ->
         body = sections[0][1]
     else:
         body = "\n\n".join(f"## {name}\n\n{text}" for name, text in sections)
-    title = " ".join(field_text(fields.get(settings.airtable_title_field)).split())
-    url = field_text(fields.get(settings.airtable_url_field)) if settings.airtable_url_field else ""
+    title = " ".join(field_text(fields.get(settings.airtable.title_field)).split())
+    url = field_text(fields.get(settings.airtable.url_field)) if settings.airtable.url_field else ""
     return SourceDocument(
         path=record["id"],
         source_url=url or table.record_url(record["id"]),
@@ -229,23 +229,23 @@ def open_table(settings: Settings, table: AirtableTable, label: str, scope: str)
             f" at {TOKENS_PAGE} and export it as AIRTABLE_API_KEY"
         )
     retry = _FixedBackoffRetry(
-        total=settings.airtable_max_retries,
+        total=settings.airtable.max_retries,
         connect=0,  # a wrong airtable_api_url fails now, not after minutes of back-off
         read=False,  # a timeout is reported as one, not retried
         status_forcelist=RETRIED_STATUSES,
         allowed_methods=None,  # reads, and upserts (idempotent: keyed on fields)
-        backoff_max=settings.airtable_backoff_s,
+        backoff_max=settings.airtable.backoff_s,
         raise_on_status=False,  # the last 429 reaches airtable_errors, which explains it
     )
-    timeout = settings.airtable_timeout_s
+    timeout = settings.airtable.timeout_s
     # requests takes float seconds; pyairtable's hint says int
     api = Api(
         key.get_secret_value(),
         timeout=cast(Any, (timeout, timeout)),
         retry_strategy=None,
-        endpoint_url=settings.airtable_api_url,
+        endpoint_url=settings.airtable.api_url,
     )
-    adapter = _PacedAdapter(settings.airtable_requests_per_second, retry)
+    adapter = _PacedAdapter(settings.airtable.requests_per_second, retry)
     api.session.mount("https://", adapter)
     api.session.mount("http://", adapter)
     return api.table(table.base_id, table.table)
@@ -263,12 +263,12 @@ def airtable_errors(
         raise AirtableError(f"{label}: {detail}") from None
     except requests.Timeout:
         raise AirtableError(
-            f"{label}: Airtable did not answer within {settings.airtable_timeout_s:g} s"
+            f"{label}: Airtable did not answer within {settings.airtable.timeout_s:g} s"
             " — re-run later, or raise airtable_timeout_s"
         ) from None
     except requests.RequestException:
         raise AirtableError(
-            f"{label}: cannot reach Airtable at {settings.airtable_api_url}"
+            f"{label}: cannot reach Airtable at {settings.airtable.api_url}"
             " — check airtable_api_url and your network"
         ) from None
 
@@ -292,14 +292,14 @@ def _http_failure(
         )
     if status == 429:
         return (
-            f"Airtable still rate-limits after {settings.airtable_max_retries} retries — wait a minute and"
+            f"Airtable still rate-limits after {settings.airtable.max_retries} retries — wait a minute and"
             " re-run, or lower airtable_requests_per_second"
         )
     if kind == "UNKNOWN_FIELD_NAME":
         name = next(iter(_QUOTED.findall(message)), "?")
         return f'the table has no field "{name}" — {field_fixes.get(name, "check the field names")}'
     if kind == "VIEW_NAME_NOT_FOUND":
-        return f"the table has no view '{settings.airtable_view}' — fix airtable_view (--airtable-view)"
+        return f"the table has no view '{settings.airtable.view}' — fix airtable_view (--airtable-view)"
     if kind == "INVALID_FILTER_BY_FORMULA":
         return f"Airtable rejected airtable_formula ({message}) — fix the formula (--airtable-formula)"
     if status >= 500:

@@ -83,7 +83,7 @@ class _PageUnavailable(_PageSkipped):
 
 def iter_website(spec: str, settings: Settings, store: Store, source_id: str) -> SourceIter:
     """Crawl the site at `spec` (a sitemap URL or a start page) and yield its pages as documents."""
-    options = CrawlOptions(settings.crawl_concurrency, settings.crawl_max_pages, settings.crawl_timeout_s)
+    options = CrawlOptions(settings.crawl.concurrency, settings.crawl.max_pages, settings.crawl.timeout_s)
     memory = PageMemory(store, source_id)
     with Crawler(spec, options, memory.load()) as crawler:
         results = crawler.crawl()

@@ -128,7 +128,7 @@ def _open_source(spec: str, settings: Settings, store: Store) -> tuple[str, list
 
         return "website", list(iter_website(spec, settings, store, _source_id(spec, "website")))
     if is_slack_export(spec):
-        return "slack-export", list(iter_slack_export(Path(spec).expanduser(), settings.slack_workspace_url))
+        return "slack-export", list(iter_slack_export(Path(spec).expanduser(), settings.slack.workspace_url))
     path = Path(spec).expanduser()
     items = iter_directory(
         path,

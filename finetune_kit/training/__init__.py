@@ -19,13 +19,13 @@ def training_params(settings: Settings) -> TrainingParams:
     return TrainingParams(
         base_model=settings.base_model or DEFAULT_BASE_MODELS.get(backend, ""),
         n_epochs=settings.epochs,
-        batch_size=settings.training_batch_size,
-        learning_rate_multiplier=settings.learning_rate_multiplier,
-        suffix=settings.training_suffix,
-        seed=settings.training_seed,
-        lora_rank=settings.lora_rank if backend == "local" else None,
-        lora_alpha=settings.lora_alpha if backend == "local" else None,
-        max_length=settings.training_max_length if backend == "local" else None,
+        batch_size=settings.training.batch_size,
+        learning_rate_multiplier=settings.training.learning_rate_multiplier,
+        suffix=settings.training.suffix,
+        seed=settings.training.seed,
+        lora_rank=settings.training.lora_rank if backend == "local" else None,
+        lora_alpha=settings.training.lora_alpha if backend == "local" else None,
+        max_length=settings.training.max_length if backend == "local" else None,
     )
 
 
@@ -39,7 +39,7 @@ def polling(settings: Settings, backend: str | None = None) -> Polling:
     """How often the watch loop asks the service."""
     first, longest = POLL_INTERVALS_S[backend or settings.resolved_training_backend]
     return Polling(
-        settings.training_poll_interval_s or first, settings.training_max_poll_interval_s or longest
+        settings.training.poll_interval_s or first, settings.training.max_poll_interval_s or longest
     )
 
 
@@ -69,7 +69,7 @@ def _local_backend(settings: Settings) -> Iterator[FineTuneBackend]:
     from finetune_kit.store import Store
     from finetune_kit.training.local_backend import LocalBackend, TrainerOptions
 
-    options = TrainerOptions(threads=settings.training_threads, launcher=tuple(settings.training_launcher))
+    options = TrainerOptions(threads=settings.training.threads, launcher=tuple(settings.training.launcher))
     with Store(settings.db_path) as store:
         yield LocalBackend(store, settings.workspace, options)
 

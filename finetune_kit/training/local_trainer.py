@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from finetune_kit.config import setting_default
 from finetune_kit.disk_space import disk_full_error, is_disk_full
 from finetune_kit.errors import DiskFullError
 from finetune_kit.llm.local_server import process_start_time
@@ -27,12 +28,13 @@ from finetune_kit.training.examples import read_examples
 from finetune_kit.training.local_backend import add_event, finish_job, set_status
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEFAULT_EPOCHS = 3
 DEFAULT_BATCH_SIZE = 4
 BASE_LEARNING_RATE = 2e-4  # times --learning-rate-multiplier
-DEFAULT_LORA_RANK = 16
-DEFAULT_LORA_ALPHA = 32
-DEFAULT_MAX_LENGTH = 1024
+# for a job whose stored params leave these unset (started before they were settings): the settings' defaults
+DEFAULT_EPOCHS = setting_default("epochs")
+DEFAULT_LORA_RANK = setting_default("lora_rank")
+DEFAULT_LORA_ALPHA = setting_default("lora_alpha")
+DEFAULT_MAX_LENGTH = setting_default("training_max_length")
 
 
 class Cancelled(Exception):
