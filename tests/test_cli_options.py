@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from finetune_kit.cli import app
@@ -81,3 +82,31 @@ def test_the_dataset_flag_names_one_folder_for_build_dataset_and_train(fake_llm:
     assert ftkit("-w", "ws", "train", "--dataset", "flagged")[0] == 0
     assert len(fake_llm.fine_tuning.jobs) == 1
     assert uploaded_training_files(fake_llm)[0] == Path("flagged/train.jsonl").read_bytes()
+
+
+def test_an_old_flat_key_in_ftkit_toml_is_shown_as_one_warning_line(tmp_path: Path) -> None:
+    Path("ftkit.toml").write_text("slack_temperature = 0.5\n")
+    code, _, err = ftkit("train", "watch", "-w", str(tmp_path / "ws"))
+    assert code == 1
+    assert err.splitlines()[0] == (
+        "Warning: ftkit.toml: slack_temperature is now [slack] temperature — move it into that table"
+    )
+
+
+def test_a_parameter_named_group_underscore_key_sets_that_tables_key() -> None:
+    from finetune_kit.cli import _settings
+    from finetune_kit.config import Settings
+
+    Path("ftkit.toml").write_text("[training]\nseed = 1\nlora_rank = 4\n[slack]\nport = 7\n")
+    probe, seen = typer.Typer(), []
+
+    @probe.command()
+    def show(
+        ctx: typer.Context, slack_temperature: float = 0.5, lora_rank: int = 8, training_seed: int = 9
+    ) -> None:
+        seen.append(_settings(ctx))
+
+    assert CliRunner().invoke(probe, []).exit_code == 0
+    settings: Settings = seen[0]
+    assert (settings.slack.temperature, settings.slack.port) == (0.5, 7)
+    assert (settings.training.lora_rank, settings.training.seed) == (8, 9)

@@ -3,7 +3,7 @@ from typing import Any
 
 import pytest
 
-from finetune_kit.config import LOCAL_MODEL_ALIAS, ModelPrice, load_settings
+from finetune_kit.config import FLAT_NAMES, GROUPS, LOCAL_MODEL_ALIAS, ModelPrice, Settings, load_settings
 from finetune_kit.errors import ConfigError
 from tests.conftest import TEST_KEY
 
@@ -282,3 +282,159 @@ def test_secret_under_the_ftkit_prefix_is_refused(monkeypatch: pytest.MonkeyPatc
         "FTKIT_OPENAI_API_KEY is not read — secrets come from OPENAI_API_KEY only; export that instead"
     )
     assert "sk-nope" not in str(excinfo.value)
+
+
+def test_tables_set_the_grouped_settings(tmp_path: Path) -> None:
+    write_toml(
+        tmp_path / "ftkit.toml",
+        '[slack]\ntemperature = 0.5\nallowed_channels = ["C0123"]\n[airtable]\nview = "Published"\n'
+        "[training]\nlora_rank = 8\nseed = 7\n[crawl]\nmax_pages = 9\n",
+    )
+
+    settings = load_settings()
+
+    assert (settings.slack.temperature, settings.slack.allowed_channels) == (0.5, ["C0123"])
+    assert (settings.airtable.view, settings.airtable.title_field) == ("Published", "Name")
+    assert (settings.training.lora_rank, settings.training.seed, settings.training.lora_alpha) == (8, 7, 32)
+    assert (settings.crawl.max_pages, settings.crawl.concurrency) == (9, 4)
+
+
+def test_an_old_flat_key_still_counts_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_toml(tmp_path / "ftkit.toml", 'slack_temperature = 0.5\nlora_rank = 8\nproduct = "Acme"\n')
+
+    with caplog.at_level("WARNING", logger="finetune_kit.config"):
+        settings = load_settings()
+
+    assert (settings.slack.temperature, settings.training.lora_rank, settings.product) == (0.5, 8, "Acme")
+    assert caplog.messages == [
+        "ftkit.toml: slack_temperature is now [slack] temperature — move it into that table",
+        "ftkit.toml: lora_rank is now [training] lora_rank — move it into that table",
+    ]
+
+
+def test_the_table_wins_over_an_old_flat_key(tmp_path: Path) -> None:
+    write_toml(tmp_path / "ftkit.toml", "crawl_max_pages = 3\n[crawl]\nmax_pages = 9\n")
+
+    assert load_settings().crawl.max_pages == 9
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "read"),
+    [
+        ("FTKIT_SLACK_TEMPERATURE", "0.5", lambda s: s.slack.temperature == 0.5),
+        ("FTKIT_SLACK_STREAM", "false", lambda s: s.slack.stream is False),
+        ("FTKIT_SLACK_ALLOWED_CHANNELS", '["C0123"]', lambda s: s.slack.allowed_channels == ["C0123"]),
+        ("FTKIT_SLACK_WORKSPACE_URL", "https://acme.slack.com", lambda s: s.slack.workspace_url is not None),
+        ("FTKIT_AIRTABLE_BODY_FIELDS", '["Q", "A"]', lambda s: s.airtable.body_fields == ["Q", "A"]),
+        (
+            "FTKIT_AIRTABLE_API_URL",
+            "http://127.0.0.1:9",
+            lambda s: s.airtable.api_url == "http://127.0.0.1:9",
+        ),
+        ("FTKIT_TRAINING_BACKEND", "local", lambda s: s.training.backend == "local"),
+        ("FTKIT_TRAINING_POLL_INTERVAL_S", "0.01", lambda s: s.training.poll_interval_s == 0.01),
+        (
+            "FTKIT_TRAINING_LAUNCHER",
+            '["accelerate", "launch"]',
+            lambda s: s.training.launcher[0] == "accelerate",
+        ),
+        ("FTKIT_LORA_RANK", "8", lambda s: s.training.lora_rank == 8),
+        ("FTKIT_LORA_ALPHA", "4", lambda s: s.training.lora_alpha == 4),
+        ("FTKIT_LEARNING_RATE_MULTIPLIER", "2", lambda s: s.training.learning_rate_multiplier == 2.0),
+        ("FTKIT_CRAWL_MAX_PAGES", "9", lambda s: s.crawl.max_pages == 9),
+        ("FTKIT_TRAIN_AFTER_DATASET", "true", lambda s: s.train_after_dataset is True),
+    ],
+)
+def test_todays_environment_names_still_work(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, read: Any
+) -> None:
+    monkeypatch.setenv(env, value)
+
+    assert read(load_settings())
+
+
+def test_environment_beats_a_table_and_a_flag_beats_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_toml(tmp_path / "ftkit.toml", "[slack]\ntemperature = 0.5\nport = 1\nconcurrency = 2\n")
+    monkeypatch.setenv("FTKIT_SLACK_PORT", "2")
+    monkeypatch.setenv("FTKIT_SLACK_CONCURRENCY", "3")
+
+    settings = load_settings(slack_concurrency=5)
+
+    assert (settings.slack.temperature, settings.slack.port, settings.slack.concurrency) == (0.5, 2, 5)
+
+
+def test_invalid_grouped_setting_names_its_table_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FTKIT_SLACK_TEMPERATURE", "3")
+
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings()
+
+    assert str(excinfo.value) == (
+        "invalid setting 'slack.temperature': Input should be less than or equal to 2 "
+        "— fix it in ftkit.toml, FTKIT_SLACK_TEMPERATURE or the matching flag"
+    )
+
+
+def test_invalid_unprefixed_training_flag_names_its_environment() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(lora_rank=0)
+
+    assert str(excinfo.value) == (
+        "invalid setting 'training.lora_rank': Input should be greater than or equal to 1 "
+        "— fix it in ftkit.toml, FTKIT_LORA_RANK or the matching flag"
+    )
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        (
+            "[slack]\ncolour = 1\n",
+            "unknown setting 'slack.colour' — check the spelling in ftkit.toml or the FTKIT_* environment",
+        ),
+        (
+            '[slack]\nbot_token = "xoxb-in-toml"\n',
+            "slack.bot_token cannot be set in ftkit.toml or FTKIT_* — secrets are read from SLACK_BOT_TOKEN only",
+        ),
+        (
+            '[airtable]\napi_key = "patX"\n',
+            "airtable.api_key cannot be set in ftkit.toml or FTKIT_* — secrets are read from AIRTABLE_API_KEY only",
+        ),
+    ],
+)
+def test_bad_table_gives_exact_message(tmp_path: Path, toml: str, message: str) -> None:
+    write_toml(tmp_path / "ftkit.toml", toml)
+
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings()
+
+    assert str(excinfo.value) == message
+    assert "in-toml" not in str(excinfo.value)
+
+
+def test_a_list_in_the_environment_must_be_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FTKIT_SLACK_ALLOWED_CHANNELS", "C0123,C0456")
+
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings()
+
+    assert str(excinfo.value) == (
+        'FTKIT_SLACK_ALLOWED_CHANNELS: not a JSON list (Expecting value) — write it as ["first", "second"]'
+    )
+
+
+def test_every_grouped_setting_has_the_flat_name_group_underscore_key() -> None:
+    expected = {
+        f"{group}_{key}": (group, key)
+        for group, model in GROUPS.items()
+        for key in model.model_fields
+        if key not in {"lora_rank", "lora_alpha", "learning_rate_multiplier"}
+    }
+    expected |= {name: ("training", name) for name in ("lora_rank", "lora_alpha", "learning_rate_multiplier")}
+
+    assert expected == FLAT_NAMES
+    assert not set(FLAT_NAMES) & set(Settings.model_fields)  # a flat name never shadows a top-level setting

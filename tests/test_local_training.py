@@ -81,7 +81,9 @@ def test_max_length_is_part_of_what_a_local_job_is(workspace: Path) -> None:
 
     settings = load_settings(workspace=workspace, training_backend="local", training_max_length=256)
     assert training_params(settings).max_length == 256
-    longer = settings.model_copy(update={"training_max_length": 512})
+    longer = settings.model_copy(
+        update={"training": settings.training.model_copy(update={"max_length": 512})}
+    )
     assert training_params(longer) != training_params(settings)
     hosted = load_settings(workspace=workspace, training_backend="openai", training_max_length=256)
     assert (

@@ -360,7 +360,9 @@ def test_the_library_trains_publishes_and_fails_as_the_cli_does(
         updates.clear()
         with pytest.raises(JobFailedError, match="Training file has 3 invalid examples"):
             run_training(
-                settings.model_copy(update={"training_seed": 5}), watch=True, on_update=updates.append
+                settings.model_copy(update={"training": settings.training.model_copy(update={"seed": 5})}),
+                watch=True,
+                on_update=updates.append,
             )
         finished = updates[-1]
         assert isinstance(finished, TrainingFinished) and finished.outcome.result is not None
