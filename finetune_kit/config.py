@@ -274,10 +274,10 @@ class Settings(BaseSettings):
     prices: dict[str, ModelPrice] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
     example_token_limits: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_EXAMPLE_TOKEN_LIMITS))
 
-    slack: SlackSettings = SlackSettings()
-    airtable: AirtableSettings = AirtableSettings()
-    training: TrainingSettings = TrainingSettings()
-    crawl: CrawlSettings = CrawlSettings()
+    slack: SlackSettings = SlackSettings.model_validate({})
+    airtable: AirtableSettings = AirtableSettings.model_validate({})
+    training: TrainingSettings = TrainingSettings.model_validate({})
+    crawl: CrawlSettings = CrawlSettings.model_validate({})
 
     # read from the environment only (never from ftkit.toml or flags), never serialised
     _openai_api_key: SecretStr | None = PrivateAttr(None)
