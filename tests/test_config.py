@@ -5,7 +5,7 @@ import pytest
 
 from finetune_kit.config import FLAT_NAMES, GROUPS, LOCAL_MODEL_ALIAS, ModelPrice, Settings, load_settings
 from finetune_kit.errors import ConfigError
-from tests.conftest import TEST_KEY
+from tests.conftest import REPO, TEST_KEY
 
 
 def write_toml(path: Path, text: str) -> Path:
@@ -438,3 +438,18 @@ def test_every_grouped_setting_has_the_flat_name_group_underscore_key() -> None:
 
     assert expected == FLAT_NAMES
     assert not set(FLAT_NAMES) & set(Settings.model_fields)  # a flat name never shadows a top-level setting
+
+
+def test_the_readmes_example_ftkit_toml_loads_without_warnings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    section = (REPO / "README.md").read_text().split("## Configuration\n", 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    write_toml(tmp_path / "ftkit.toml", example)
+
+    with caplog.at_level("WARNING", logger="finetune_kit.config"):
+        settings = load_settings()
+
+    assert caplog.messages == []
+    assert (settings.slack.allowed_channels, settings.airtable.view) == (["C0123456789"], "Published")
+    assert (settings.training.backend, settings.crawl.max_pages, settings.product) == ("local", 500, "Widget")
