@@ -14,7 +14,14 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from finetune_kit.config import FLAT_NAMES, Settings, load_settings, setting_default
+from finetune_kit.config import (
+    FLAT_NAMES,
+    HOSTED_BASE_MODEL,
+    LOCAL_MODEL_ALIAS,
+    Settings,
+    load_settings,
+    setting_default,
+)
 from finetune_kit.errors import FtkitError
 
 if TYPE_CHECKING:
@@ -661,7 +668,7 @@ TrainBaseModel = Annotated[
     typer.Option(
         "--base-model",
         metavar="NAME",
-        help="Model to fine-tune: hosted default gpt-4o-mini-2024-07-18; local default smollm2-135m-instruct,"
+        help=f"Model to fine-tune: hosted default {HOSTED_BASE_MODEL}; local default {LOCAL_MODEL_ALIAS},"
         " or a .gguf file or checkpoint folder.",
     ),
 ]
@@ -857,7 +864,7 @@ def models(
     Each with backend, base model, job, date and final losses; --json prints name, backend, base_model, job_id,
     dataset_hash, created_at and metrics. With --sync (the default) it first settles the jobs that ended while
     nobody watched: it asks the service once about each (hosted ones only with a key), registers what succeeded
-    and records it in the Airtable models table when airtable_models_table is set, retrying a write that failed
+    and records it in the Airtable models table when [airtable] models_table is set, retrying a write that failed
     before, saying each on stderr.
     """
     from finetune_kit.training.report import models_json, models_lines

@@ -1,4 +1,8 @@
-"""Typed settings: defaults < ftkit.toml < environment (FTKIT_*) < flags. Secrets come from the environment only."""
+"""Typed settings: defaults < ftkit.toml < environment (FTKIT_*) < flags. Secrets come from the environment only.
+
+The bot's, Airtable's, training's and the crawler's settings are tables ([slack] temperature); each also has a
+flat name (slack_temperature) that its flag parameter, its FTKIT_* variable and an old ftkit.toml key use.
+"""
 
 import json
 import logging
@@ -33,6 +37,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_FILE = Path("ftkit.toml")
 LOCAL_MODEL_ALIAS = "smollm2-135m-instruct"
+HOSTED_BASE_MODEL = (
+    "gpt-4o-mini-2024-07-18"  # the model fine-tuned on the hosted service unless base_model says
+)
 SECRET_SETTINGS = {
     "openai_api_key": "OPENAI_API_KEY",
     "api_key": "OPENAI_API_KEY",
@@ -390,7 +397,7 @@ class Settings(BaseSettings):
         """The model a dataset is sized and priced for: the embedded model locally, else gpt-4o-mini."""
         if self.base_model:
             return self.base_model
-        return LOCAL_MODEL_ALIAS if self.resolved_provider == "local" else "gpt-4o-mini-2024-07-18"
+        return LOCAL_MODEL_ALIAS if self.resolved_provider == "local" else HOSTED_BASE_MODEL
 
     @property
     def resolved_training_backend(self) -> Literal["local", "openai"]:

@@ -4,13 +4,13 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from finetune_kit.config import LOCAL_MODEL_ALIAS, Settings
+from finetune_kit.config import HOSTED_BASE_MODEL, LOCAL_MODEL_ALIAS, Settings
 from finetune_kit.store import Store
 from finetune_kit.training.backend import FineTuneBackend, FineTuneJob, TrainingError, TrainingParams
 from finetune_kit.training.jobs import JobRecord, StartedJob, cancel_job, find_job, start_job
 from finetune_kit.training.watch import Polling, WatchResult, WatchUpdate, raise_if_unsuccessful, watch_job
 
-DEFAULT_BASE_MODELS = {"openai": "gpt-4o-mini-2024-07-18", "local": LOCAL_MODEL_ALIAS}
+DEFAULT_BASE_MODELS = {"openai": HOSTED_BASE_MODEL, "local": LOCAL_MODEL_ALIAS}
 
 
 def training_params(settings: Settings) -> TrainingParams:
