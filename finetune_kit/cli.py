@@ -629,7 +629,7 @@ def slack(
     """
     import logging
 
-    from finetune_kit.slack_bot import ReadyInfo, serve
+    from finetune_kit.slack.bot import ReadyInfo, serve
 
     debug = (ctx.find_root().obj or {}).get("debug") or os.environ.get("FTKIT_DEBUG")
     logging.basicConfig(

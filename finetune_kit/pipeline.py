@@ -9,7 +9,6 @@ from pathlib import Path
 
 from finetune_kit.config import Settings
 from finetune_kit.errors import ConfigError
-from finetune_kit.estimate import StageEstimate, estimate_generation
 from finetune_kit.llm.budget import Budget
 from finetune_kit.llm.client import ChatRequest, Endpoint, LLMClient
 from finetune_kit.llm.endpoint import endpoint_identity, open_endpoint
@@ -21,6 +20,7 @@ from finetune_kit.stages.build_dataset import (
     answer_questions,
     write_dataset,
 )
+from finetune_kit.stages.estimate import StageEstimate, estimate_generation
 from finetune_kit.stages.generate_questions import QuestionReport, generate_questions
 from finetune_kit.stages.ingest import IngestReport, ingest
 from finetune_kit.status import answer_redo, current_keys, question_redo

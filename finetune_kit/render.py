@@ -17,9 +17,9 @@ from rich.progress import Progress as RichProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from finetune_kit.estimate import StageEstimate
 from finetune_kit.pipeline import RunSummary
 from finetune_kit.stages.build_dataset import DatasetReport
+from finetune_kit.stages.estimate import StageEstimate
 from finetune_kit.stages.ingest import IngestReport
 from finetune_kit.status import StatusReport
 

@@ -7,10 +7,10 @@ from typing import Any
 
 from finetune_kit.config import Settings
 from finetune_kit.errors import FtkitError
-from finetune_kit.estimate import estimate_generation
 from finetune_kit.llm.endpoint import endpoint_identity
 from finetune_kit.prompts import load_prompt
 from finetune_kit.stages.build_dataset import CHUNK_ANSWER_KEY, answer_keys
+from finetune_kit.stages.estimate import estimate_generation
 from finetune_kit.stages.generate_questions import generation_key
 from finetune_kit.store import Store, run_status
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from finetune_kit.disk_space import NEARLY_FULL_BYTES, SQLITE_IOERR, disk_full_error, free_bytes, is_disk_full
 from finetune_kit.errors import DiskFullError, StoreError
-from finetune_kit.llm.local_server import pid_alive, process_start_time
+from finetune_kit.procs import pid_alive, process_start_time
 
 MIGRATIONS: list[tuple[str, str]] = [
     (

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune_kit.llm.local_server import process_start_time
+from finetune_kit.procs import process_start_time
 from finetune_kit.store import utc_now
 
 log = logging.getLogger(__name__)

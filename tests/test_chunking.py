@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finetune_kit.chunking import Chunk, ChunkSettings, chunk_markdown
+from finetune_kit.chunking.markdown import Chunk, ChunkSettings, chunk_markdown
 from finetune_kit.errors import ChunkingError
 from finetune_kit.tokens import count_tokens
 

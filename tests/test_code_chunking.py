@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finetune_kit.chunking import ChunkSettings
-from finetune_kit.code_chunking import (
+from finetune_kit.chunking.code import (
     CodeChunk,
     chunk_code,
     chunk_code_document,
     line_permalink,
     unwrap_code_document,
 )
+from finetune_kit.chunking.markdown import ChunkSettings
 from finetune_kit.config import load_settings
 from finetune_kit.sources.text import code_to_markdown
 from finetune_kit.stages import ingest as ingest_stage

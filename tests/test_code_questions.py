@@ -9,12 +9,10 @@ import pytest
 
 from finetune_kit.config import Settings, load_settings
 from finetune_kit.errors import ConfigError
-from finetune_kit.estimate import TYPICAL_QUESTION, estimate_generation, planning_endpoint
 from finetune_kit.llm.budget import prompt_tokens
 from finetune_kit.llm.client import request_hash
 from finetune_kit.pipeline import run_build_dataset, run_generate_questions, run_ingest
 from finetune_kit.prompts import REQUIRED_PLACEHOLDERS, default_prompts_dir, load_prompt
-from finetune_kit.questions import judge
 from finetune_kit.stages.build_dataset import (
     answer_key,
     answer_request,
@@ -22,12 +20,14 @@ from finetune_kit.stages.build_dataset import (
     load_answer_templates,
     planned_answer_requests,
 )
+from finetune_kit.stages.estimate import TYPICAL_QUESTION, estimate_generation, planning_endpoint
 from finetune_kit.stages.generate_questions import (
     generation_key,
     load_question_templates,
     pending_chunks,
     question_request,
 )
+from finetune_kit.stages.questions import judge
 from finetune_kit.status import workspace_status
 from finetune_kit.store import Store
 from tests.fake_openai import FakeOpenAI

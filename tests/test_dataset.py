@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from finetune_kit.dataset import (
+from finetune_kit.stages.dataset import (
     Example,
     ValidationReport,
     example_tokens,

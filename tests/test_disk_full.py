@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune_kit.dataset import Example, jsonl_bytes, to_record, validate_jsonl, write_jsonl
 from finetune_kit.disk_space import human_size, is_disk_full
 from finetune_kit.errors import DiskFullError
+from finetune_kit.stages.dataset import Example, jsonl_bytes, to_record, validate_jsonl, write_jsonl
 from finetune_kit.store import Store
 from tests.conftest import REPO, SAMPLE_DOCS, TEST_KEY
 from tests.fake_openai import FakeOpenAI, docs_responder

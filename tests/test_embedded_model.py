@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune_kit.cli import app
-from finetune_kit.dataset import validate_jsonl
-from finetune_kit.llm.local_server import pid_alive
+from finetune_kit.procs import pid_alive
+from finetune_kit.stages.dataset import validate_jsonl
 from tests.conftest import TINY_DOCS
 
 pytestmark = pytest.mark.slow

@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 from finetune_kit.cli import app
 from finetune_kit.config import Settings, load_settings
 from finetune_kit.errors import SourceError
-from finetune_kit.estimate import estimate_generation
 from finetune_kit.sources.files import OUTSIDE_SOURCE
 from finetune_kit.sources.text import to_text
+from finetune_kit.stages.estimate import estimate_generation
 from finetune_kit.stages.ingest import IngestReport, ingest
 from finetune_kit.store import Store
 from finetune_kit.tokens import count_tokens

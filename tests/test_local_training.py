@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from finetune_kit.config import LOCAL_MODEL_ALIAS, load_settings
-from finetune_kit.llm.local_server import pid_alive, server_config
+from finetune_kit.llm.local_server import server_config
+from finetune_kit.procs import pid_alive
 from finetune_kit.slack.answerer import registered_model
 from finetune_kit.store import Store
 from finetune_kit.training.backend import TrainingParams

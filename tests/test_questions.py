@@ -1,6 +1,6 @@
 import pytest
 
-from finetune_kit.questions import Candidate, judge, select_questions, split_list_items
+from finetune_kit.stages.questions import Candidate, judge, select_questions, split_list_items
 
 THRESHOLD = 0.85
 

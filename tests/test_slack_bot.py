@@ -20,9 +20,7 @@ import pytest
 from finetune_kit.config import load_settings
 from finetune_kit.errors import ConfigError
 from finetune_kit.slack.answerer import open_answerer
-from finetune_kit.slack.records import Question
-from finetune_kit.slack.server import EventServer, connect_socket_mode
-from finetune_kit.slack_bot import (
+from finetune_kit.slack.bot import (
     FAILURE_NOTE,
     HANDLED_EVENTS,
     PLACEHOLDER,
@@ -30,6 +28,8 @@ from finetune_kit.slack_bot import (
     SlackBot,
     build_app,
 )
+from finetune_kit.slack.records import Question
+from finetune_kit.slack.server import EventServer, connect_socket_mode
 from tests.conftest import REPO, TEST_KEY
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.fake_slack import (

@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 
 from finetune_kit.cli import app
 from finetune_kit.config import ModelPrice, load_settings
-from finetune_kit.estimate import estimate_generation
 from finetune_kit.llm.budget import Budget, worst_case_cost
 from finetune_kit.llm.client import ChatRequest
+from finetune_kit.stages.estimate import estimate_generation
 from finetune_kit.store import Store
 from tests.conftest import SAMPLE_DOCS
 from tests.fake_openai import FakeOpenAI

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_kit.dataset import validate_jsonl
+from finetune_kit.stages.dataset import validate_jsonl
 from tests.conftest import REPO, SAMPLE_DOCS, TEST_KEY
 from tests.fake_openai import FakeOpenAI, Reply, docs_responder
 

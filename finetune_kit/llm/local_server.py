@@ -20,6 +20,7 @@ from typing import Any
 
 from finetune_kit.config import LOCAL_MODEL_ALIAS, Settings
 from finetune_kit.errors import ConfigError, LocalServerError
+from finetune_kit.procs import pid_alive, reap
 
 log = logging.getLogger(__name__)
 STATE_FILE = "llama-server.json"
@@ -180,37 +181,6 @@ def _read_state(workspace: Path) -> dict[str, Any]:
     return state if isinstance(state, dict) else {}
 
 
-def pid_alive(pid: int) -> bool:
-    """True if process `pid` runs; a zombie (exited, not yet reaped by its new parent) counts as dead."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    fields = _proc_stat(pid)
-    if fields is None:
-        return True  # no /proc (macOS): kill(0) is all we know
-    return fields[0] not in ("Z", "X")
-
-
-def process_start_time(pid: int) -> str | None:
-    """When process `pid` started (clock ticks since boot), to tell it from a later process with the same pid."""
-    fields = _proc_stat(pid)
-    return fields[19] if fields else None
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name (state first), or None without /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields if len(fields) > 19 else None
-
-
 def _answers(base_url: str, timeout_s: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(f"{base_url}/models", timeout=timeout_s) as response:
@@ -282,9 +252,3 @@ def _stop(workspace: Path, pid: int) -> None:
     if int(_read_state(workspace).get("pid", 0)) == pid:  # another server may have been recorded since
         with contextlib.suppress(FileNotFoundError):
             (workspace / STATE_FILE).unlink()
-
-
-def reap(pid: int) -> None:
-    """Collect the exit status of our own child so it does not linger as a zombie."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)

@@ -9,7 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune_kit.config import Settings
-from finetune_kit.dataset import (
+from finetune_kit.errors import RequestRejectedError
+from finetune_kit.llm.client import ChatRequest, LLMClient, request_hash
+from finetune_kit.progress import NoProgress, Progress
+from finetune_kit.prompts import FormatTemplates, PromptTemplate, load_format_templates, load_prompt
+from finetune_kit.stages import Prefill, gather_all
+from finetune_kit.stages.dataset import (
     Example,
     ValidationReport,
     split_by_chunk,
@@ -17,11 +22,6 @@ from finetune_kit.dataset import (
     validate_jsonl,
     write_jsonl,
 )
-from finetune_kit.errors import RequestRejectedError
-from finetune_kit.llm.client import ChatRequest, LLMClient, request_hash
-from finetune_kit.progress import NoProgress, Progress
-from finetune_kit.prompts import FormatTemplates, PromptTemplate, load_format_templates, load_prompt
-from finetune_kit.stages import Prefill, gather_all
 from finetune_kit.stages.generate_questions import generation_key
 from finetune_kit.store import Store, utc_now
 

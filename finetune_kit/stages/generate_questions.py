@@ -11,8 +11,8 @@ from finetune_kit.errors import LLMError, RequestRejectedError
 from finetune_kit.llm.client import ChatRequest, LLMClient, request_hash
 from finetune_kit.progress import NoProgress, Progress
 from finetune_kit.prompts import FormatTemplates, PromptTemplate, load_format_templates, load_prompt
-from finetune_kit.questions import Candidate, select_questions
 from finetune_kit.stages import Prefill, gather_all
+from finetune_kit.stages.questions import Candidate, select_questions
 from finetune_kit.store import Store, utc_now
 
 MAX_ATTEMPTS = 3  # asks per chunk while the model's output yields no usable question

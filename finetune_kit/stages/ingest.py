@@ -8,8 +8,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune_kit.chunking import Chunk, ChunkSettings, chunk_markdown
-from finetune_kit.code_chunking import CODE_CHUNKER_VERSION, chunk_code_document, line_permalink
+from finetune_kit.chunking.code import CODE_CHUNKER_VERSION, chunk_code_document, line_permalink
+from finetune_kit.chunking.markdown import Chunk, ChunkSettings, chunk_markdown
 from finetune_kit.config import Settings
 from finetune_kit.errors import SourceError
 from finetune_kit.progress import NoProgress, Progress

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_kit.disk_space import written_whole
-from finetune_kit.llm.local_server import pid_alive, process_start_time, reap
+from finetune_kit.procs import pid_alive, process_start_time, reap
 from finetune_kit.store import Store, utc_now
 from finetune_kit.training.backend import (
     TERMINAL_STATUSES,

@@ -21,7 +21,7 @@ from typing import Any
 from finetune_kit.config import setting_default
 from finetune_kit.disk_space import disk_full_error, is_disk_full
 from finetune_kit.errors import DiskFullError
-from finetune_kit.llm.local_server import process_start_time
+from finetune_kit.procs import process_start_time
 from finetune_kit.store import Store
 from finetune_kit.training.backend import TrainingParams
 from finetune_kit.training.examples import read_examples

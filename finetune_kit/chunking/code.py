@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
-from finetune_kit.chunking import DEFAULT_SETTINGS, Chunk, ChunkSettings
+from finetune_kit.chunking.markdown import DEFAULT_SETTINGS, Chunk, ChunkSettings
 from finetune_kit.sources.text import fenced
 from finetune_kit.tokens import count_tokens, truncate_tokens
 
