@@ -17,6 +17,14 @@ class SourceError(FtkitError):
     """A corpus source is missing, empty or unreadable."""
 
 
+class AirtableError(SourceError):
+    """Airtable refused a request, or an Airtable setting is wrong."""
+
+
+class NestingTooDeep(SourceError):
+    """A document nests deeper than its converter can walk safely."""
+
+
 class ChunkingError(FtkitError):
     """Chunking settings are inconsistent."""
 
@@ -61,9 +69,22 @@ class LocalServerError(LLMError):
     """The embedded llama.cpp server could not be started."""
 
 
-class DatasetError(FtkitError):
-    """The dataset cannot be built or fails validation."""
-
-
 class DiskFullError(FtkitError):
     """A disk (or its quota) is full: the message names the path and the space needed or free."""
+
+
+class TrainingError(FtkitError):
+    """A fine-tuning job cannot be started, found, followed or cancelled."""
+
+
+class JobFailedError(TrainingError):
+    """A fine-tuning job ended failed or cancelled."""
+
+
+class AnswerFailed(FtkitError):
+    """The model gave no answer; `reason` is one short line, safe to store."""
+
+    def __init__(self, reason: str, *, timed_out: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.timed_out = timed_out

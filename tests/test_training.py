@@ -337,8 +337,8 @@ def test_the_library_trains_publishes_and_fails_as_the_cli_does(
 ) -> None:
     """A script calling `run_training` gets the same job, report, sink writes and failure as `ftkit train`."""
     from finetune_kit.config import load_settings
+    from finetune_kit.errors import JobFailedError
     from finetune_kit.training import JobStarted, TrainingFinished, WatchStarted, run_training
-    from finetune_kit.training.backend import JobFailedError
     from tests.fake_airtable import API_KEY, BASE, FakeAirtable
 
     with FakeAirtable() as airtable:

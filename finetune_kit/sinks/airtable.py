@@ -2,8 +2,8 @@
 
 import json
 
+from finetune_kit.airtable_api import WRITE_SCOPE, airtable_errors, open_table, parse_table
 from finetune_kit.config import Settings
-from finetune_kit.sources.airtable import WRITE_SCOPE, airtable_errors, open_table, parse_table
 from finetune_kit.training.registry import RegisteredModel
 
 KEY_COLUMN = "Name"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from finetune_kit.config import Settings
-from finetune_kit.errors import ConfigError, FtkitError, LLMError
+from finetune_kit.errors import AnswerFailed, ConfigError, LLMError
 from finetune_kit.llm.api import ChatAPI, Endpoint, RetryPolicy, Wording
 from finetune_kit.llm.rate_limit import RateLimiter
 from finetune_kit.tokens import count_tokens, truncate_tokens
@@ -41,15 +41,6 @@ class Turn:
 
     role: Literal["user", "assistant"]
     text: str
-
-
-class AnswerFailed(FtkitError):
-    """The model gave no answer; `reason` is one short line, safe to store."""
-
-    def __init__(self, reason: str, *, timed_out: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.timed_out = timed_out
 
 
 class Answerer(Protocol):

@@ -15,8 +15,8 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError, SlackClientError
 
 from finetune_kit.config import Settings
-from finetune_kit.errors import ConfigError
-from finetune_kit.slack.answerer import Answerer, AnswerFailed, open_answerer
+from finetune_kit.errors import AnswerFailed, ConfigError
+from finetune_kit.slack.answerer import Answerer, open_answerer
 from finetune_kit.slack.credentials import slack_credentials, slack_web_client
 from finetune_kit.slack.preview import StreamPreview
 from finetune_kit.slack.records import BotRecords, Question

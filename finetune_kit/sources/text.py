@@ -11,7 +11,7 @@ from bs4 import BeautifulSoup, Tag
 from docutils import nodes
 from markdownify import MarkdownConverter
 
-from finetune_kit.errors import SourceError
+from finetune_kit.errors import NestingTooDeep
 
 DOC_FORMATS = {
     ".md": "markdown",
@@ -50,10 +50,6 @@ _CODE_ROLES = ("func", "meth", "class", "mod", "attr", "obj", "exc", "data", "co
 _SKIPPED_HTML_TAGS = ["script", "style", "nav", "footer", "noscript", "template"]
 _HTML_LANGUAGE_CLASS = re.compile(r"^(?:language|lang|highlight)-([\w+#.-]+)$")
 _RST_LIST_MARKERS = re.compile(r"(?:(?:[-*+\u2022\u2023\u2043]|\(?(?:\d{1,9}|#|[A-Za-z]{1,4})[.)])[ \t]+)*")
-
-
-class NestingTooDeep(SourceError):
-    """A document nests deeper than its converter can walk safely."""
 
 
 def to_text(path: str, raw: bytes, include_code: bool) -> tuple[str, str] | str:

@@ -26,9 +26,9 @@ from defusedxml import DefusedXmlException
 
 from finetune_kit import __version__
 from finetune_kit.config import Settings
-from finetune_kit.errors import SourceError
+from finetune_kit.errors import NestingTooDeep, SourceError
 from finetune_kit.sources import SkippedFile, SourceDocument, SourceItem, SourceIter
-from finetune_kit.sources.text import NestingTooDeep, html_to_markdown
+from finetune_kit.sources.text import html_to_markdown
 from finetune_kit.store import Store, utc_now
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from finetune_kit.config import HOSTED_BASE_MODEL, LOCAL_MODEL_ALIAS, Settings
 from finetune_kit.store import Store
-from finetune_kit.training.backend import FineTuneBackend, FineTuneJob, TrainingError, TrainingParams
+from finetune_kit.training.backend import FineTuneBackend, FineTuneJob, TrainingParams
 from finetune_kit.training.jobs import JobRecord, StartedJob, cancel_job, find_job, start_job
 from finetune_kit.training.watch import Polling, WatchResult, WatchUpdate, raise_if_unsuccessful, watch_job
 
@@ -169,7 +169,6 @@ def _follow(
 __all__ = [
     "FineTuneBackend",
     "JobStarted",
-    "TrainingError",
     "TrainingFinished",
     "TrainingOutcome",
     "TrainingParams",

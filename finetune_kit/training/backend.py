@@ -5,8 +5,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from finetune_kit.errors import FtkitError
-
 LATER_FIELDS = ("lora_rank", "lora_alpha", "max_length")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 METRIC_FIELDS = {  # event data key -> job_metrics column
@@ -17,14 +15,6 @@ METRIC_FIELDS = {  # event data key -> job_metrics column
     "train_mean_token_accuracy": "train_accuracy",
     "valid_mean_token_accuracy": "valid_accuracy",
 }
-
-
-class TrainingError(FtkitError):
-    """A fine-tuning job cannot be started, found, followed or cancelled."""
-
-
-class JobFailedError(TrainingError):
-    """A fine-tuning job ended failed or cancelled."""
 
 
 @dataclass(frozen=True)

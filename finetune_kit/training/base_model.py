@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune_kit.config import LOCAL_MODEL_ALIAS
+from finetune_kit.errors import TrainingError
 from finetune_kit.extras import require_train
-from finetune_kit.training.backend import TrainingError
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from finetune_kit.training.backend import TrainingError
+from finetune_kit.errors import TrainingError
 
 REBUILD = "rebuild it with `ftkit build-dataset`, or fix that line"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune_kit.disk_space import written_whole
+from finetune_kit.errors import TrainingError
 from finetune_kit.extras import require_train
-from finetune_kit.training.backend import TrainingError
 
 ARCHITECTURES = {"llama": "LLAMA"}  # what transformers calls it -> gguf.MODEL_ARCH member
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")

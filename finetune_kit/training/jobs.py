@@ -7,6 +7,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune_kit.errors import TrainingError
 from finetune_kit.extras import require_train
 from finetune_kit.store import Store, utc_now
 from finetune_kit.training.backend import (
@@ -15,7 +16,6 @@ from finetune_kit.training.backend import (
     FineTuneBackend,
     FineTuneJob,
     JobEvent,
-    TrainingError,
     TrainingParams,
 )
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_kit.disk_space import written_whole
+from finetune_kit.errors import TrainingError
 from finetune_kit.procs import pid_alive, process_start_time, reap
 from finetune_kit.store import Store, utc_now
 from finetune_kit.training.backend import (
@@ -27,7 +28,6 @@ from finetune_kit.training.backend import (
     DatasetFile,
     FineTuneJob,
     JobEvent,
-    TrainingError,
     TrainingParams,
 )
 from finetune_kit.training.jobs import TRAINER_DIED

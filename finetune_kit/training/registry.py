@@ -52,9 +52,3 @@ def list_models(store: Store) -> list[RegisteredModel]:
     """Every registered model, newest first."""
     rows = store.db.execute("SELECT * FROM finetuned_models ORDER BY created_at DESC, rowid DESC").fetchall()
     return [RegisteredModel.from_row(row) for row in rows]
-
-
-def latest_model(store: Store) -> RegisteredModel | None:
-    """The newest registered model (only succeeded jobs register one), or None."""
-    models = list_models(store)
-    return models[0] if models else None

@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from finetune_kit.errors import FtkitError
+from finetune_kit.errors import FtkitError, JobFailedError
 from finetune_kit.store import Store, utc_now
-from finetune_kit.training.backend import FineTuneBackend, FineTuneJob, JobEvent, JobFailedError, StepMetrics
+from finetune_kit.training.backend import FineTuneBackend, FineTuneJob, JobEvent, StepMetrics
 from finetune_kit.training.jobs import (
     TRAINER_DIED,
     JobRecord,
