@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 from finetune_kit.cli import app
 from finetune_kit.config import Settings, load_settings
 from finetune_kit.errors import AirtableError, ConfigError
-from finetune_kit.sinks import publish_pending
 from finetune_kit.sources import SkippedFile, SourceDocument
 from finetune_kit.sources.airtable import read_airtable
 from finetune_kit.stages.ingest import ingest
 from finetune_kit.store import Store
 from finetune_kit.training.registry import RegisteredModel, list_models, register_model
+from finetune_kit.training.sinks import publish_pending
 from tests.fake_airtable import API_KEY, BASE, FakeAirtable, FakeTable
 
 SPEC = f"airtable:{BASE}/Docs"

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from finetune_kit.config import LOCAL_MODEL_ALIAS, load_settings
-from finetune_kit.llm.local_server import server_config
+from finetune_kit.llm.local_server import ServedAdapter, served_adapters, server_config
 from finetune_kit.procs import pid_alive
 from finetune_kit.slack.answerer import registered_model
 from finetune_kit.store import Store
 from finetune_kit.training.backend import TrainingParams
 from finetune_kit.training.jobs import start_job
-from finetune_kit.training.local_backend import LocalBackend, ServedAdapter, add_event, served_adapters
+from finetune_kit.training.local_backend import LocalBackend, add_event
 from finetune_kit.training.local_trainer import LORA_TARGETS
 from finetune_kit.training.sync import settle_jobs
 from tests.conftest import REPO

@@ -21,6 +21,7 @@ from typing import Any
 from finetune_kit.config import LOCAL_MODEL_ALIAS, Settings
 from finetune_kit.errors import ConfigError, LocalServerError
 from finetune_kit.procs import pid_alive, reap
+from finetune_kit.store import Store
 
 log = logging.getLogger(__name__)
 STATE_FILE = "llama-server.json"
@@ -37,6 +38,15 @@ class LocalServer:
     base_url: str
     model_path: Path
     pid: int
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    """A succeeded local model llama.cpp can serve: the base GGUF and the LoRA adapter over it."""
+
+    name: str
+    base_gguf: Path
+    adapter_gguf: Path
 
 
 def bundled_model_path() -> Path:
@@ -121,14 +131,26 @@ def server_config(settings: Settings, model_path: Path) -> dict[str, Any]:
     return {"host": "127.0.0.1", "models": models}
 
 
-def _served_adapters(settings: Settings) -> list[Any]:
+def _served_adapters(settings: Settings) -> list[ServedAdapter]:
     if not settings.db_path.exists():
         return []
-    from finetune_kit.store import Store
-    from finetune_kit.training.local_backend import served_adapters
-
     with Store(settings.db_path) as store:
         return served_adapters(store)
+
+
+def served_adapters(store: Store) -> list[ServedAdapter]:
+    """Every succeeded local model whose adapter and base GGUF are on disk, oldest first."""
+    rows = store.db.execute(
+        "SELECT fine_tuned_model, base_gguf, output_dir FROM local_jobs"
+        " WHERE status = 'succeeded' AND fine_tuned_model IS NOT NULL AND base_gguf IS NOT NULL ORDER BY created_at"
+    ).fetchall()
+    adapters = [
+        ServedAdapter(
+            row["fine_tuned_model"], Path(row["base_gguf"]), Path(row["output_dir"]) / "adapter.gguf"
+        )
+        for row in rows
+    ]
+    return [adapter for adapter in adapters if adapter.base_gguf.is_file() and adapter.adapter_gguf.is_file()]
 
 
 def _config_id(config: dict[str, Any]) -> str:

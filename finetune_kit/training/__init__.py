@@ -153,7 +153,7 @@ def _follow(
     on_update: Callable[[TrainingUpdate], None],
     started: StartedJob | None = None,
 ) -> TrainingOutcome:
-    from finetune_kit.sinks import publish_pending
+    from finetune_kit.training.sinks import publish_pending
 
     on_update(WatchStarted(record))
     every = polling(settings, backend.name)

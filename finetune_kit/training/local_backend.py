@@ -47,15 +47,6 @@ class TrainerOptions:
     ] = ()  # e.g. ("accelerate", "launch", "--num_processes", "2"); empty: this Python
 
 
-@dataclass(frozen=True)
-class ServedAdapter:
-    """A succeeded local model llama.cpp can serve: the base GGUF and the LoRA adapter over it."""
-
-    name: str
-    base_gguf: Path
-    adapter_gguf: Path
-
-
 class LocalBackend:
     """Jobs in `local_jobs`, events in `local_job_events`, artefacts under `<workspace>/training/`."""
 
@@ -258,21 +249,6 @@ def set_status(store: Store, job_id: str, status: str, **fields: Any) -> bool:
 def finish_job(store: Store, job_id: str, status: str, **fields: Any) -> bool:
     """End the job once: a finished job's status never changes again. True if this call ended it."""
     return set_status(store, job_id, status, estimated_finish=None, **fields)
-
-
-def served_adapters(store: Store) -> list[ServedAdapter]:
-    """Every succeeded local model whose adapter and base GGUF are on disk, oldest first."""
-    rows = store.db.execute(
-        "SELECT fine_tuned_model, base_gguf, output_dir FROM local_jobs"
-        " WHERE status = 'succeeded' AND fine_tuned_model IS NOT NULL AND base_gguf IS NOT NULL ORDER BY created_at"
-    ).fetchall()
-    adapters = [
-        ServedAdapter(
-            row["fine_tuned_model"], Path(row["base_gguf"]), Path(row["output_dir"]) / "adapter.gguf"
-        )
-        for row in rows
-    ]
-    return [adapter for adapter in adapters if adapter.base_gguf.is_file() and adapter.adapter_gguf.is_file()]
 
 
 def _copy_whole(source: Path, target: Path) -> None:

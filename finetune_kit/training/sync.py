@@ -31,8 +31,8 @@ def registered_models(settings: Settings) -> list[RegisteredModel]:
 def sync_registry(settings: Settings, store: Store, hosted: bool = False, publish: bool = False) -> list[str]:
     """Poll once every job no watch saw finish — local ones always (a DB read), hosted ones with `hosted` and a
     key — registering what succeeded and, with `publish`, writing to the sinks what they lack; a line for each."""
-    from finetune_kit.sinks import publish_pending
     from finetune_kit.training.local_backend import LocalBackend
+    from finetune_kit.training.sinks import publish_pending
 
     curve_dir = settings.workspace / "training"
     results = sync_jobs(store, LocalBackend(store, settings.workspace), curve_dir)
@@ -59,7 +59,7 @@ def _registered(model: RegisteredModel | None) -> str:
 
 def servable_models(store: Store) -> list[RegisteredModel]:
     """Registered models something can answer with, newest first: hosted ones, and local ones llama.cpp serves."""
-    from finetune_kit.training.local_backend import served_adapters
+    from finetune_kit.llm.local_server import served_adapters
 
     served = {adapter.name for adapter in served_adapters(store)}
     return [model for model in list_models(store) if model.backend != "local" or model.name in served]

@@ -24,7 +24,9 @@ def publish_pending(settings: Settings, store: Store) -> list[str]:
     }
     if not pending:
         return []
-    from finetune_kit.sinks.airtable import upsert_model  # pyairtable loads only when there is work for it
+    from finetune_kit.training.sinks.airtable import (
+        upsert_model,  # pyairtable loads only when there is work for it
+    )
 
     lines = []
     for model in reversed(list_models(store)):
