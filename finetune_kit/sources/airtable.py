@@ -17,7 +17,7 @@ from finetune_kit.airtable_api import (
 )
 from finetune_kit.config import Settings
 from finetune_kit.errors import AirtableError
-from finetune_kit.sources import SkippedFile, SourceDocument, SourceItem
+from finetune_kit.sources import ReadContext, SkippedFile, SourceDocument, SourceIdentity, SourceItem
 
 if TYPE_CHECKING:
     from pyairtable import Table
@@ -143,3 +143,21 @@ def field_text(value: object) -> str:
             if isinstance(value.get(key), str) and value[key].strip():
                 return str(value[key]).strip()
     return ""
+
+
+class AirtableSource:
+    """`airtable:BASE_ID/TABLE`: one document per record."""
+
+    name = "airtable"
+
+    def claims(self, spec: str) -> bool:
+        """Say whether `spec` names an Airtable table."""
+        return spec.startswith(SPEC_PREFIX)
+
+    def identity(self, spec: str) -> SourceIdentity:
+        """The table, however the spec spells it."""
+        return SourceIdentity("airtable", source_key(spec))
+
+    def read(self, spec: str, context: ReadContext) -> list[SourceItem]:
+        """Every record as a document or a skip."""
+        return read_airtable(spec, context.settings)

@@ -9,7 +9,15 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
 from finetune_kit.errors import SourceError
-from finetune_kit.sources import SkippedFile, SourceDocument, SourceItem, SourceIter
+from finetune_kit.sources import (
+    ReadContext,
+    SkippedFile,
+    SourceDocument,
+    SourceIdentity,
+    SourceItem,
+    SourceIter,
+    path_key,
+)
 from finetune_kit.sources.text import CODE_LANGUAGES, DOC_FORMATS, to_text
 
 DEFAULT_MAX_FILE_BYTES = 5 * 1024 * 1024  # the `max_file_bytes` setting's default
@@ -185,3 +193,30 @@ def read_source_file(
     text, fmt = converted
     source_url = url_for(relpath) if url_for else path.resolve().as_uri()
     return SourceDocument(path=relpath, source_url=source_url, text=text, format=fmt)
+
+
+class LocalPathSource:
+    """A folder or a file on disk: what any spec no other kind claims is taken to be."""
+
+    name = "local"
+
+    def claims(self, spec: str) -> bool:
+        """Every spec: this kind is asked last."""
+        return True
+
+    def identity(self, spec: str) -> SourceIdentity:
+        """`directory` or `file`, and the absolute path."""
+        kind = "directory" if Path(spec).expanduser().is_dir() else "file"
+        return SourceIdentity(kind, path_key(spec))
+
+    def read(self, spec: str, context: ReadContext) -> list[SourceItem]:
+        """Every selected file under the folder, or the file itself."""
+        settings = context.settings
+        items = iter_directory(
+            Path(spec).expanduser(),
+            settings.include,
+            settings.exclude,
+            include_code=settings.include_code,
+            max_file_bytes=settings.max_file_bytes,
+        )
+        return list(items)

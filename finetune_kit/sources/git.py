@@ -10,7 +10,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlparse
 
 from finetune_kit.errors import SourceError
-from finetune_kit.sources import SourceIter
+from finetune_kit.sources import ReadContext, SourceIdentity, SourceItem, SourceIter, url_or_path_key
 from finetune_kit.sources.files import DEFAULT_MAX_FILE_BYTES, iter_files
 
 _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:")  # git@github.com:owner/repo.git
@@ -170,3 +170,26 @@ def _file_url_builder(checkout: Path, commit: str) -> Callable[[str], str]:
     """Build `path -> file:// URI#commit=sha` for repositories on hosts without known permalinks."""
     root = checkout.resolve()
     return lambda relpath: f"{(root / relpath).as_uri()}#commit={commit}"
+
+
+class GitSource:
+    """A git repository: a clone URL, or a work tree or bare repository on disk."""
+
+    name = "git"
+
+    def claims(self, spec: str) -> bool:
+        """Say whether `spec` names a git repository."""
+        return is_git_spec(spec)
+
+    def identity(self, spec: str) -> SourceIdentity:
+        """The URL as given, or the repository's absolute path."""
+        return SourceIdentity("git", url_or_path_key(spec))
+
+    def read(self, spec: str, context: ReadContext) -> list[SourceItem]:
+        """The selected tracked files at HEAD, a remote one cloned into the workspace's cache first."""
+        settings = context.settings
+        cache = settings.workspace / "cache" / "git"
+        items = iter_git(
+            spec, settings.include, settings.exclude, cache, settings.include_code, settings.max_file_bytes
+        )
+        return list(items)

@@ -18,7 +18,15 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from finetune_kit.errors import SourceError
-from finetune_kit.sources import SkippedFile, SourceDocument, SourceIter
+from finetune_kit.sources import (
+    ReadContext,
+    SkippedFile,
+    SourceDocument,
+    SourceIdentity,
+    SourceItem,
+    SourceIter,
+    path_key,
+)
 
 MAX_ENTRIES = 20_000
 MAX_TOTAL_BYTES = 1 << 30  # uncompressed, all entries together
@@ -321,3 +329,21 @@ def _unknown_folders(
         SkippedFile(folder + "/", "not a channel in channels.json (direct messages are not read)")
         for folder in sorted(folders - known)
     ]
+
+
+class SlackExportSource:
+    """A Slack export: an existing .zip file."""
+
+    name = "slack-export"
+
+    def claims(self, spec: str) -> bool:
+        """Say whether `spec` is a zip file."""
+        return is_slack_export(spec)
+
+    def identity(self, spec: str) -> SourceIdentity:
+        """The zip's absolute path."""
+        return SourceIdentity("slack-export", path_key(spec))
+
+    def read(self, spec: str, context: ReadContext) -> list[SourceItem]:
+        """One document per thread."""
+        return list(iter_slack_export(Path(spec).expanduser(), context.settings.slack.workspace_url))

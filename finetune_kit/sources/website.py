@@ -27,7 +27,15 @@ from defusedxml import DefusedXmlException
 from finetune_kit import __version__
 from finetune_kit.config import Settings
 from finetune_kit.errors import NestingTooDeep, SourceError
-from finetune_kit.sources import SkippedFile, SourceDocument, SourceItem, SourceIter
+from finetune_kit.sources import (
+    ReadContext,
+    SkippedFile,
+    SourceDocument,
+    SourceIdentity,
+    SourceItem,
+    SourceIter,
+    url_or_path_key,
+)
 from finetune_kit.sources.text import html_to_markdown
 from finetune_kit.store import Store, utc_now
 
@@ -517,3 +525,21 @@ def _describe(exc: Exception) -> str:
     """A short, one-line description of an HTTP failure."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+class WebsiteSource:
+    """An http(s) URL that no git host claims: a sitemap, or a start page to crawl."""
+
+    name = "website"
+
+    def claims(self, spec: str) -> bool:
+        """Say whether `spec` is an http(s) URL."""
+        return spec.lower().startswith(("http://", "https://"))
+
+    def identity(self, spec: str) -> SourceIdentity:
+        """The URL as given."""
+        return SourceIdentity("website", url_or_path_key(spec))
+
+    def read(self, spec: str, context: ReadContext) -> list[SourceItem]:
+        """The site's pages; what was fetched before is remembered under the source's id."""
+        return list(iter_website(spec, context.settings, context.store, context.source_id))

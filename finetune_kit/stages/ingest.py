@@ -6,17 +6,14 @@ import logging
 import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from finetune_kit.chunking.code import CODE_CHUNKER_VERSION, chunk_code_document, line_permalink
 from finetune_kit.chunking.markdown import Chunk, ChunkSettings, chunk_markdown
 from finetune_kit.config import Settings
 from finetune_kit.errors import SourceError
 from finetune_kit.progress import NoProgress, Progress
-from finetune_kit.sources import SkippedFile, SourceDocument, SourceItem
-from finetune_kit.sources.files import iter_directory
-from finetune_kit.sources.git import is_git_spec, iter_git
-from finetune_kit.sources.slack_export import is_slack_export, iter_slack_export
+from finetune_kit.sources import ReadContext, SkippedFile, SourceDocument, SourceIdentity, SourceItem
+from finetune_kit.sources.registry import kind_for
 from finetune_kit.store import Store, utc_now
 
 log = logging.getLogger(__name__)
@@ -37,11 +34,6 @@ class IngestReport:
     failed_sources: list[tuple[str, str]] = field(
         default_factory=list
     )  # (spec, why it gave nothing), when others did
-
-    @property
-    def skipped_by_reason(self) -> Counter[str]:
-        """How many files were skipped for each reason."""
-        return Counter(reason for _, reason in self.skipped)
 
 
 def _sha(*parts: str) -> str:
@@ -86,13 +78,12 @@ def _ingest_source(
     store: Store, settings: Settings, spec: str, progress: Progress, report: IngestReport
 ) -> None:
     """Read one source into the DB; SourceError (and nothing written) when it yields no usable document."""
-    kind, items = _open_source(spec, settings, store)
-    items = list(items)
+    identity, items = _open_source(spec, settings, store)
     documents = [item for item in items if isinstance(item, SourceDocument)]
     skipped = [item for item in items if isinstance(item, SkippedFile)]
     if not documents:
         raise SourceError(_empty_source_message(spec, items))
-    source_id = _upsert_source(store, spec, kind)
+    source_id = _upsert_source(store, spec, identity)
     progress.start(f"ingest {spec}", len(documents))
     kept: set[str] = set()
     for document in documents:
@@ -112,32 +103,11 @@ def _ingest_source(
     report.sources += 1
 
 
-def _open_source(spec: str, settings: Settings, store: Store) -> tuple[str, list[SourceItem]]:
-    if spec.startswith("airtable:"):
-        from finetune_kit.sources.airtable import read_airtable  # pyairtable loads only for Airtable
-
-        return "airtable", read_airtable(spec, settings)
-    if is_git_spec(spec):
-        cache = settings.workspace / "cache" / "git"
-        items = iter_git(
-            spec, settings.include, settings.exclude, cache, settings.include_code, settings.max_file_bytes
-        )
-        return "git", list(items)
-    if spec.lower().startswith(("http://", "https://")):
-        from finetune_kit.sources.website import iter_website  # the HTTP client loads only for websites
-
-        return "website", list(iter_website(spec, settings, store, _source_id(spec, "website")))
-    if is_slack_export(spec):
-        return "slack-export", list(iter_slack_export(Path(spec).expanduser(), settings.slack.workspace_url))
-    path = Path(spec).expanduser()
-    items = iter_directory(
-        path,
-        settings.include,
-        settings.exclude,
-        include_code=settings.include_code,
-        max_file_bytes=settings.max_file_bytes,
-    )
-    return ("directory" if path.is_dir() else "file"), list(items)
+def _open_source(spec: str, settings: Settings, store: Store) -> tuple[SourceIdentity, list[SourceItem]]:
+    """The source's identity and items, read by the kind the registry finds for the spec."""
+    kind = kind_for(spec)
+    identity = kind.identity(spec)
+    return identity, kind.read(spec, ReadContext(settings, store, identity.id))
 
 
 def _empty_source_message(spec: str, items: list[SourceItem]) -> str:
@@ -148,23 +118,12 @@ def _empty_source_message(spec: str, items: list[SourceItem]) -> str:
     return f"{spec}: no usable documents ({len(items)} files skipped: {top}) — check --include/--exclude"
 
 
-def _source_id(spec: str, kind: str) -> str:
-    if kind == "airtable":
-        from finetune_kit.sources.airtable import source_key
-
-        return "s1:" + _sha(kind, source_key(spec))[:16]
-    is_url = kind in ("git", "website") and not Path(spec).exists()
-    key = spec if is_url else str(Path(spec).expanduser().resolve())
-    return "s1:" + _sha(kind, key)[:16]
-
-
-def _upsert_source(store: Store, spec: str, kind: str) -> str:
-    source_id = _source_id(spec, kind)
+def _upsert_source(store: Store, spec: str, identity: SourceIdentity) -> str:
     store.db.execute(
         "INSERT INTO sources(id, spec, kind) VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE SET spec = excluded.spec",
-        (source_id, spec, kind),
+        (identity.id, spec, identity.kind),
     )
-    return source_id
+    return identity.id
 
 
 def _ingest_document(
