@@ -1,6 +1,7 @@
 """The source registry: which kind reads a corpus argument, in the order of precedence ingest always had."""
 
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -145,3 +146,21 @@ def test_a_kind_registered_before_another_takes_precedence_over_it() -> None:
     assert registry.kind_for("https://github.com/acme/handbook").name == "git"
     with pytest.raises(ValueError, match="already registered"):
         registry.register(GitHubIssues())
+
+
+def test_ingesting_a_folder_loads_no_airtable_client(tmp_path: Path) -> None:
+    """pyairtable (a second to import) loads only when an Airtable table is opened."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A\n\nSome text about the product.\n")
+    script = (
+        "import sys\n"
+        "from finetune_kit.config import load_settings\n"
+        "from finetune_kit.stages.ingest import ingest\n"
+        "from finetune_kit.store import Store\n"
+        f"settings = load_settings(workspace={str(tmp_path / 'ws')!r})\n"
+        "with Store(settings.db_path) as store:\n"
+        f"    ingest(store, settings, [{str(tmp_path / 'docs')!r}])\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'pyairtable'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
