@@ -115,6 +115,22 @@ def test_training_params_keep_their_key_when_the_lora_fields_are_unset() -> None
     assert TrainingParams.from_json(local.to_json()) == local
 
 
+def test_a_local_job_started_before_the_lora_defaults_were_settings_keeps_its_key(workspace: Path) -> None:
+    from finetune_kit.training import training_params
+    from finetune_kit.training.jobs import job_key
+
+    params = training_params(load_settings(workspace=workspace, training_backend="local"))
+    assert (params.lora_rank, params.lora_alpha) == (16, 32)  # the settings spell the defaults out now
+    before = TrainingParams(
+        LOCAL_MODEL_ALIAS, n_epochs=3, max_length=1024
+    )  # as started while they were unset
+    assert job_key("local", "dataset", params) == job_key(
+        "local", "dataset", before
+    )  # `ftkit train` re-attaches
+    ranked = TrainingParams(LOCAL_MODEL_ALIAS, n_epochs=3, lora_rank=8, max_length=1024)
+    assert job_key("local", "dataset", ranked) != job_key("local", "dataset", before)
+
+
 def test_a_malformed_dataset_line_is_refused_before_any_job_starts(workspace: Path) -> None:
     train = workspace / "dataset" / "train.jsonl"
     train.write_text(train.read_text() + '{"messages": [{"role": "user", "content": "no answer"}]}\n')

@@ -5,7 +5,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from finetune_kit.config import setting_default
+
 LATER_FIELDS = ("lora_rank", "lora_alpha", "max_length")
+# Unset LoRA fields meant these defaults; now the settings spell them out, a job started before keeps its key.
+UNSET_MEANT = {name: setting_default(name) for name in ("lora_rank", "lora_alpha")}
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 METRIC_FIELDS = {  # event data key -> job_metrics column
     "total_steps": "total_steps",
@@ -34,11 +38,12 @@ class TrainingParams:
     def to_json(self) -> str:
         """A canonical JSON form: the job key hashes it, the jobs table stores it.
 
-        Fields added after the first release are left out while unset, so a job started before them keeps its key.
+        Fields added after the first release are left out while unset (or at the default that unset meant), so a job
+        started before them keeps its key.
         """
         values = asdict(self)
         for name in LATER_FIELDS:
-            if values[name] is None:
+            if values[name] is None or (name in UNSET_MEANT and values[name] == UNSET_MEANT[name]):
                 del values[name]
         return json.dumps(values, sort_keys=True)
 
