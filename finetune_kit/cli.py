@@ -384,6 +384,15 @@ def ingest(
         report = run_ingest(_settings(ctx), sources, RichProgress(bar))
     for line in ingest_lines(report):
         out.print(line, markup=False)
+    if report.index is not None:
+        _say_index(report.index)
+
+
+def _say_index(report: Any) -> None:
+    """The index's summary line on stdout, its warning (an index without vectors) on stderr."""
+    if report.warning:
+        err.print(f"Warning: {report.warning}", markup=False, emoji=False)
+    _say(report.line())
 
 
 @app.command("generate-questions")
@@ -513,6 +522,108 @@ def status(
     from finetune_kit.status import workspace_status
 
     out.print(status_table(workspace_status(_settings(ctx))))
+
+
+@app.command()
+def index(
+    ctx: typer.Context,
+    rebuild: Annotated[
+        bool,
+        typer.Option(
+            "--rebuild",
+            help="Drop the index and its vectors and build it again (after changing embedding_model).",
+        ),
+    ] = False,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate", help='Then calibrate the "I don\'t know" threshold and store it with the index.'
+        ),
+    ] = False,
+) -> None:
+    """Build or update the search index over the active chunks, with a progress bar and a summary.
+
+    Every active chunk is indexed lexically (SQLite FTS5: its document's title, heading path and text) and densely
+    as windows that fit the embedder ([retrieval] window_tokens, window_overlap_tokens), so no part of a long chunk
+    is invisible to search. Vectors are stored by window text hash: an unchanged corpus embeds nothing, an edited
+    file only its changed chunks, and retired chunks leave the index. ingest and run keep the index current by
+    themselves. An index built with another embedding_model is refused until --rebuild; without a local embedder
+    installed the index is lexical only (said on stderr, with the extra to install).
+    """
+    from finetune_kit.pipeline import run_index
+    from finetune_kit.render import RichProgress
+
+    settings = _settings(ctx)
+    with _progress() as bar:
+        report = run_index(settings, rebuild, RichProgress(bar))
+    _say_index(report)
+    if calibrate:
+        _calibrate(settings)
+
+
+def _calibrate(settings: Settings) -> None:
+    """`ftkit index --calibrate`: the threshold calibration, where this ftkit has it."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("finetune_kit.retrieval.calibrate") is None:
+        raise FtkitError(
+            "--calibrate: this ftkit has no threshold calibration yet — set [retrieval] threshold"
+        )
+    result = importlib.import_module("finetune_kit.retrieval.calibrate").calibrate(settings)
+    if result is not None:
+        _say(str(result))
+
+
+@app.command()
+def search(
+    ctx: typer.Context,
+    query: Annotated[
+        str, typer.Argument(metavar="QUERY", help="What to look for, quoted.", show_default=False)
+    ],
+    retrieval_k: Annotated[
+        int | None, typer.Option("-k", "--k", metavar="N", help=_default("retrieval_k", "Chunks to show"))
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the hits as JSON.")] = False,
+    retrieval_mmr: Annotated[
+        bool | None,
+        typer.Option("--mmr/--no-mmr", help=_default("retrieval_mmr", "Diversify the hits with MMR")),
+    ] = None,
+) -> None:
+    """Search the index: the chunks that best match QUERY, ranked by hybrid (BM25 + dense) retrieval.
+
+    Prints rank, score (reciprocal-rank fusion), the document's path as stored (relative to its source), the
+    chunk's heading path, its URL and a snippet around the best-matching window; --json prints a list of objects
+    with those fields plus chunk_id and text. The words of QUERY are searched as words, never as FTS syntax; a
+    query of only common words is refused as too vague, and one longer than max_query_chars is cut (said on
+    stderr). An empty or missing index says to run `ftkit index`.
+    """
+    import json
+
+    from finetune_kit.retrieval.search import hit_json, search_workspace
+
+    with _warnings_on_stderr("finetune_kit.retrieval.search"):
+        hits = search_workspace(_settings(ctx), query)
+    if as_json:
+        typer.echo(json.dumps([hit_json(hit) for hit in hits], indent=2, ensure_ascii=False))
+        return
+    if not hits:
+        _say("No chunk matches that query.")
+        return
+    out.print(_hits_table(hits))
+
+
+def _hits_table(hits: list[Any]) -> Any:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(show_header=True, header_style="bold", show_lines=True)
+    for column in ("rank", "score", "path", "heading", "URL", "snippet"):
+        table.add_column(column, overflow="fold", justify="right" if column in ("rank", "score") else "left")
+    for hit in hits:
+        cells = (str(hit.rank), f"{hit.score:.4f}", hit.path, hit.heading, hit.url, hit.snippet)
+        table.add_row(*(Text(cell) for cell in cells))  # Text: a doc's "[...]" is not rich markup
+    return table
 
 
 @app.command("sources")

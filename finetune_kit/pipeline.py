@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune_kit.config import Settings
-from finetune_kit.errors import ConfigError
+from finetune_kit.errors import ConfigError, FtkitError
 from finetune_kit.llm.budget import Budget
 from finetune_kit.llm.client import ChatRequest, Endpoint, LLMClient
 from finetune_kit.llm.endpoint import endpoint_identity, open_endpoint
 from finetune_kit.progress import NoProgress, Progress
+from finetune_kit.retrieval.index import IndexReport, update_index
 from finetune_kit.stages import Prefill
 from finetune_kit.stages.build_dataset import (
     DatasetReport,
@@ -69,6 +70,16 @@ def run_ingest(settings: Settings, specs: list[str], progress: Progress | None =
     """`ftkit ingest`: read sources into documents and chunks."""
     with recorded_run(settings, "ingest") as (store, _):
         return ingest(store, settings, specs, progress)
+
+
+def run_index(settings: Settings, rebuild: bool = False, progress: Progress | None = None) -> IndexReport:
+    """`ftkit index`: bring the search index up to date with the chunks (--rebuild: from nothing)."""
+    if not settings.db_path.is_file():
+        raise FtkitError(
+            f"{settings.workspace}: no ftkit workspace here — run `ftkit ingest DOCS` first or pass --workspace"
+        )
+    with recorded_run(settings, "index" + " --rebuild" * rebuild) as (store, _):
+        return update_index(store, settings, progress, rebuild=rebuild)
 
 
 def run_generate_questions(

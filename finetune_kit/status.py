@@ -9,6 +9,7 @@ from finetune_kit.config import Settings
 from finetune_kit.errors import FtkitError
 from finetune_kit.llm.endpoint import endpoint_identity
 from finetune_kit.prompts import load_prompt
+from finetune_kit.retrieval.index import index_state
 from finetune_kit.stages.build_dataset import CHUNK_ANSWER_KEY, answer_keys
 from finetune_kit.stages.estimate import estimate_generation
 from finetune_kit.stages.generate_questions import generation_key
@@ -69,6 +70,7 @@ class StatusReport:
     runs: list[tuple[int, str, str, str, int, float]] = field(
         default_factory=list
     )  # id, command, status, start, calls, $
+    index: str = "none — `ftkit index` builds it"  # the search index: chunks, windows, embedder, threshold
 
     def rows(self) -> list[tuple[str, str]]:
         """(label, value) rows for a table."""
@@ -85,6 +87,7 @@ class StatusReport:
             ("chunks without questions", _join(self.chunks_without_questions)),
             ("questions", _join(self.questions)),
             ("answers", _join(self.answers)),
+            ("search index", self.index),
         ]
         rows += [
             (f"LLM {stage}", f"{calls} calls, {tin:,} in / {tout:,} out tokens, ${cost:.4f}")
@@ -127,6 +130,8 @@ def workspace_status(settings: Settings) -> StatusReport:
             store, "SELECT reason, count(*) FROM skipped_files GROUP BY reason ORDER BY 2 DESC"
         )
         report.chunks = int(store.scalar("SELECT count(*) FROM chunks WHERE status = 'active'") or 0)
+        if (state := index_state(store)) is not None:
+            report.index = state.line(settings.retrieval.threshold)
         active_sets = (
             "FROM question_sets s JOIN chunks c ON c.id = s.chunk_id"
             " WHERE c.status = 'active' AND s.generation_key = ?"

@@ -314,6 +314,43 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE runs ADD COLUMN pid_started TEXT;
         """,
     ),
+    (
+        # the retrieval index that follows the active chunks: FTS5 rows (title, heading path, text), the windows
+        # each chunk is cut into to fit the embedder, and their vectors stored by window text hash, so an
+        # unchanged window is never embedded twice; index_chunks says which version of each chunk is indexed
+        "0012_retrieval_index",
+        """
+        CREATE VIRTUAL TABLE chunks_fts USING fts5(
+            chunk_id UNINDEXED, title, heading, text, tokenize = 'porter unicode61'
+        );
+        CREATE TABLE index_chunks (
+            chunk_id TEXT PRIMARY KEY REFERENCES chunks(id),
+            document_id TEXT NOT NULL,
+            fts_rowid INTEGER NOT NULL UNIQUE,
+            title TEXT NOT NULL,
+            n_windows INTEGER NOT NULL
+        );
+        CREATE TABLE index_windows (
+            chunk_id TEXT NOT NULL REFERENCES chunks(id),
+            seq INTEGER NOT NULL,
+            text_hash TEXT NOT NULL,
+            char_start INTEGER NOT NULL,
+            char_end INTEGER NOT NULL,
+            PRIMARY KEY (chunk_id, seq)
+        );
+        CREATE INDEX index_windows_by_hash ON index_windows(text_hash);
+        CREATE TABLE embeddings (
+            text_hash TEXT NOT NULL,
+            embedder_key TEXT NOT NULL,
+            vector BLOB NOT NULL,
+            PRIMARY KEY (text_hash, embedder_key)
+        );
+        CREATE TABLE index_meta (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );
+        """,
+    ),
 ]
 
 

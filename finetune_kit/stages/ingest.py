@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from finetune_kit.chunking.code import CODE_CHUNKER_VERSION, chunk_code_document, line_permalink
 from finetune_kit.chunking.markdown import Chunk, ChunkSettings, chunk_markdown
 from finetune_kit.config import Settings
-from finetune_kit.errors import SourceError
+from finetune_kit.errors import ExtraMissingError, RetrievalIndexError, SourceError
 from finetune_kit.progress import NoProgress, Progress
+from finetune_kit.retrieval.index import EmbedderFactory, IndexReport, update_index
 from finetune_kit.sources import ReadContext, SkippedFile, SourceDocument, SourceIdentity, SourceItem
 from finetune_kit.sources.registry import kind_for
 from finetune_kit.store import Store, utc_now
@@ -34,6 +35,7 @@ class IngestReport:
     failed_sources: list[tuple[str, str]] = field(
         default_factory=list
     )  # (spec, why it gave nothing), when others did
+    index: IndexReport | None = None  # the search index brought up to date (None: it could not be, said why)
 
 
 def _sha(*parts: str) -> str:
@@ -56,9 +58,16 @@ def chunker_key(settings: ChunkSettings, fmt: str = "markdown") -> str:
 
 
 def ingest(
-    store: Store, settings: Settings, specs: list[str], progress: Progress | None = None
+    store: Store,
+    settings: Settings,
+    specs: list[str],
+    progress: Progress | None = None,
+    open_embedder: EmbedderFactory | None = None,
 ) -> IngestReport:
-    """Read every source in `specs` (folders, files, git repositories, Slack exports, websites) into the DB."""
+    """Read every source in `specs` (folders, files, git repositories, Slack exports, websites) into the DB.
+
+    Then the search index follows the chunks (`retrieval.index.update_index`, with `open_embedder` if given).
+    """
     progress = progress or NoProgress()
     report = IngestReport()
     for spec in specs:
@@ -71,7 +80,20 @@ def ingest(
             report.failed_sources.append((spec, str(exc)))
     if report.sources == 0 and report.failed_sources:
         raise SourceError("; ".join(message for _, message in report.failed_sources))
+    report.index = _keep_index_current(store, settings, progress, open_embedder)
     return report
+
+
+def _keep_index_current(
+    store: Store, settings: Settings, progress: Progress, open_embedder: EmbedderFactory | None
+) -> IndexReport | None:
+    """Bring the search index up to date; an index that needs a rebuild is said, not fatal: the chunks are saved."""
+    try:
+        return update_index(store, settings, progress, open_embedder=open_embedder)
+    except (RetrievalIndexError, ExtraMissingError) as exc:
+        log.warning("search index not updated: %s", exc)
+        progress.note(f"Warning: search index not updated: {exc}")
+        return None
 
 
 def _ingest_source(
