@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import email.message
 import email.policy
 import functools
+import hashlib
 import itertools
 import json
 import math
 import random
 import re
+import struct
 import threading
 import time
 import urllib.parse
@@ -347,6 +350,7 @@ class FakeOpenAI:
         self.requests: list[dict] = []
         self.batch_api = FakeBatchAPI(self)  # /v1/files and /v1/batches
         self.fine_tuning = FakeFineTuningAPI(self)  # /v1/fine_tuning/jobs
+        self.embeddings = FakeEmbeddingsAPI(self)  # /v1/embeddings
         self.invalid_requests: list[InvalidRequest] = []
         self.responder_errors: list[Exception] = []
         self._replies: deque[Reply] = deque()
@@ -401,6 +405,8 @@ class FakeOpenAI:
             handler.send_json(400, error_body(400, problem), request_id)
         elif is_chat and body is not None:
             self._complete(handler, body, request_id)
+        elif self.embeddings.handles(method, path):
+            self.embeddings.dispatch(handler, raw_body, request_id)
         elif self.batch_api.handles(path):
             self.batch_api.dispatch(handler, method, path, raw_body, request_id)
         elif self.fine_tuning.handles(path):
@@ -555,6 +561,121 @@ class FakeOpenAI:
             {"id": m, "object": "model", "created": 1700000000, "owned_by": "fake-openai"} for m in MODEL_IDS
         ]
         return {"object": "list", "data": data}
+
+
+# --- The Embeddings API ------------------------------------------------------------------------------
+
+EMBEDDING_MODEL_IDS = ("text-embedding-3-small", "fake-embedder")
+EMBEDDING_DIM = 64
+
+
+def bag_of_words_vector(text: str, dim: int = EMBEDDING_DIM) -> list[float]:
+    """A deterministic embedding: each lower-cased word adds ±1 at a hashed index; L2-normalised."""
+    vector = [0.0] * dim
+    for word in _WORD.findall(text.lower()):
+        digest = hashlib.sha256(word.encode()).digest()
+        vector[int.from_bytes(digest[:4], "little") % dim] += 1.0 if digest[4] & 1 else -1.0
+    norm = math.sqrt(sum(v * v for v in vector))
+    if norm == 0:  # no words: a fixed unit vector, so every answer is normalised
+        return [1.0] + [0.0] * (dim - 1)
+    return [v / norm for v in vector]
+
+
+class FakeEmbeddingsAPI:
+    """The fake's POST /v1/embeddings: bag-of-words vectors (`bag_of_words_vector`), bodies checked against the spec.
+
+    `dim` is the vector size unless a request asks for `dimensions`; `encoding_format` float or base64 (the
+    SDK's default); `queue(Reply(status=…))` answers the next requests with errors instead; `inputs` holds the
+    inputs of every valid request, in order, and `calls` counts the requests answered with vectors.
+    """
+
+    def __init__(self, fake: FakeOpenAI) -> None:
+        self.fake = fake
+        self.dim = EMBEDDING_DIM
+        self.models: tuple[str, ...] = EMBEDDING_MODEL_IDS
+        self.calls = 0
+        self.inputs: list[list[str]] = []
+        self._replies: deque[Reply] = deque()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def handles(method: str, path: str) -> bool:
+        """True for the path this API serves."""
+        return method == "POST" and path == "/v1/embeddings"
+
+    def queue(self, *replies: Reply) -> None:
+        """Answer the next requests with these errors: each reply's status, headers and content as the message."""
+        with self._lock:
+            self._replies.extend(replies)
+
+    def dispatch(self, handler: _Handler, raw_body: bytes, headers: dict[str, str]) -> None:
+        """Answer one embeddings request."""
+        with self._lock:
+            queued = self._replies.popleft() if self._replies else None
+        if queued is not None:
+            handler.send_json(
+                queued.status, error_body(queued.status, queued.content), headers | queued.headers
+            )
+            return
+        status, payload = self._answer(raw_body)
+        handler.send_json(status, payload, headers)
+
+    def _answer(self, raw_body: bytes) -> tuple[int, dict[str, Any]]:
+        body, problem = self._receive(raw_body)
+        if problem is not None or body is None:
+            return 400, error_body(400, problem or "", "input")
+        if body["model"] not in self.models:
+            message = f"The model `{body['model']}` does not exist or you do not have access to it."
+            return 404, {
+                "error": {
+                    "message": message,
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "model_not_found",
+                }
+            }
+        inputs = [body["input"]] if isinstance(body["input"], str) else body["input"]
+        with self._lock:
+            self.calls += 1
+            self.inputs.append(list(inputs))
+        return 200, self._response(body, inputs)
+
+    def _receive(self, raw_body: bytes) -> tuple[dict | None, str | None]:
+        """The body and why the API would refuse it: off the spec, token ids (not kept here), or an empty string."""
+        try:
+            body = json.loads(raw_body)
+        except ValueError:
+            body = None
+        problem = (
+            spec_violation(body, "CreateEmbeddingRequest")
+            if isinstance(body, dict)
+            else "expected a JSON object"
+        )
+        if problem is None and isinstance(body, dict):
+            inputs = [body["input"]] if isinstance(body["input"], str) else body["input"]
+            if not all(isinstance(item, str) for item in inputs):
+                problem = "the fake embeds strings only, not token ids"
+            elif "" in inputs:
+                problem = "'$.input' is invalid: an input cannot be an empty string."
+        if problem is not None:
+            with self.fake._lock:
+                self.fake.invalid_requests.append(InvalidRequest(problem, body))
+        return (body if problem is None else None), problem
+
+    def _response(self, body: dict, inputs: list[str]) -> dict[str, Any]:
+        """The spec's CreateEmbeddingResponse."""
+        dim = body.get("dimensions") or self.dim
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        for index, text in enumerate(inputs):
+            vector = bag_of_words_vector(text, dim)
+            encoded: Any = (
+                base64.b64encode(struct.pack(f"<{dim}f", *vector)).decode() if as_base64 else vector
+            )
+            data.append({"object": "embedding", "index": index, "embedding": encoded})
+        tokens = sum(_word_count(text) for text in inputs)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return {"object": "list", "model": body["model"], "data": data, "usage": usage}
 
 
 # --- The Files and Batch APIs ------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -11,7 +11,7 @@ import numpy as np
 from finetune_kit import tokens
 from finetune_kit.config import Settings
 from finetune_kit.errors import ConfigError
-from finetune_kit.retrieval.minilm import MAX_WINDOW_TOKENS, MODEL_NAME, MiniLMEmbedder
+from finetune_kit.retrieval.minilm import MAX_WINDOW_TOKENS, MODEL_NAME, MiniLMEmbedder, window_spans
 from finetune_kit.retrieval.types import Embedder, Vectors
 
 if TYPE_CHECKING:
@@ -120,12 +120,12 @@ class APIEmbedder:
 
     def windows(self, text: str, size: int, overlap: int) -> list[str]:
         """`text` cut into character slices of at most `size` tokens that cover it, neighbours sharing `overlap`."""
-        if not 0 <= overlap < size:
-            raise ValueError(f"overlap must be 0..{size - 1} tokens, not {overlap}")
+        return [text[start:end] for start, end in self.window_spans(text, size, overlap)]
+
+    def window_spans(self, text: str, size: int, overlap: int) -> list[tuple[int, int]]:
+        """The (start, end) characters of each window of `text`; no character is split between two."""
         starts = _token_starts(text)
-        if len(starts) <= size:
-            return [text]
-        return [text[a:b] for a, b in _spans(text, starts, size, overlap, self.count_tokens)]
+        return window_spans(text, starts, starts, size, overlap, self.count_tokens)
 
     def embed(self, texts: list[str]) -> Vectors:
         """One L2-normalised row per text, `batch_size` texts per request, each cut to `window_tokens`."""
@@ -186,23 +186,6 @@ def _char_of_byte(text: str) -> list[int]:
     for i, char in enumerate(text):
         index.extend([i] * len(char.encode()))
     return [*index, len(text)]
-
-
-def _spans(
-    text: str, starts: list[int], size: int, overlap: int, count: Callable[[str], int]
-) -> Iterator[tuple[int, int]]:
-    """(start, end) characters of each window; a window ends where the next one's first unshared token starts."""
-    n, first = len(starts), 0
-    while True:
-        last = min(first + size, n)
-        start, end = (0 if first == 0 else starts[first]), (len(text) if last == n else starts[last])
-        while last > first + 1 and count(text[start:end]) > size:  # re-tokenised, a cut can cost a token
-            last -= 1
-            end = starts[last]
-        yield start, end
-        if last == n:
-            return
-        first = max(last - overlap, first + 1)
 
 
 def _wording() -> "Wording":
