@@ -10,7 +10,7 @@ import numpy as np
 
 from finetune_kit import tokens
 from finetune_kit.config import Settings
-from finetune_kit.errors import ConfigError
+from finetune_kit.errors import ConfigError, LLMError
 from finetune_kit.retrieval.minilm import MAX_WINDOW_TOKENS, MODEL_NAME, MiniLMEmbedder, window_spans
 from finetune_kit.retrieval.types import Embedder, Vectors
 
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"  # as llm/endpoint.py, which this must not import (slow)
 API_WINDOW_TOKENS = 512  # cl100k tokens per window for an API model unless [retrieval] window_tokens says
 API_BATCH_SIZE = 128  # inputs per request: well inside OpenAI's 2,048 inputs and 300,000 tokens
+MAX_CHARS_PER_TOKEN = 32  # more than any but freak cl100k tokens: bounds the text a window's tokens can span
 _LONG_RUN = re.compile(r"\S{256}")  # as tokens.py: BPE on one long pre-token is quadratic, so runs are cut
 
 
@@ -137,8 +138,10 @@ class APIEmbedder:
         return np.concatenate(rows)
 
     def _embed_batch(self, texts: list[str]) -> Vectors:
-        # The API refuses an empty string; a longer text than the window is cut, as the local model cuts.
-        inputs = [tokens.truncate_tokens(t, self.window_tokens) or " " for t in texts]
+        # The API refuses an empty string; a longer text than the window is cut, as the local model cuts (a
+        # token has at most a few dozen characters, so cutting characters first keeps BPE's work bounded).
+        cap = self.window_tokens * MAX_CHARS_PER_TOKEN
+        inputs = [tokens.truncate_tokens(t[:cap], self.window_tokens) or " " for t in texts]
         payload: dict[str, Any] = {"model": self.model, "input": inputs, "encoding_format": "float"}
         from finetune_kit.llm.api import request_sync
 
@@ -146,7 +149,11 @@ class APIEmbedder:
         self.requests += 1
         ordered = sorted(response.data, key=lambda item: item.index)
         if len(ordered) != len(inputs):
-            raise ValueError(f"{self._call.url} returned {len(ordered)} embeddings for {len(inputs)} inputs")
+            raise LLMError(
+                f"{self._call.url} returned {len(ordered)} embeddings for {len(inputs)} inputs — check that"
+                f" '{self.model}' is an embedding model"
+            )
+        log.debug("embedded %d inputs with %s at %s", len(inputs), self.model, self._call.url)
         vectors = np.array([item.embedding for item in ordered], dtype=np.float32)
         self._dim = vectors.shape[1]
         norms = np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)

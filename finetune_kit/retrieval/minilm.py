@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -217,14 +218,16 @@ _load_lock = threading.Lock()
 @functools.cache
 def _loaded() -> _Loaded:
     """The model and tokenizers, read once per process."""
-    folder = model_dir()
+    started, folder = time.perf_counter(), model_dir()
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tokenizer.enable_truncation(max_seq_length(folder))
     tokenizer.no_padding()  # each batch is padded to its longest row, below
     counter = Tokenizer.from_file(str(folder / "tokenizer.json"))
     counter.no_truncation()
     counter.no_padding()
-    return _Loaded(Bert.load(folder), tokenizer, counter, ThreadpoolController())
+    model = _Loaded(Bert.load(folder), tokenizer, counter, ThreadpoolController())
+    log.debug("loaded %s from %s in %.2f s", MODEL_NAME, folder, time.perf_counter() - started)
+    return model
 
 
 def loaded() -> _Loaded:
