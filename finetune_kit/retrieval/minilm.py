@@ -33,8 +33,8 @@ SPECIAL_TOKENS = 2  # [CLS] and [SEP] take two of the model's max_seq_length
 MAX_WINDOW_TOKENS = 256 - SPECIAL_TOKENS  # the text tokens it reads (max_seq_length 256; a test checks it)
 BATCH_SIZE = 64  # texts per forward pass at most
 BATCH_TOKENS = 4096  # tokens per forward pass at most, padding included: 16 full windows
-# OpenBLAS threads spin while they wait: on 2 busy cores, 2 threads embedded a query in 430 ms and 1 thread in
-# 44 ms, and 16 windows in 34 s against 11 s (bench/embedder.py measures both); None leaves BLAS's own default.
+# OpenBLAS threads spin while they wait: on this project's 2 busy cores (bench/embedder.py), 1 thread embedded
+# a query in 36 ms and 1.9 windows/s, BLAS's own 2 threads 561 ms and 0.24 windows/s; None leaves BLAS's default.
 BLAS_THREADS = 1
 Array = npt.NDArray[np.float32]
 
