@@ -202,6 +202,13 @@ ChunkTokens = Annotated[
         "--chunk-tokens", metavar="N", help=_default("chunk_target_tokens", "Target chunk size in tokens")
     ),
 ]
+IndexOnIngest = Annotated[
+    bool | None,
+    typer.Option(
+        "--index/--no-index",
+        help=_default("retrieval_index_on_ingest", "Then bring the search index up to date (ftkit index)"),
+    ),
+]
 Provider = Annotated[
     str | None,
     typer.Option(
@@ -362,6 +369,7 @@ def ingest(
     airtable_title_field: AirtableTitle = None,
     airtable_body_fields: AirtableBody = None,
     airtable_url_field: AirtableUrl = None,
+    retrieval_index_on_ingest: IndexOnIngest = None,
 ) -> None:
     """Read docs (folders, files, git repos, Airtable, Slack exports, websites) into documents and chunks.
 
@@ -465,6 +473,7 @@ def run(
     exclude: Exclude = None,
     include_code: Code = None,
     chunk_target_tokens: ChunkTokens = None,
+    retrieval_index_on_ingest: IndexOnIngest = None,
     provider: Provider = None,
     model: Model = None,
     product: Product = None,

@@ -125,6 +125,8 @@ def summary_table(summary: RunSummary) -> Table:
         table.add_row("files skipped", str(len(summary.ingest.skipped)))
         for _, message in summary.ingest.failed_sources:
             table.add_row("source left out", message)
+        if summary.ingest.index is not None:
+            table.add_row("search index", summary.ingest.index.line().removeprefix("Index: "))
     if summary.questions:
         q = summary.questions
         table.add_row("chunks (total / already done)", f"{q.chunks_total} / {q.chunks_done_before}")

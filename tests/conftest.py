@@ -25,6 +25,9 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         monkeypatch.delenv(name)
     # `ftkit run` stops at the dataset unless a test is about training (test_run_trains sets it back)
     monkeypatch.setenv("FTKIT_TRAIN_AFTER_DATASET", "false")
+    # ingest leaves the search index to `ftkit index` unless a test is about the index (those set it back): the
+    # local embedder would otherwise embed every corpus every test ingests
+    monkeypatch.setenv("FTKIT_RETRIEVAL_INDEX_ON_INGEST", "false")
     monkeypatch.chdir(tmp_path)
 
 

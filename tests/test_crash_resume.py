@@ -46,6 +46,7 @@ def ftkit_run(fake: FakeOpenAI, workspace: Path) -> subprocess.Popen[str]:
         "--product",
         "Quillstack",
         "--no-train",  # this is about the data stages; training's kill -9 is tested in test_training.py
+        "--no-index",  # and the index's in test_retrieval_index.py
     ]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

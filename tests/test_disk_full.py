@@ -59,7 +59,7 @@ def ftkit(fake: FakeOpenAI, workspace: Path, *args: str) -> subprocess.Completed
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
-RUN = ("run", str(SAMPLE_DOCS), "--product", "Quillstack", "--no-train")
+RUN = ("run", str(SAMPLE_DOCS), "--product", "Quillstack", "--no-train", "--no-index")
 
 
 def one_error_line(stderr: str) -> str:

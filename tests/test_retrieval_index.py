@@ -32,6 +32,12 @@ from tests.hashed_embedder import HashedEmbedder
 NO_EMBEDDER_MESSAGE = "no local embedder — run `pip install 'finetune_kit[retrieval]'`"
 
 
+@pytest.fixture(autouse=True)
+def index_on_ingest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the index that ingest keeps current (conftest turns that off for the others)."""
+    monkeypatch.setenv("FTKIT_RETRIEVAL_INDEX_ON_INGEST", "true")
+
+
 def using(embedder: HashedEmbedder) -> EmbedderFactory:
     """A factory that hands out this one embedder (so a test can see what it embedded)."""
     return lambda settings: embedder
@@ -244,6 +250,20 @@ def test_the_threshold_is_stored_with_the_index_and_a_setting_overrides_it(tmp_p
         overridden = load_settings(workspace=tmp_path / "ws", retrieval_threshold=0.5)
         assert Retriever.open(store, overridden, open_embedder=using(HashedEmbedder())).threshold == 0.5
         assert state.line(0.5).endswith("threshold 0.5 (setting), generation " + str(state.generation))
+
+
+def test_with_index_on_ingest_off_ingest_leaves_the_index_to_ftkit_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FTKIT_RETRIEVAL_INDEX_ON_INGEST", "false")
+    settings = load_settings(workspace=tmp_path / "ws")
+    embedder = HashedEmbedder()
+    with Store(settings.db_path) as store:
+        report = ingest(store, settings, [str(SAMPLE_DOCS)], open_embedder=using(embedder))
+        assert report.index is None and index_state(store) is None and not embedder.embedded
+        assert update_index(store, settings, open_embedder=using(embedder)).chunks_added == len(
+            active_chunks(store)
+        )
 
 
 INDEXER = """

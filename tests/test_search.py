@@ -23,6 +23,12 @@ from tests.hashed_embedder import HashedEmbedder
 from tests.test_retrieval_index import no_embedder, using
 
 
+@pytest.fixture(autouse=True)
+def index_on_ingest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the index that ingest keeps current (conftest turns that off for the others)."""
+    monkeypatch.setenv("FTKIT_RETRIEVAL_INDEX_ON_INGEST", "true")
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Path:
     return tmp_path / "ws"
@@ -206,3 +212,31 @@ def test_status_shows_the_index(runner: CliRunner, workspace: Path) -> None:
     assert result.exit_code == 0, result.output
     line = next(line for line in result.output.splitlines() if "search index" in line)
     assert "28 chunks, 0 windows, lexical-only, threshold" in line
+
+
+TINY_DOCS = REPO / "tests" / "fixtures" / "tiny-docs"
+
+
+def test_ingest_indexes_with_the_local_embedder_and_search_finds_the_answer(
+    runner: CliRunner, workspace: Path
+) -> None:
+    ingested = runner.invoke(app, ["ingest", str(TINY_DOCS), "-w", str(workspace)])
+    assert ingested.exit_code == 0, ingested.output
+    assert "(all-MiniLM-L6-v2@254)" in ingested.output and " 0 reused" in ingested.output
+    again = runner.invoke(app, ["index", "-w", str(workspace)])
+    assert again.exit_code == 0, again.output
+    assert "Index: 0 chunks added, 0 removed; 0 windows embedded, 0 reused" in again.output
+    found = runner.invoke(
+        app, ["search", "which port does the server listen on", "--json", "-w", str(workspace)]
+    )
+    assert found.exit_code == 0, found.output
+    top = json.loads(found.output)[0]
+    assert top["path"] == "install.md" and "7410" in top["text"]
+    refused = runner.invoke(
+        app, ["search", "server port", "-w", str(workspace)], env={"FTKIT_RETRIEVAL_WINDOW_TOKENS": "128"}
+    )
+    assert refused.exit_code == 1
+    assert refused.output == (
+        "Error: the search index was built with all-MiniLM-L6-v2@254, the settings say all-MiniLM-L6-v2@128"
+        " — run `ftkit index --rebuild`\n"
+    )

@@ -46,6 +46,16 @@ def test_fresh_database_has_the_tables(tmp_path: Path) -> None:
         "local_jobs",
         "local_job_events",
         "work_origins",
+        "chunks_fts",  # FTS5: the table and its shadow tables
+        "chunks_fts_data",
+        "chunks_fts_idx",
+        "chunks_fts_content",
+        "chunks_fts_docsize",
+        "chunks_fts_config",
+        "index_chunks",
+        "index_windows",
+        "embeddings",
+        "index_meta",
     }
 
 

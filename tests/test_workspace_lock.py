@@ -34,7 +34,9 @@ def ftkit(fake: FakeOpenAI, workspace: Path, *args: str) -> subprocess.Popen[str
 
 
 def ftkit_run(fake: FakeOpenAI, workspace: Path) -> subprocess.Popen[str]:
-    return ftkit(fake, workspace, "run", str(SAMPLE_DOCS), "--product", "Quillstack", "--no-train")
+    return ftkit(
+        fake, workspace, "run", str(SAMPLE_DOCS), "--product", "Quillstack", "--no-train", "--no-index"
+    )
 
 
 def ledger(db: Path) -> tuple[int, dict[str, int]]:

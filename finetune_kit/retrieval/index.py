@@ -182,20 +182,7 @@ def _prepare(store: Store, key: str, layout: str, rebuild: bool) -> str | None:
     """Check the index was built with this embedder; clear it when it must be built again, and say why."""
     meta = _meta(store)
     built_with = meta.get("embedder_key")
-    why = None
-    if rebuild:
-        why = "--rebuild"
-    elif built_with is None:
-        why = None
-    elif built_with == LEXICAL_ONLY and key != LEXICAL_ONLY:
-        why = f"adding {key} vectors to a lexical-only index"
-    elif built_with != key:
-        raise RetrievalIndexError(
-            f"the search index was built with {built_with}, the settings say {key} — run `ftkit index --rebuild`"
-            " (or set [retrieval] embedding_model back)"
-        )
-    elif meta.get("layout") != layout:
-        why = f"windows changed ({meta.get('layout')} → {layout})"
+    why = _rebuild_reason(built_with, meta.get("layout"), key, layout, rebuild)
     if why is None and built_with is not None:
         return None
     with store.transaction() as db:
@@ -209,6 +196,24 @@ def _prepare(store: Store, key: str, layout: str, rebuild: bool) -> str | None:
     if why is not None:
         log.info("indexing every chunk again: %s", why)
     return why
+
+
+def _rebuild_reason(
+    built_with: str | None, built_layout: str | None, key: str, layout: str, rebuild: bool
+) -> str | None:
+    """Why every chunk must be indexed again (None: the index can be updated); refuses another embedder's index."""
+    if rebuild:
+        return "--rebuild"
+    if built_with is None:
+        return None
+    if built_with == LEXICAL_ONLY and key != LEXICAL_ONLY:
+        return f"adding {key} vectors to a lexical-only index"
+    if built_with != key:
+        raise RetrievalIndexError(
+            f"the search index was built with {built_with}, the settings say {key} — run `ftkit index --rebuild`"
+            " (or set [retrieval] embedding_model back)"
+        )
+    return f"windows changed ({built_layout} → {layout})" if built_layout != layout else None
 
 
 def _clear(db: sqlite3.Connection, drop_vectors: bool) -> None:

@@ -148,8 +148,14 @@ class Retriever:
         if current == self._generation:
             return
         state = index_state(self.store)
-        if state is None or (self.embedder is not None and state.embedder_key != self.embedder.key):
-            raise _built_with_another(state.embedder_key if state else "nothing", self.state.embedder_key)
+        if state is None:
+            raise RetrievalIndexError(
+                f"{self.settings.workspace}: the search index is missing — run `ftkit index`"
+            )
+        if (
+            self.embedder is not None and state.embedder_key != self.embedder.key
+        ):  # rebuilt with another model
+            raise _built_with_another(state.embedder_key, self.embedder.key)
         self.state, self._generation = state, current
         self._dense = _load_dense(self.store, self.embedder) if self.embedder else None
 
@@ -191,7 +197,9 @@ class Retriever:
             left.remove(best)
         return [candidates[i] for i in chosen]
 
-    def _hits(self, order: list[str], fused: dict[str, float], scores: "_Scores", terms: list[str]) -> list[Hit]:
+    def _hits(
+        self, order: list[str], fused: dict[str, float], scores: "_Scores", terms: list[str]
+    ) -> list[Hit]:
         rows = _chunk_rows(self.store, order)
         lexical_rank = {cid: n for n, cid in enumerate(scores.lexical, 1)}
         dense_rank = {cid: n for n, cid in enumerate(scores.dense, 1)}
@@ -270,7 +278,8 @@ def _load_dense(store: Store, embedder: Embedder) -> _Dense:
     finally:
         if snapshot:
             store.db.execute("COMMIT")
-    dim = len(rows[0][3]) // 4 if rows else 1  # from the stored vectors: asking an API model's dim costs a request
+    # the vector size from the stored vectors: asking an API model for its dim costs a request
+    dim = len(rows[0][3]) // 4 if rows else 1
     windows = np.frombuffer(b"".join(row[3] for row in rows), dtype=np.float32).reshape(len(rows), dim)
     chunk_ids: list[str] = []
     starts: list[int] = []
@@ -319,7 +328,7 @@ def _chunk_rows(store: Store, chunk_ids: list[str]) -> dict[str, dict[str, str]]
     rows = store.db.execute(
         "SELECT c.id, c.text, c.heading_path, c.source_url, d.path, ic.title FROM chunks c"
         " JOIN documents d ON d.id = c.document_id JOIN index_chunks ic ON ic.chunk_id = c.id"
-        f" WHERE c.id IN ({marks})",
+        f" WHERE c.id IN ({marks}) AND c.status = 'active' AND c.document_id = ic.document_id",
         chunk_ids,
     ).fetchall()
     return {row["id"]: dict(row) for row in rows}

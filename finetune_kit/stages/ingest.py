@@ -66,7 +66,8 @@ def ingest(
 ) -> IngestReport:
     """Read every source in `specs` (folders, files, git repositories, Slack exports, websites) into the DB.
 
-    Then the search index follows the chunks (`retrieval.index.update_index`, with `open_embedder` if given).
+    Then the search index follows the chunks (`retrieval.index.update_index`, with `open_embedder` if given)
+    unless [retrieval] index_on_ingest is off.
     """
     progress = progress or NoProgress()
     report = IngestReport()
@@ -80,7 +81,8 @@ def ingest(
             report.failed_sources.append((spec, str(exc)))
     if report.sources == 0 and report.failed_sources:
         raise SourceError("; ".join(message for _, message in report.failed_sources))
-    report.index = _keep_index_current(store, settings, progress, open_embedder)
+    if settings.retrieval.index_on_ingest:
+        report.index = _keep_index_current(store, settings, progress, open_embedder)
     return report
 
 
