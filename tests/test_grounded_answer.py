@@ -137,7 +137,7 @@ def test_array_indexes_and_markdown_links_are_not_citations() -> None:
     "answer",
     [
         "I don't know — the docs don't cover this.",
-        "I don’t know.",
+        "I don\u2019t know.",
         "The documentation does not mention baking bread. However, you could try flour [1].",
         "The provided sources do not contain any information about Mars.",
         "Sorry, this is not covered in the docs.",
