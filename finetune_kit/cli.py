@@ -718,8 +718,8 @@ Rag = Annotated[
         "--rag/--no-rag",
         help=_default(
             "retrieval_rag",
-            "Answer from the chunks the index retrieves, citing them; without an index, --rag is an error and the"
-            " default answers from the model alone",
+            "Answer from the chunks the index retrieves, citing them; without an index, --rag is an error, and"
+            " unset it answers from the model alone",
         ),
     ),
 ]

@@ -21,7 +21,7 @@ from finetune_kit.retrieval.answer import (
 )
 from finetune_kit.retrieval.types import Hit
 from finetune_kit.slack.answerer import OpenAIAnswerer, Turn
-from tests.conftest import TEST_KEY
+from tests.conftest import SAMPLE_DOCS, TEST_KEY
 from tests.fake_openai import FakeOpenAI, Reply
 
 FOREIGN = "https://totally-real-docs.example.net/rotate_key"
@@ -264,3 +264,116 @@ def test_the_json_of_an_answer_has_the_documented_fields(settings: Settings, ans
     ]
     assert [h["chunk_id"] for h in body["retrieved"]] == ["chunk1", "chunk2", "chunk3", "chunk4"]
     assert "text" not in body["retrieved"][0] and body["retrieved"][0]["snippet"] == "fact number 1"
+
+
+# --- end to end: ftkit ask on a real index of the sample docs ---------------------------------------------------
+
+
+def ftkit(workspace: Path, *args: str) -> tuple[int, str, str]:
+    from typer.testing import CliRunner
+
+    from finetune_kit.cli import app
+
+    result = CliRunner().invoke(app, ["-w", str(workspace), *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def indexed(tmp_path: Path, fake_llm: FakeOpenAI) -> Path:
+    """A workspace with the sample docs ingested and indexed, its model a fake at OPENAI_BASE_URL."""
+    workspace = tmp_path / "ws"
+    for args in (["ingest", str(SAMPLE_DOCS)], ["index"]):
+        code, out, err = ftkit(workspace, *args)
+        assert code == 0, out + err
+    fake_llm.requests.clear()
+    return workspace
+
+
+def ask_json(workspace: Path, question: str, *args: str) -> dict:
+    code, out, err = ftkit(workspace, "ask", question, "--model", "gpt-4o-mini", "--json", *args)
+    assert (code, err) == (0, "[gpt-4o-mini]\n"), out + err
+    return json.loads(out)
+
+
+def test_ask_shows_only_retrieved_cited_sources_when_the_model_cites_7_of_4_and_pastes_a_foreign_url(
+    indexed: Path, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.responder = lambda body: Reply(f"Rotate it from the dashboard [1] [7]. See {FOREIGN} for more.")
+    body = ask_json(indexed, "How do I rotate an SDK key?")
+    assert len(body["retrieved"]) == 4 and len(fake_llm.requests) == 1
+    assert [source["n"] for source in body["sources"]] == [1]
+    assert body["sources"][0]["url"] == body["retrieved"][0]["url"]
+    assert body["sources"][0]["chunk_id"] == body["retrieved"][0]["chunk_id"]
+    assert body["answer"] == f"Rotate it from the dashboard [1]. See {LINK_REMOVED} for more."
+    assert (body["refused"], body["cited_nothing"], body["query"]) == (
+        False,
+        False,
+        "How do I rotate an SDK key?",
+    )
+    sent = fake_llm.requests[0]["messages"][0]["content"]
+    assert "[4] " in sent and "[5] " not in sent  # the model saw four numbered sources
+
+
+def test_ask_prints_the_answer_then_the_cited_sources(indexed: Path, fake_llm: FakeOpenAI) -> None:
+    fake_llm.responder = lambda body: Reply("Roll it back from the flag's history [2].")
+    code, out, _ = ftkit(indexed, "ask", "How do I roll back a flag change?", "--model", "gpt-4o-mini")
+    hits = ask_json(indexed, "How do I roll back a flag change?")["retrieved"]
+    second = hits[1]
+    heading = f" — {second['heading']}" if second["heading"] and second["heading"] != second["title"] else ""
+    assert code == 0
+    assert out == (
+        "Roll it back from the flag's history [2].\n\nSources:\n"
+        f"[2] {second['title']}{heading}  {second['url']}\n"
+    )
+
+
+def test_an_off_topic_question_makes_no_model_call_when_a_threshold_is_set(
+    indexed: Path, fake_llm: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FTKIT_RETRIEVAL_THRESHOLD", "0.3")
+    fake_llm.responder = lambda body: Reply("Here is a recipe [1].")
+    body = ask_json(indexed, "What is the best recipe for sourdough bread?")
+    assert fake_llm.requests == []
+    assert (body["refused"], body["sources"]) == (True, [])
+    assert body["answer"].startswith("I found nothing in the documentation of the product that answers")
+    assert len(body["retrieved"]) == 4
+    assert (
+        ask_json(indexed, "How do I roll back a flag change?")["refused"] is False
+    )  # the same gate lets it by
+    assert len(fake_llm.requests) == 1
+
+
+def test_the_model_saying_the_docs_do_not_cover_it_is_refused(indexed: Path, fake_llm: FakeOpenAI) -> None:
+    fake_llm.responder = lambda body: Reply(
+        "The docs don't cover this, but rotate_key() in crypto [2] works."
+    )
+    code, out, _ = ftkit(indexed, "ask", "How do I rotate an SDK key?", "--model", "gpt-4o-mini")
+    assert code == 0 and out.startswith("I found nothing in the documentation") and "Sources" not in out
+    assert len(fake_llm.requests) == 1
+
+
+def test_an_answer_citing_nothing_says_so(indexed: Path, fake_llm: FakeOpenAI) -> None:
+    fake_llm.responder = lambda body: Reply("Rotate it from the dashboard.")
+    code, out, _ = ftkit(indexed, "ask", "How do I rotate an SDK key?", "--model", "gpt-4o-mini")
+    assert (code, out) == (
+        0,
+        "Rotate it from the dashboard.\n\nSources: this answer cites no source — check it against the docs.\n",
+    )
+
+
+def test_no_rag_asks_the_model_alone(indexed: Path, fake_llm: FakeOpenAI) -> None:
+    fake_llm.responder = lambda body: Reply("From memory.")
+    body = ask_json(indexed, "How do I rotate an SDK key?", "--no-rag")
+    assert (body["answer"], body["sources"], body["retrieved"]) == ("From memory.", [], [])
+    assert not fake_llm.requests[0]["messages"][0]["content"].endswith("Sources:")
+    assert "[1] " not in fake_llm.requests[0]["messages"][0]["content"]
+
+
+def test_rag_without_an_index_is_one_line_naming_ftkit_index(tmp_path: Path, fake_llm: FakeOpenAI) -> None:
+    code, out, err = ftkit(tmp_path / "ws", "ask", "How?", "--model", "gpt-4o-mini", "--rag")
+    assert code == 1 and out == "" and err.count("\n") == 1 and "run `ftkit index`" in err
+    assert fake_llm.requests == []
+    code, out, err = ftkit(
+        tmp_path / "ws", "ask", "How?", "--model", "gpt-4o-mini"
+    )  # the default: closed-book
+    assert code == 0 and err == "[gpt-4o-mini]\n" and out.strip()

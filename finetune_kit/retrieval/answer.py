@@ -274,7 +274,7 @@ def open_retriever(settings: Settings) -> Iterator[Retriever]:
 
     if not settings.db_path.exists():
         raise RetrievalIndexError(
-            f"{settings.workspace} has no index yet — run `ftkit ingest` and `ftkit index`"
+            f"{settings.workspace} has no index yet — run `ftkit index` (after `ftkit ingest`)"
         )
     with Store(settings.db_path) as store:
         yield Retriever.open(store, settings)
