@@ -657,6 +657,19 @@ def test_a_grounded_follow_up_gets_the_thread_as_history(
     assert messages[0]["content"].startswith("You are a helpful technical support assistant for the product.")
 
 
+def test_slack_rag_without_an_index_is_one_line_before_any_model_starts(
+    slack_env: None, slack: FakeSlack, model: FakeOpenAI, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from finetune_kit.cli import app
+
+    result = CliRunner().invoke(app, ["-w", str(tmp_path / "ws"), "slack", "--rag"])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "run `ftkit index`" in result.stderr
+    assert model.requests == [] and slack.calls == []
+
+
 # --- requests Slack did not sign -----------------------------------------------------------------------
 
 
