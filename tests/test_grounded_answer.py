@@ -1,6 +1,7 @@
 """Answers from the docs: numbered sources, citations checked against what was retrieved, "I don't know"."""
 
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -278,14 +279,21 @@ def ftkit(workspace: Path, *args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-@pytest.fixture
-def indexed(tmp_path: Path, fake_llm: FakeOpenAI) -> Path:
-    """A workspace with the sample docs ingested and indexed, its model a fake at OPENAI_BASE_URL."""
-    workspace = tmp_path / "ws"
+@pytest.fixture(scope="module")
+def sample_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample docs ingested and indexed once for this module (indexing embeds every chunk)."""
+    workspace = tmp_path_factory.mktemp("sample-index") / "ws"
     for args in (["ingest", str(SAMPLE_DOCS)], ["index"]):
         code, out, err = ftkit(workspace, *args)
         assert code == 0, out + err
-    fake_llm.requests.clear()
+    return workspace
+
+
+@pytest.fixture
+def indexed(sample_index: Path, tmp_path: Path, fake_llm: FakeOpenAI) -> Path:
+    """A copy of the indexed sample workspace, its model a fake at OPENAI_BASE_URL."""
+    workspace = tmp_path / "ws"
+    shutil.copytree(sample_index, workspace)
     return workspace
 
 

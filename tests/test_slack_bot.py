@@ -3,6 +3,7 @@ a fake OpenAI model over real HTTP."""
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -563,18 +564,25 @@ def cite_one_and_nine(body: dict) -> Reply:
     return Reply(f"Rotate it from the dashboard [1][9]. More at {FOREIGN_URL}")
 
 
-@pytest.fixture
-def indexed(tmp_path: Path) -> Path:
-    """A workspace whose sample docs are ingested and indexed."""
+@pytest.fixture(scope="module")
+def sample_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample docs ingested and indexed once for this module (indexing embeds every chunk)."""
     from typer.testing import CliRunner
 
     from finetune_kit.cli import app
 
-    workspace = tmp_path / "ws"
+    workspace = tmp_path_factory.mktemp("sample-index") / "ws"
     for args in (["ingest", str(SAMPLE_DOCS)], ["index"]):
         result = CliRunner().invoke(app, ["-w", str(workspace), *args])
         assert result.exit_code == 0, result.output
     return workspace
+
+
+@pytest.fixture
+def indexed(sample_index: Path, tmp_path: Path) -> Path:
+    """A copy of the indexed sample workspace, where the bot runs."""
+    shutil.copytree(sample_index, tmp_path / "ws")
+    return tmp_path / "ws"
 
 
 def retrieved_ids(running: RunningBot, query: str) -> list[str]:
