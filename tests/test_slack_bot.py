@@ -32,6 +32,7 @@ from finetune_kit.slack.bot import (
 )
 from finetune_kit.slack.records import Question
 from finetune_kit.slack.server import EventServer, connect_socket_mode
+from finetune_kit.slack.text import escape
 from tests.conftest import REPO, SAMPLE_DOCS, TEST_KEY
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.fake_slack import (
@@ -603,7 +604,8 @@ def test_a_grounded_answer_links_only_the_cited_retrieved_sources_and_records_th
         first = retriever.search("How do I rotate an SDK key?")[0]
     assert posted.startswith(f"Rotate it from the dashboard [1]. More at {LINK_REMOVED}\n\n*Sources*\n")
     assert posted.endswith(
-        f"[1] <{first.url}|{first.title}>" + (f" — {first.heading}" if first.heading != first.title else "")
+        f"[1] <{first.url}|{first.title}>"
+        + (f" — {escape(first.heading)}" if first.heading != first.title else "")
     )
     assert FOREIGN_URL not in posted and "[9]" not in posted and posted.count("<") == 1
     rows = running.rows("SELECT c.chunk_id, c.cited FROM slack_answer_chunks c ORDER BY c.rank")
