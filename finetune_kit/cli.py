@@ -721,6 +721,19 @@ Stream = Annotated[
 ]
 
 
+Rag = Annotated[
+    bool | None,
+    typer.Option(
+        "--rag/--no-rag",
+        help=_default(
+            "retrieval_rag",
+            "Answer from the chunks the index retrieves, citing them; without an index, --rag is an error, and"
+            " unset it answers from the model alone",
+        ),
+    ),
+]
+
+
 @app.command()
 def slack(
     ctx: typer.Context,
@@ -737,6 +750,7 @@ def slack(
     slack_timeout_s: Timeout = None,
     slack_concurrency: Concurrency = None,
     slack_stream: Stream = None,
+    retrieval_rag: Rag = None,
 ) -> None:
     """Answer questions in Slack threads with the support model (Socket Mode or HTTP events).
 
@@ -745,10 +759,15 @@ def slack(
     missing SLACK_BOT_TOKEN, or neither SLACK_APP_TOKEN nor SLACK_SIGNING_SECRET, is a one-line error naming the
     variable and where to find its value. --timeout bounds each model call from when it starts. Without --model
     it first registers the local jobs that finished while nobody watched (said on stderr), then answers with the
-    newest fine-tuned model; it never asks the fine-tuning service nor writes to Airtable.
+    newest fine-tuned model; it never asks the fine-tuning service nor writes to Airtable. With --rag (the default
+    once `ftkit index` built an index) it answers from the retrieved docs as `ftkit ask --rag` does, with a Slack
+    link to each source an answer cites, refuses questions the docs do not cover, answers a thread's follow-ups
+    with the thread as history, and records the chunks behind each answer in slack_answer_chunks (joined to 👍/👎
+    by answer_id).
     """
     import logging
 
+    from finetune_kit.retrieval.answer import docs_for_bot
     from finetune_kit.slack.bot import ReadyInfo, serve
 
     debug = (ctx.find_root().obj or {}).get("debug") or os.environ.get("FTKIT_DEBUG")
@@ -762,13 +781,14 @@ def slack(
         where = (
             f"Listening for Slack events at {info.url}" if info.url else "Connected to Slack in Socket Mode"
         )
-        out.print(f"{where}, answering with {info.model}. Ctrl-C stops.", markup=False)
+        docs = " from the docs" if info.from_docs else ""
+        out.print(f"{where}, answering with {info.model}{docs}. Ctrl-C stops.", markup=False)
 
     settings = _settings(ctx)
     if settings.slack.model is None:
         _settle(settings)
     try:
-        serve(settings, ready)
+        serve(settings, ready, docs_for_bot(settings, retrieval_rag))
     except KeyboardInterrupt:
         out.print("Stopped. Questions left unanswered are answered at the next start.", markup=False)
 
@@ -943,27 +963,46 @@ def ask(
         str | None,
         typer.Option("--model", metavar="NAME", help="Model to ask (default: the newest fine-tuned model)."),
     ] = None,
+    retrieval_rag: Rag = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print answer, model, refused, query, sources [{n, url, path, heading, score, title, chunk_id}]"
+            " and retrieved (the hits, without their text) as JSON.",
+        ),
+    ] = False,
     slack_max_answer_tokens: MaxTokens = None,
     slack_temperature: Temperature = None,
     slack_system_prompt: SystemPrompt = None,
 ) -> None:
-    """Ask a fine-tuned model one question and print its answer (as the Slack bot would answer).
+    """Ask one question and print the answer, from the docs with the sources it cites (as the Slack bot would).
 
     It asks the newest fine-tuned model in the registry (or --model NAME; --model smollm2-135m-instruct asks the
-    untuned base) through the same endpoint and prompt as the Slack bot. The answer alone goes to stdout (the
-    model's name to stderr), so scripts can use it. A local model trained over a Hugging Face folder rather than
-    a GGUF has no adapter llama.cpp can serve and is passed over as the default. Without --model it first
-    registers the local jobs that finished while nobody watched (a read of the workspace, said on stderr); it
-    never asks the fine-tuning service nor writes to Airtable.
+    untuned base) through the same endpoint as the Slack bot. With --rag (the default once `ftkit index` built an
+    index) the model answers from the retrieved chunks alone (prompts/grounded_answer.txt), citing them as [1],
+    [2]; the Sources under the answer are the retrieved chunks it cites, never a number or link it made up, and an
+    answer citing nothing says so. When the best chunk scores below the relevance threshold (retrieval.threshold,
+    else the one `ftkit index --calibrate` stored), or the model says the docs do not cover the question, the
+    answer is one sentence saying so; below the threshold no model is asked. --no-rag asks the model alone, with
+    --system-prompt. The answer goes to stdout (the model's name to stderr), so scripts can use it. A local model
+    trained over a Hugging Face folder rather than a GGUF has no adapter llama.cpp can serve and is passed over as
+    the default. Without --model it first registers the local jobs that finished while nobody watched (a read of
+    the workspace, said on stderr); it never asks the fine-tuning service nor writes to Airtable.
     """
-    from finetune_kit.ask import ask as ask_model_question
+    from finetune_kit.ask import answer_json, answer_lines, ask_question
 
     settings = _settings(ctx)
     if ask_model is None:
         _settle(settings)
-    answer = ask_model_question(settings, question, ask_model)
+    with _warnings_on_stderr("finetune_kit.ask"):
+        answer = ask_question(settings, question, ask_model, retrieval_rag)
     err.print(f"[{answer.model}]", markup=False, emoji=False)  # stdout holds the answer alone, for scripts
-    _say(answer.text)
+    if as_json:
+        typer.echo(answer_json(answer, question))
+        return
+    for line in answer_lines(answer):
+        _say(line)
 
 
 @app.command()

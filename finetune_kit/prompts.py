@@ -13,9 +13,10 @@ REQUIRED_PLACEHOLDERS = {
     "code_questions": {"product", "n", "chunk"},  # the questions template for chunks of source code
     "answers": {"product", "chunk", "question"},
     "code_answers": {"product", "chunk", "question"},  # the answers template for chunks of source code
+    "grounded_answer": {"product", "sources"},  # the system prompt of answers from numbered retrieved chunks
 }
 # A prompts_dir written before these templates existed lacks them; the bundled one is used then.
-BUNDLED_WHEN_MISSING = {"code_questions", "code_answers"}
+BUNDLED_WHEN_MISSING = {"code_questions", "code_answers", "grounded_answer"}
 
 logger = logging.getLogger(__name__)
 

@@ -351,6 +351,24 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        # what a grounded answer of the bot searched for and the chunks it retrieved (cited or not), so a 👍/👎
+        # can be traced to the chunks behind the answer; refused: 1 for "the docs do not cover it"
+        "0013_slack_answer_chunks",
+        """
+        ALTER TABLE slack_answers ADD COLUMN query TEXT;
+        ALTER TABLE slack_answers ADD COLUMN refused INTEGER;
+        CREATE TABLE slack_answer_chunks (
+            answer_id INTEGER NOT NULL REFERENCES slack_answers(id),
+            rank INTEGER NOT NULL,
+            chunk_id TEXT NOT NULL REFERENCES chunks(id),
+            score REAL NOT NULL,
+            cited INTEGER NOT NULL CHECK (cited IN (0, 1)),
+            PRIMARY KEY (answer_id, rank)
+        );
+        CREATE INDEX slack_answer_chunks_by_chunk ON slack_answer_chunks(chunk_id);
+        """,
+    ),
 ]
 
 

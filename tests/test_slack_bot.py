@@ -3,6 +3,7 @@ a fake OpenAI model over real HTTP."""
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -19,6 +20,7 @@ import pytest
 
 from finetune_kit.config import load_settings
 from finetune_kit.errors import ConfigError
+from finetune_kit.retrieval.answer import LINK_REMOVED, grounded_answerer, open_retriever
 from finetune_kit.slack.answerer import open_answerer
 from finetune_kit.slack.bot import (
     FAILURE_NOTE,
@@ -30,7 +32,8 @@ from finetune_kit.slack.bot import (
 )
 from finetune_kit.slack.records import Question
 from finetune_kit.slack.server import EventServer, connect_socket_mode
-from tests.conftest import REPO, TEST_KEY
+from finetune_kit.slack.text import escape
+from tests.conftest import REPO, SAMPLE_DOCS, TEST_KEY
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.fake_slack import (
     ALICE,
@@ -102,10 +105,12 @@ def start_bot(slack_env: None, slack: FakeSlack, tmp_path: Path) -> Iterator[Cal
     """Start bots (on one workspace) with the given settings; all are stopped at the end of the test."""
     with contextlib.ExitStack() as stack:
 
-        def start(**flags: Any) -> RunningBot:
+        def start(docs: bool = False, **flags: Any) -> RunningBot:
+            """docs: answer from the workspace's index, as `ftkit slack --rag` does."""
             settings = load_settings(workspace=tmp_path / "ws", **flags)
             answerer = stack.enter_context(open_answerer(settings))
-            bot = build_app(settings, answerer)
+            grounded = stack.enter_context(grounded_answerer(settings, answerer)) if docs else None
+            bot = build_app(settings, answerer, docs=grounded)
             stack.callback(bot.close)
             server = EventServer(bot.app, "127.0.0.1", 0)
             server.start()
@@ -548,6 +553,131 @@ def test_thumbs_on_the_bots_answers_are_recorded_as_feedback(start_bot: Callable
     running.deliver(reaction("reaction_removed", BOB, "-1", CHANNEL, answer["ts"]))
     running.settle()
     assert running.rows(feedback) == [("how fast is it?", ALICE, "+1", 1)]
+
+
+# --- answers from the docs (ftkit slack --rag) ------------------------------------------------------------
+
+FOREIGN_URL = "https://sdk-keys.example.net/rotate"
+
+
+def cite_one_and_nine(body: dict) -> Reply:
+    """The fake model cites source [1], a source [9] it was never given, and pastes a foreign URL."""
+    return Reply(f"Rotate it from the dashboard [1][9]. More at {FOREIGN_URL}")
+
+
+@pytest.fixture(scope="module")
+def sample_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample docs ingested and indexed once for this module (indexing embeds every chunk)."""
+    from typer.testing import CliRunner
+
+    from finetune_kit.cli import app
+
+    workspace = tmp_path_factory.mktemp("sample-index") / "ws"
+    for args in (["ingest", str(SAMPLE_DOCS)], ["index"]):
+        result = CliRunner().invoke(app, ["-w", str(workspace), *args])
+        assert result.exit_code == 0, result.output
+    return workspace
+
+
+@pytest.fixture
+def indexed(sample_index: Path, tmp_path: Path) -> Path:
+    """A copy of the indexed sample workspace, where the bot runs."""
+    shutil.copytree(sample_index, tmp_path / "ws")
+    return tmp_path / "ws"
+
+
+def retrieved_ids(running: RunningBot, query: str) -> list[str]:
+    with open_retriever(running.bot.settings) as retriever:
+        return [hit.chunk_id for hit in retriever.search(query)]
+
+
+def test_a_grounded_answer_links_only_the_cited_retrieved_sources_and_records_the_chunks(
+    start_bot: Callable[..., RunningBot], model: FakeOpenAI, indexed: Path
+) -> None:
+    model.responder = cite_one_and_nine
+    running = start_bot(docs=True, slack_stream=False)
+    running.deliver(mention(running.slack, "How do I rotate an SDK key?"))
+    running.settle()
+    [posted] = answers(running.slack)
+    expected = retrieved_ids(running, "How do I rotate an SDK key?")
+    with open_retriever(running.bot.settings) as retriever:
+        first = retriever.search("How do I rotate an SDK key?")[0]
+    assert posted.startswith(f"Rotate it from the dashboard [1]. More at {LINK_REMOVED}\n\n*Sources*\n")
+    assert posted.endswith(
+        f"[1] <{first.url}|{first.title}>"
+        + (f" — {escape(first.heading)}" if first.heading != first.title else "")
+    )
+    assert FOREIGN_URL not in posted and "[9]" not in posted and posted.count("<") == 1
+    rows = running.rows("SELECT c.chunk_id, c.cited FROM slack_answer_chunks c ORDER BY c.rank")
+    assert rows == [(chunk_id, int(rank == 0)) for rank, chunk_id in enumerate(expected)]
+    assert running.rows("SELECT query, refused, status FROM slack_answers") == [
+        ("How do I rotate an SDK key?", 0, "answered")
+    ]
+
+
+def test_feedback_on_a_grounded_answer_joins_to_its_chunks(
+    start_bot: Callable[..., RunningBot], model: FakeOpenAI, indexed: Path
+) -> None:
+    model.responder = cite_one_and_nine
+    running = start_bot(docs=True, slack_stream=False)
+    running.deliver(mention(running.slack, "How do I rotate an SDK key?"))
+    running.settle()
+    [answer] = running.slack.bot_messages(CHANNEL)
+    running.deliver(reaction("reaction_added", BOB, "-1", CHANNEL, answer["ts"]))
+    running.settle()
+    traced = running.rows(
+        "SELECT f.rating, c.chunk_id, c.cited FROM slack_feedback f JOIN slack_answer_chunks c USING (answer_id)"
+        " JOIN chunks ON chunks.id = c.chunk_id ORDER BY c.rank"
+    )
+    expected = retrieved_ids(running, "How do I rotate an SDK key?")
+    assert traced == [(-1, chunk_id, int(rank == 0)) for rank, chunk_id in enumerate(expected)]
+
+
+def test_an_off_topic_question_is_refused_without_asking_the_model(
+    start_bot: Callable[..., RunningBot], model: FakeOpenAI, indexed: Path
+) -> None:
+    running = start_bot(docs=True, retrieval_threshold=0.99)
+    running.deliver(mention(running.slack, "What is the best recipe for sourdough bread?"))
+    running.settle()
+    assert model.requests == []
+    [posted] = answers(running.slack)
+    assert (
+        posted.startswith("I found nothing in the documentation of the product that answers")
+        and "<" not in posted
+    )
+    assert running.rows("SELECT refused, status FROM slack_answers") == [(1, "answered")]
+    assert running.rows("SELECT SUM(cited) FROM slack_answer_chunks") == [(0,)]
+
+
+def test_a_grounded_follow_up_gets_the_thread_as_history(
+    start_bot: Callable[..., RunningBot], model: FakeOpenAI, indexed: Path
+) -> None:
+    model.responder = lambda body: Reply(f"Like this [1]. ({len(body['messages'])} messages)")
+    running = start_bot(docs=True, slack_stream=False)
+    first = mention(running.slack, "How do I rotate an SDK key?")
+    running.deliver(first)
+    running.settle()
+    running.deliver(running.slack.user_says(CHANNEL, "and a server key?", thread_ts=first["ts"]))
+    running.settle()
+    messages = model.requests[-1]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[1]["content"] == "How do I rotate an SDK key?"
+    assert messages[2]["content"].startswith("Like this [1]. (2 messages)")
+    assert messages[3]["content"] == "and a server key?"
+    assert messages[0]["content"].startswith("You are a helpful technical support assistant for the product.")
+
+
+def test_slack_rag_without_an_index_is_one_line_before_any_model_starts(
+    slack_env: None, slack: FakeSlack, model: FakeOpenAI, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from finetune_kit.cli import app
+
+    result = CliRunner().invoke(app, ["-w", str(tmp_path / "ws"), "slack", "--rag"])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "run `ftkit index`" in result.stderr
+    assert model.requests == [] and slack.calls == []
 
 
 # --- requests Slack did not sign -----------------------------------------------------------------------

@@ -37,6 +37,7 @@ def test_fresh_database_has_the_tables(tmp_path: Path) -> None:
         "slack_answers",
         "slack_replies",
         "slack_feedback",
+        "slack_answer_chunks",
         "training_files",
         "jobs",
         "job_events",

@@ -47,9 +47,60 @@ class Answerer(Protocol):
     """Turns a conversation (oldest first, the question last) into an answer."""
 
     model: str
+    prompt_budget: int  # tokens the system prompt and the conversation may take
 
-    def answer(self, turns: Sequence[Turn], on_text: OnText | None = None) -> str:
-        """The answer; `on_text` is called with the text so far while it streams. Raises AnswerFailed."""
+    def answer(self, turns: Sequence[Turn], on_text: OnText | None = None, system: str | None = None) -> str:
+        """The answer (`system` replaces the configured system prompt); `on_text` gets the text so far while it
+        streams. Raises AnswerFailed."""
+        ...
+
+
+class CitedSource(Protocol):
+    """A source an answer cites, as the bot links it (retrieval.answer.Source)."""
+
+    @property
+    def n(self) -> int: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def title(self) -> str: ...
+    @property
+    def heading(self) -> str: ...
+    @property
+    def chunk_id(self) -> str: ...
+
+
+class RetrievedChunk(Protocol):
+    """A chunk retrieved for an answer, as the bot records it (retrieval.types.Hit)."""
+
+    @property
+    def chunk_id(self) -> str: ...
+    @property
+    def score(self) -> float: ...
+
+
+class SourcedAnswer(Protocol):
+    """An answer from the docs (retrieval.answer.GroundedAnswer), as the bot posts and records it."""
+
+    @property
+    def answer(self) -> str: ...
+    @property
+    def refused(self) -> bool: ...
+    @property
+    def query(self) -> str: ...
+    @property
+    def sources(self) -> Sequence[CitedSource]: ...
+    @property
+    def retrieved(self) -> Sequence[RetrievedChunk]: ...
+
+
+class DocsAnswerer(Protocol):
+    """Answers a question from the retrieved docs, with the conversation before it (retrieval.answer)."""
+
+    def answer_from_docs(
+        self, question: str, history: Sequence[Turn], on_text: OnText | None = None
+    ) -> SourcedAnswer:
+        """The checked answer; raises AnswerFailed when the model fails, VagueQueryError for a vague question."""
         ...
 
 
@@ -172,11 +223,11 @@ class OpenAIAnswerer:
         self._thread.join()
         self._loop.close()
 
-    def answer(self, turns: Sequence[Turn], on_text: OnText | None = None) -> str:
+    def answer(self, turns: Sequence[Turn], on_text: OnText | None = None, system: str | None = None) -> str:
         """The model's answer to the last turn, given the earlier ones; the timeout starts once a slot is free."""
         payload = {
             "model": self.model,
-            "messages": fit_to_context(self.system_prompt, turns, self.prompt_budget),
+            "messages": fit_to_context(system or self.system_prompt, turns, self.prompt_budget),
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
         }

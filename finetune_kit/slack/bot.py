@@ -15,13 +15,13 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError, SlackClientError
 
 from finetune_kit.config import Settings
-from finetune_kit.errors import AnswerFailed, ConfigError
-from finetune_kit.slack.answerer import Answerer, open_answerer
+from finetune_kit.errors import AnswerFailed, ConfigError, VagueQueryError
+from finetune_kit.slack.answerer import Answerer, DocsAnswerer, SourcedAnswer, open_answerer
 from finetune_kit.slack.credentials import slack_credentials, slack_web_client
 from finetune_kit.slack.preview import StreamPreview
 from finetune_kit.slack.records import BotRecords, Question
 from finetune_kit.slack.server import EventServer, connect_socket_mode
-from finetune_kit.slack.text import mentions, slack_to_plain, split_message, to_mrkdwn
+from finetune_kit.slack.text import escape, link, mentions, slack_to_plain, split_message, to_mrkdwn
 from finetune_kit.slack.thread import ANSWERED_SUBTYPES, BotIdentity, conversation
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 PLACEHOLDER = "_Thinking…_"
 TIMEOUT_NOTE = "Sorry — the model took too long to answer. Please try again in a minute."
 FAILURE_NOTE = "Sorry — I couldn't get an answer from the model. Please try again later."
+CITES_NOTHING_NOTE = "_This answer cites no source from the docs — check it before relying on it._"
 RATINGS = {"+1": 1, "thumbsup": 1, "-1": -1, "thumbsdown": -1}
 HANDLED_EVENTS = ("app_mention", "message", "reaction_added", "reaction_removed")
 EVENT_PRUNE_INTERVAL_S = 3600
@@ -53,10 +54,19 @@ class ReadyInfo:
     mode: Literal["socket", "http"]
     url: str | None
     model: str
+    from_docs: bool = False  # answers from the retrieved docs, with their sources
 
 
-def build_app(settings: Settings, answerer: Answerer, web_client: WebClient | None = None) -> "SlackBot":
-    """The bolt app with the bot's listeners; checks the token with auth.test (nothing is built at import)."""
+def build_app(
+    settings: Settings,
+    answerer: Answerer,
+    web_client: WebClient | None = None,
+    docs: DocsAnswerer | None = None,
+) -> "SlackBot":
+    """The bolt app with the bot's listeners; checks the token with auth.test (nothing is built at import).
+
+    With `docs`, questions are answered from the retrieved docs, with links to the sources each answer cites.
+    """
     credentials = slack_credentials(settings)
     client = web_client or slack_web_client(settings, credentials.bot_token)
     try:
@@ -79,7 +89,7 @@ def build_app(settings: Settings, answerer: Answerer, web_client: WebClient | No
         listener_executor=listeners,
     )
     me = BotIdentity(user_id=identity["user_id"], bot_id=identity.get("bot_id") or "")
-    return SlackBot(app, client, me, settings, answerer, BotRecords(settings.db_path), listeners)
+    return SlackBot(app, client, me, settings, answerer, BotRecords(settings.db_path), listeners, docs)
 
 
 class SlackBot:
@@ -94,9 +104,10 @@ class SlackBot:
         answerer: Answerer,
         records: BotRecords,
         listeners: ThreadPoolExecutor,
+        docs: DocsAnswerer | None = None,
     ) -> None:
         self.app, self.client, self.identity = app, client, identity
-        self.settings, self.answerer, self.records = settings, answerer, records
+        self.settings, self.answerer, self.records, self.docs = settings, answerer, records, docs
         self.stats: Counter[str] = Counter()
         self._stats_lock = threading.Lock()
         self._busy = 0  # events and answers under way
@@ -253,8 +264,15 @@ class SlackBot:
                 preview = StreamPreview(
                     self.client, question.channel, job.placeholder_ts, self.settings.slack.update_interval_s
                 )
-            text = self.answerer.answer(turns, preview)
-            self._finish(job, "answered", text, None, self._post_answer(job, text))
+            if self.docs is None:
+                text = self.answerer.answer(turns, preview)
+                self._finish(job, "answered", text, None, self._post_answer(job, to_mrkdwn(text)))
+            else:
+                grounded = self.docs.answer_from_docs(question.text, turns[:-1], preview)
+                replies = self._post_answer(job, grounded_mrkdwn(grounded))
+                self._finish(job, "answered", grounded.answer, None, replies, grounded)
+        except VagueQueryError as exc:  # nothing to search for: say so, as an answer (it can be rated)
+            self._finish(job, "answered", str(exc), None, self._post_answer(job, escape(str(exc))))
         except AnswerFailed as exc:
             log.warning("no answer for %s/%s: %s", question.channel, question.ts, exc.reason)
             note = TIMEOUT_NOTE if exc.timed_out else FAILURE_NOTE
@@ -266,9 +284,9 @@ class SlackBot:
         finally:
             self._end()
 
-    def _post_answer(self, job: Job, text: str) -> list[str]:
+    def _post_answer(self, job: Job, mrkdwn: str) -> list[str]:
         """The answer in the placeholder, continued in more replies when it is longer than one message."""
-        first, *rest = split_message(to_mrkdwn(text))
+        first, *rest = split_message(mrkdwn)
         channel = job.question.channel
         self.client.chat_update(channel=channel, ts=job.placeholder_ts, text=first)
         replies = [job.placeholder_ts]
@@ -294,6 +312,7 @@ class SlackBot:
         text: str | None,
         error: str | None,
         replies: list[str],
+        grounded: SourcedAnswer | None = None,
     ) -> None:
         latency_ms = _ms_since(job.received)
         self.records.finish(
@@ -305,6 +324,7 @@ class SlackBot:
             latency_ms=latency_ms,
             reply_ts=replies,
             channel=job.question.channel,
+            grounded=grounded,
         )
         self.count(status)
         log.info("%s %s/%s in %d ms", status, job.question.channel, job.question.ts, latency_ms)
@@ -341,30 +361,53 @@ class SlackBot:
         self.records.close()
 
 
-def serve(settings: Settings, on_ready: Callable[[ReadyInfo], None]) -> None:
-    """Run the bot until interrupted: Socket Mode when SLACK_APP_TOKEN is set, else HTTP on slack_host:slack_port."""
+def serve(
+    settings: Settings,
+    on_ready: Callable[[ReadyInfo], None],
+    open_docs: Callable[[Answerer], contextlib.AbstractContextManager[DocsAnswerer]] | None = None,
+) -> None:
+    """Run the bot until interrupted: Socket Mode when SLACK_APP_TOKEN is set, else HTTP on slack_host:slack_port.
+
+    `open_docs` (retrieval.answer.grounded_answerer) makes it answer from the docs.
+    """
     credentials = slack_credentials(settings)  # fail before starting a model server
-    with open_answerer(settings) as answerer:
-        bot = build_app(settings, answerer)
+    with open_answerer(settings) as answerer, contextlib.ExitStack() as opened:
+        docs = opened.enter_context(open_docs(answerer)) if open_docs else None
+        bot = build_app(settings, answerer, docs=docs)
         try:
             if resumed := bot.resume_pending():
                 log.info("resuming %d unanswered questions", resumed)
             if credentials.app_token:
                 handler = connect_socket_mode(bot.app, credentials.app_token)
-                on_ready(ReadyInfo("socket", None, answerer.model))
+                on_ready(ReadyInfo("socket", None, answerer.model, docs is not None))
                 try:
                     threading.Event().wait()
                 finally:
                     handler.close()
             else:
                 server = _listen(bot.app, settings.slack.host, settings.slack.port)
-                on_ready(ReadyInfo("http", server.url, answerer.model))
+                on_ready(ReadyInfo("http", server.url, answerer.model, docs is not None))
                 try:
                     server.serve_forever()
                 finally:
                     server.server_close()
         finally:
             bot.close()
+
+
+def grounded_mrkdwn(answer: SourcedAnswer) -> str:
+    """An answer from the docs in mrkdwn: the text, then a link to each source it cites (or a note that none)."""
+    body = to_mrkdwn(answer.answer)
+    if answer.refused:
+        return body
+    if not answer.sources:
+        return f"{body}\n\n{CITES_NOTHING_NOTE}"
+    lines = [
+        f"[{source.n}] {link(source.url, source.title)}"
+        + (f" — {escape(source.heading)}" if source.heading and source.heading != source.title else "")
+        for source in answer.sources
+    ]
+    return body + "\n\n*Sources*\n" + "\n".join(lines)
 
 
 def _listen(app: App, host: str, port: int) -> EventServer:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
+from finetune_kit.slack.answerer import SourcedAnswer
 from finetune_kit.store import Store, utc_now
 
 # Slack retries an event three times within about an hour; a day of event ids covers any retry.
@@ -97,8 +98,10 @@ class BotRecords:
         latency_ms: int,
         reply_ts: list[str],
         channel: str,
+        grounded: SourcedAnswer | None = None,
     ) -> None:
-        """Record how a question ended, and the messages that carry the answer (for feedback)."""
+        """Record how a question ended, the messages that carry the answer (for feedback) and, for an answer from
+        the docs, what it searched for and the chunks it retrieved."""
         with self._locked() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -111,6 +114,8 @@ class BotRecords:
                     "INSERT OR REPLACE INTO slack_replies(channel, ts, answer_id) VALUES (?, ?, ?)",
                     [(channel, ts, answer_id) for ts in reply_ts],
                 )
+                if grounded is not None:
+                    _record_chunks(db, answer_id, grounded)
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -169,3 +174,20 @@ class BotRecords:
                 (user, reaction, channel, ts),
             )
             return cursor.rowcount > 0
+
+
+def _record_chunks(db: sqlite3.Connection, answer_id: int, grounded: SourcedAnswer) -> None:
+    """The query, refusal and retrieved chunks (cited or not) of one answer from the docs."""
+    db.execute(
+        "UPDATE slack_answers SET query = ?, refused = ? WHERE id = ?",
+        (grounded.query, int(grounded.refused), answer_id),
+    )
+    cited = {source.chunk_id for source in grounded.sources}
+    db.execute("DELETE FROM slack_answer_chunks WHERE answer_id = ?", (answer_id,))
+    db.executemany(
+        "INSERT INTO slack_answer_chunks(answer_id, rank, chunk_id, score, cited) VALUES (?, ?, ?, ?, ?)",
+        [
+            (answer_id, rank, hit.chunk_id, hit.score, int(hit.chunk_id in cited))
+            for rank, hit in enumerate(grounded.retrieved, 1)
+        ],
+    )

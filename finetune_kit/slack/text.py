@@ -46,6 +46,11 @@ def escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def link(url: str, label: str) -> str:
+    """A Slack link `<url|label>`: both escaped, and a `|` in the URL encoded so it cannot end the URL early."""
+    return f"<{escape(url).replace('|', '%7C')}|{escape(label)}>"
+
+
 def to_mrkdwn(markdown: str) -> str:
     """Markdown (as models write it) in Slack's mrkdwn: bold, italics, links, headings, bullets, code."""
     lines, in_code = [], False
