@@ -13,9 +13,11 @@ REQUIRED_PLACEHOLDERS = {
     "code_questions": {"product", "n", "chunk"},  # the questions template for chunks of source code
     "answers": {"product", "chunk", "question"},
     "code_answers": {"product", "chunk", "question"},  # the answers template for chunks of source code
+    "condense": {"product", "history", "message"},  # a follow-up as one standalone question (retrieval)
+    "unanswerable": {"product", "n", "headings"},  # questions the docs cannot answer (IDK calibration)
 }
 # A prompts_dir written before these templates existed lacks them; the bundled one is used then.
-BUNDLED_WHEN_MISSING = {"code_questions", "code_answers"}
+BUNDLED_WHEN_MISSING = {"code_questions", "code_answers", "condense", "unanswerable"}
 
 logger = logging.getLogger(__name__)
 
