@@ -5,6 +5,7 @@ import copy
 import logging
 import os
 import signal
+import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from finetune_kit.config import (
 from finetune_kit.errors import FtkitError
 
 if TYPE_CHECKING:
+    from finetune_kit.chat import ChatEvent
     from finetune_kit.training import TrainingOutcome
 
 out = Console(highlight=False, soft_wrap=True)
@@ -955,6 +957,61 @@ def ask(
     answer = ask_model_question(settings, question, ask_model)
     err.print(f"[{answer.model}]", markup=False, emoji=False)  # stdout holds the answer alone, for scripts
     _say(answer.text)
+
+
+@app.command()
+def chat(
+    ctx: typer.Context,
+    session: Annotated[
+        str | None,
+        typer.Option("--session", metavar="NAME", help="Resume the conversation called NAME (or start it)."),
+    ] = None,
+    chat_model: Annotated[
+        str | None,
+        typer.Option("--model", metavar="NAME", help="Model to answer with (default: as `ftkit ask --rag`)."),
+    ] = None,
+) -> None:
+    """Talk with the docs in the terminal: `ftkit ask --rag` with memory kept in the workspace.
+
+    Each message is answered from the retrieved chunks, with the sources it cites; a follow-up ("and how do I
+    rotate it?") is first condensed with the conversation into one standalone question (one cached model call).
+    The conversation is stored in the state database: --session NAME resumes the newest conversation called
+    NAME (and starts it if there is none). Type /new to start a new conversation, /quit (or end of input, Ctrl-D)
+    to end. Answers go to stdout, everything else to stderr.
+    """
+    from finetune_kit.chat import run_chat
+
+    settings = _settings(ctx)
+    if chat_model is None:
+        _settle(settings)
+    conversation = run_chat(settings, _read_chat_line, _show_chat_event, session, chat_model)
+    err.print(f"Resume with: ftkit chat --session {conversation.name}", markup=False, emoji=False)
+
+
+def _read_chat_line() -> str | None:
+    """The next line typed, or None at the end of input; the prompt goes to stderr."""
+    err.print("> ", end="", markup=False)
+    line = sys.stdin.readline()
+    return line if line else None
+
+
+def _show_chat_event(event: "ChatEvent") -> None:
+    """Print one event of `ftkit chat`: the answer and its sources on stdout, the rest on stderr."""
+    from finetune_kit.chat import Answered, NotAnswered, Started
+
+    if isinstance(event, Started):
+        earlier = f", {event.turns} earlier turns" if event.turns else ""
+        line = f"Conversation {event.conversation.name}{earlier} — /new starts another, /quit ends"
+        err.print(line, markup=False, emoji=False)
+    elif isinstance(event, NotAnswered):
+        err.print(f"No answer: {event.reason}", markup=False, emoji=False)
+    elif isinstance(event, Answered):
+        answer = event.answer
+        _say(answer.answer)
+        for source in answer.sources:
+            _say(f"  [{source.n}] {source.heading or source.path} — {source.url}")
+        if answer.cited_nothing and not answer.refused:
+            err.print("(the answer cites no source)", markup=False, emoji=False)
 
 
 @app.command()
