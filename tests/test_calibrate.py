@@ -1,16 +1,28 @@
 """The "I don't know" threshold calibrated per workspace: positives its own questions, negatives checked."""
 
-import pytest
+from collections.abc import Iterator
+from pathlib import Path
 
-from finetune_kit.config import load_settings
+import pytest
+from typer.testing import CliRunner
+
+from finetune_kit.cli import app
+from finetune_kit.config import Settings, load_settings
 from finetune_kit.retrieval.calibrate import (
+    OFF_TOPIC,
     Calibration,
     best_threshold,
+    calibrate,
     key_terms,
     parse_negatives,
     why_not_a_negative,
 )
+from finetune_kit.retrieval.index import index_state, update_index
+from finetune_kit.retrieval.search import Retriever, relevance
 from finetune_kit.retrieval.types import Hit
+from finetune_kit.store import Store
+from tests.conftest import SAMPLE_DOCS, TEST_KEY, TINY_DOCS
+from tests.fake_openai import FakeOpenAI, Reply, _last_user_text, docs_responder
 
 
 def hit(text: str, heading: str = "Guide > Keys", title: str = "Guide") -> Hit:
@@ -125,3 +137,98 @@ def test_stats_hold_both_rates_and_the_counts() -> None:
     assert (stats["answerable_refused"], stats["unanswerable_refused"]) == (0.05, 0.85)
     assert (stats["n_positives"], stats["n_negatives"]) == (40, 30)
     assert stats["calibrated_at"]
+
+
+# --- on the sample docs, through the real index and a fake model over HTTP ---------------------------------
+
+PLANTED_UNANSWERABLE = "Does Quillstack have an official Android app for managing flags?"
+PLANTED_ANSWERABLE = "How do I archive a flag with the quill CLI?"  # the docs answer it: must be dropped
+
+
+def negatives_responder(body: dict) -> Reply:
+    """Questions the docs cannot answer (and one they can) when asked for them; the docs responder otherwise."""
+    if "do NOT describe" in _last_user_text(body):
+        questions = [PLANTED_UNANSWERABLE, PLANTED_ANSWERABLE, "Can I log in to Quillstack with Okta?"]
+        return Reply(content="\n".join(f"{i}. {q}" for i, q in enumerate(questions, 1)))
+    return docs_responder(body)
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAI]:
+    with FakeOpenAI(negatives_responder, api_key=TEST_KEY) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        monkeypatch.setenv("OPENAI_API_KEY", TEST_KEY)
+        for name, value in {"PROVIDER": "openai", "MODEL": "fake-model", "PRODUCT": "Quillstack"}.items():
+            monkeypatch.setenv(f"FTKIT_{name}", value)
+        yield server
+
+
+def workspace(runner: CliRunner, docs: Path, *stages: str) -> Settings:
+    for args in (["ingest", str(docs)], *([stage] for stage in stages)):
+        result = runner.invoke(app, ["--workspace", "ws", *args])
+        assert result.exit_code == 0, result.output
+    settings = load_settings(workspace=Path("ws"))
+    with Store(settings.db_path) as store:
+        update_index(store, settings)
+    return settings
+
+
+def test_calibration_separates_off_topic_from_the_workspace_questions(
+    runner: CliRunner, fake: FakeOpenAI
+) -> None:
+    settings = workspace(runner, SAMPLE_DOCS, "generate-questions")
+
+    with Store(settings.db_path) as store:
+        report = calibrate(store, settings)
+        state = index_state(store)
+        retriever = Retriever.open(store, settings)
+        off_topic = [relevance(retriever.search(q)) for q in OFF_TOPIC]
+        planted = relevance(retriever.search(PLANTED_UNANSWERABLE))
+
+    assert report.threshold is not None and report.reason is None
+    assert state is not None and state.threshold == pytest.approx(report.threshold)
+    assert report.n_positives >= 10 and report.n_off_topic == len(OFF_TOPIC)
+    assert report.dropped.get("its top hit holds every key term", 0) >= 1  # the planted answerable one
+    assert report.n_generated == 3 and report.n_generated_kept <= 2
+    assert sum(score < report.threshold for score in off_topic) / len(off_topic) >= 0.8
+    assert planted < report.threshold
+    assert report.answerable_refused is not None and report.answerable_refused <= 0.2
+    assert report.unanswerable_refused is not None and report.unanswerable_refused >= 0.8
+
+
+def test_a_second_calibration_asks_the_model_nothing(runner: CliRunner, fake: FakeOpenAI) -> None:
+    settings = workspace(runner, SAMPLE_DOCS, "generate-questions")
+    with Store(settings.db_path) as store:
+        first = calibrate(store, settings)
+        asked = len(fake.requests)
+        second = calibrate(store, settings)
+
+    assert len(fake.requests) == asked
+    assert second.threshold == first.threshold
+
+
+def test_too_few_positives_stores_no_threshold(runner: CliRunner, fake: FakeOpenAI) -> None:
+    settings = workspace(runner, TINY_DOCS)  # indexed, but no generated questions
+
+    with Store(settings.db_path) as store:
+        report = calibrate(store, settings)
+        state = index_state(store)
+
+    assert report.threshold is None
+    assert report.reason is not None and "ftkit generate-questions" in report.reason
+    assert state is None or state.threshold is None
+    assert fake.requests == []  # no negatives were asked for
+
+
+def test_a_failed_generation_still_calibrates_on_the_built_in_questions(
+    runner: CliRunner, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = workspace(runner, SAMPLE_DOCS, "generate-questions")
+    fake.responder = lambda body: Reply(status=400, content="model overloaded")
+
+    with Store(settings.db_path) as store:
+        report = calibrate(store, settings)
+
+    assert report.generation_error is not None
+    assert report.n_generated == 0 and report.n_off_topic == len(OFF_TOPIC)
+    assert report.threshold is not None
