@@ -14,7 +14,7 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from difflib import SequenceMatcher
 from typing import Any, Protocol
@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from finetune_kit.config import Settings
 from finetune_kit.errors import ConfigError, LLMError, VagueQueryError
 from finetune_kit.llm.client import ChatRequest, LLMClient
+from finetune_kit.progress import NoProgress, Progress
 from finetune_kit.prompts import load_prompt
 from finetune_kit.retrieval.followup import content_words
 from finetune_kit.retrieval.types import Hit
@@ -38,7 +39,6 @@ GENERATED_NEGATIVES = 20  # asked of the model in one call
 MAX_HEADINGS = 15  # section headings the model is shown, spread over the documents
 NEGATIVES_MAX_TOKENS = 600
 STEM_CHARS = 6  # words are compared by their first characters: "configure" meets "configuration"
-OnProgress = Callable[[int, int], None]  # (questions scored, questions in all)
 
 # Questions no product's docs answer: they keep calibration working when the model writes no usable negative.
 OFF_TOPIC = (
@@ -116,7 +116,7 @@ class Calibration:
         }
 
 
-def calibrate(store: Store, settings: Settings, on_progress: OnProgress | None = None) -> Calibration:
+def calibrate(store: Store, settings: Settings, on_progress: Progress | None = None) -> Calibration:
     """Measure the workspace's threshold and store it with the index (nothing with too few questions)."""
     from finetune_kit.retrieval.search import Retriever
 
@@ -124,7 +124,7 @@ def calibrate(store: Store, settings: Settings, on_progress: OnProgress | None =
 
 
 def calibrate_with(
-    store: Store, settings: Settings, retriever: Searcher, on_progress: OnProgress | None = None
+    store: Store, settings: Settings, retriever: Searcher, on_progress: Progress | None = None
 ) -> Calibration:
     """`calibrate` through a given retriever."""
     from finetune_kit.retrieval.index import set_threshold
@@ -139,9 +139,14 @@ def calibrate_with(
         )
         return report
     generated = _generated_negatives(store, settings, report)
-    scored = _Scorer(retriever, on_progress, len(positives) + len(OFF_TOPIC) + len(generated))
-    positive_scores = scored.positives(positives, report)
-    negative_scores = scored.negatives(settings, positives, generated, report)
+    progress = on_progress or NoProgress()
+    progress.start("calibrate", len(positives) + len(OFF_TOPIC) + len(generated))
+    try:
+        scored = _Scorer(retriever, progress)
+        positive_scores = scored.positives(positives, report)
+        negative_scores = scored.negatives(settings, positives, generated, report)
+    finally:
+        progress.finish()
     report.n_positives, report.n_negatives = len(positive_scores), len(negative_scores)
     if report.n_negatives < MIN_NEGATIVES or report.n_positives < MIN_POSITIVES:
         report.reason = (
@@ -281,9 +286,7 @@ class _Scorer:
     """Scores calibration questions with the relevance the gate compares, reporting progress."""
 
     retriever: Searcher
-    on_progress: OnProgress | None
-    total: int
-    done: int = 0
+    progress: Progress
 
     def score(self, question: str) -> tuple[list[Hit], float | None]:
         """The hits and relevance of one question; None for a query too vague to search (refused anyway)."""
@@ -293,9 +296,7 @@ class _Scorer:
             hits = self.retriever.search(question)
         except VagueQueryError:
             hits = None
-        self.done += 1
-        if self.on_progress is not None:
-            self.on_progress(self.done, self.total)
+        self.progress.advance()
         return (hits or [], relevance(hits) if hits is not None else None)
 
     def positives(self, questions: Sequence[Labelled], report: Calibration) -> list[float]:
