@@ -61,18 +61,25 @@ def held_out(
 ) -> None:
     """Print the share of each held-out kind refused at `threshold`."""
     retriever = Retriever.open(store, settings)
-    kinds: dict[str, list[float]] = defaultdict(list)
-    for path, default_kind in ((answerable, "answerable"), (unanswerable, "unanswerable")):
+    kinds: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    for path in (answerable, unanswerable):
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 item = json.loads(line)
-                kinds[item.get("kind", default_kind)].append(relevance(retriever.search(item["question"])))
+                kind = item.get("kind") or ("answerable" if item.get("answerable", True) else "unanswerable")
+                kinds[kind].append((relevance(retriever.search(item["question"])), item["question"]))
     print(f"held-out questions at threshold {threshold:.4f}:")
-    for kind, scores in kinds.items():
-        refused = sum(score < threshold for score in scores)
-        low, high = min(scores), max(scores)
-        print(f"  {kind:13} refused {refused:3d}/{len(scores):3d} = {refused / len(scores):6.1%}", end="")
+    for kind, scored in sorted(kinds.items()):
+        refused = [question for score, question in scored if score < threshold]
+        low, high = min(scored)[0], max(scored)[0]
+        print(
+            f"  {kind:13} refused {len(refused):3d}/{len(scored):3d} = {len(refused) / len(scored):6.1%}",
+            end="",
+        )
         print(f"   relevance {low:.3f}–{high:.3f}")
+        wrong = refused if kind == "answerable" else [q for s, q in scored if s >= threshold]
+        for score, question in sorted((s, q) for s, q in scored if q in wrong):
+            print(f"      {'refused' if kind == 'answerable' else 'answered'} {score:.3f} {question}")
 
 
 def provider(model: str) -> dict[str, str]:

@@ -19,28 +19,9 @@ from finetune_kit.retrieval.calibrate import (
 )
 from finetune_kit.retrieval.index import index_state, update_index
 from finetune_kit.retrieval.search import Retriever, relevance
-from finetune_kit.retrieval.types import Hit
 from finetune_kit.store import Store
 from tests.conftest import SAMPLE_DOCS, TEST_KEY, TINY_DOCS
 from tests.fake_openai import FakeOpenAI, Reply, _last_user_text, docs_responder
-
-
-def hit(text: str, heading: str = "Guide > Keys", title: str = "Guide") -> Hit:
-    return Hit(
-        rank=1,
-        score=0.03,
-        chunk_id="c1:x",
-        path="guide.md",
-        heading=heading,
-        url="file:guide.md",
-        title=title,
-        text=text,
-        snippet=text[:40],
-        dense_score=0.5,
-        lexical_score=1.0,
-        dense_rank=1,
-        lexical_rank=1,
-    )
 
 
 SETTINGS = load_settings(product="Quillstack")
@@ -75,37 +56,28 @@ def test_balanced_accuracy_weighs_both_sides_alike() -> None:
 def test_key_terms_leave_out_the_product_and_generic_words() -> None:
     assert key_terms("Does Quillstack support single sign-on with Okta?", "Quillstack") == {
         "single",
-        "sign-o",
+        "sign-on",
         "okta",
     }
-    assert key_terms("How can I use it?", "Quillstack") == set()
+    assert key_terms("What does the documentation say about it?", "Quillstack") == set()
+
+
+DOCS_WORDS = {"flag", "cache", "configure", "sdk", "key", "python"}
 
 
 @pytest.mark.parametrize(
-    ("question", "top_text", "reason"),
+    ("question", "reason"),
     [
-        ("How do I connect Quillstack to Salesforce?", "Connect the SDK with an SDK key.", None),
-        (
-            "How do I configure the flag cache?",
-            "The cache holds flag values; configuration is in ftkit.toml.",
-            "its top hit holds every key term",
-        ),
-        ("How can I use it?", "anything", "no key terms"),
-        (
-            "What does the documentation say about the Python SDK?",
-            "anything",
-            "near duplicate of a workspace question",
-        ),
+        ("How do I connect Quillstack to Salesforce?", None),  # the docs never say Salesforce
+        ("How do I configure the flag cache?", "the docs use every key term"),
+        ("How can I use it?", "no key terms"),
+        ("What does the documentation say about the Python SDK?", "near duplicate of a workspace question"),
     ],
 )
-def test_generated_negatives_are_checked(question: str, top_text: str, reason: str | None) -> None:
+def test_generated_negatives_are_checked(question: str, reason: str | None) -> None:
     positives = ["What does the documentation say about Python SDK?"]
 
-    assert why_not_a_negative(question, [hit(top_text)], positives, SETTINGS) == reason
-
-
-def test_a_negative_with_no_hit_stands() -> None:
-    assert why_not_a_negative("Is there a Quillstack app for Android?", [], [], SETTINGS) is None
+    assert why_not_a_negative(question, positives, SETTINGS, DOCS_WORDS.__contains__) == reason
 
 
 def test_negatives_parsed_from_a_rambling_list() -> None:
@@ -188,8 +160,8 @@ def test_calibration_separates_off_topic_from_the_workspace_questions(
     assert report.threshold is not None and report.reason is None
     assert state is not None and state.threshold == pytest.approx(report.threshold)
     assert report.n_positives >= 10 and report.n_off_topic == len(OFF_TOPIC)
-    assert report.dropped.get("its top hit holds every key term", 0) >= 1  # the planted answerable one
-    assert report.n_generated == 3 and report.n_generated_kept <= 2
+    assert report.dropped == {"the docs use every key term": 1}  # the planted answerable one
+    assert (report.n_generated, report.n_generated_kept) == (3, 2)
     assert sum(score < report.threshold for score in off_topic) / len(off_topic) >= 0.8
     assert planted < report.threshold
     assert report.answerable_refused is not None and report.answerable_refused <= 0.2

@@ -9,12 +9,13 @@ below the threshold, and the threshold kept is the one with the best balanced ac
 """
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from difflib import SequenceMatcher
 from typing import Any, Protocol
@@ -38,7 +39,7 @@ MAX_POSITIVES = 300  # a sample is enough to place a threshold; scoring every qu
 GENERATED_NEGATIVES = 20  # asked of the model in one call
 MAX_HEADINGS = 15  # section headings the model is shown, spread over the documents
 NEGATIVES_MAX_TOKENS = 600
-STEM_CHARS = 6  # words are compared by their first characters: "configure" meets "configuration"
+DocsHave = Callable[[str], bool]  # whether the indexed docs use a word (in any of its forms)
 
 # Questions no product's docs answer: they keep calibration working when the model writes no usable negative.
 OFF_TOPIC = (
@@ -46,11 +47,11 @@ OFF_TOPIC = (
     "Will it rain in London this weekend?",
     "How long should I boil an egg for a soft yolk?",
     "What is a good recipe for banana bread?",
-    "How do I make a sourdough starter from scratch?",
+    "How do I make a risotto without it turning sticky?",
     "Which wine goes well with grilled salmon?",
     "Who won the football World Cup in 2018?",
     "How many players are on a basketball team?",
-    "What is the capital city of Australia?",
+    "What is the longest river in Africa?",
     "How tall is Mount Everest?",
     "How do I make a pivot table in Microsoft Excel?",
     "How do I remove the background of a photo in Photoshop?",
@@ -70,7 +71,8 @@ OFF_TOPIC = (
 # Words in every support question: a negative is not "about" these, so they are no evidence of an answer.
 _GENERIC_TEXT = (
     "use using used get set make way ways feature features support supported possible product docs"
-    " documentation work works working need want able there option options"
+    " documentation work works working need want able there option options say says tell know details detail"
+    " given explain describe described mean means happen happens user users"
 )
 _GENERIC = frozenset(_GENERIC_TEXT.split())
 
@@ -144,7 +146,7 @@ def calibrate_with(
     try:
         scored = _Scorer(retriever, progress)
         positive_scores = scored.positives(positives, report)
-        negative_scores = scored.negatives(settings, positives, generated, report)
+        negative_scores = scored.negatives(settings, positives, generated, docs_vocabulary(store), report)
     finally:
         progress.finish()
     report.n_positives, report.n_negatives = len(positive_scores), len(negative_scores)
@@ -216,13 +218,14 @@ def parse_negatives(output: str, settings: Settings, truncated: bool = False) ->
 
 
 def why_not_a_negative(
-    question: str, hits: Sequence[Hit], positives: Sequence[str], settings: Settings
+    question: str, positives: Sequence[str], settings: Settings, docs_have: DocsHave
 ) -> str | None:
     """Why a generated negative may be answerable after all, or None when it may stand.
 
-    Dropped: a near duplicate of a workspace question (normalised text at least near_duplicate_threshold
-    alike), a question with no key terms (its content words, less the product's name and words every support
-    question has), and one whose top hit holds every key term (compared by their first STEM_CHARS letters).
+    Dropped: a near duplicate of a workspace question (normalised texts at least near_duplicate_threshold
+    alike), a question with no key terms (its content words, less the product's name and the words every
+    support question has), and one whose key terms all occur in the docs: a question is kept as unanswerable
+    only when it names something the docs never mention (Salesforce, SAML, an Android app).
     """
     norm = _normalised(question)
     if any(
@@ -234,15 +237,27 @@ def why_not_a_negative(
     terms = key_terms(question, settings.product)
     if not terms:
         return "no key terms"
-    if hits and terms <= _stems(f"{hits[0].title} {hits[0].heading} {hits[0].text}"):
-        return "its top hit holds every key term"
+    if all(docs_have(term) for term in terms):
+        return "the docs use every key term"
     return None
 
 
 def key_terms(question: str, product: str) -> set[str]:
-    """The stems of a question's words that say what it is about."""
+    """The words of a question that say what it is about."""
     words = content_words(question) - content_words(product) - _GENERIC
-    return {word[:STEM_CHARS] for word in words if len(word) > 2}
+    return {word for word in words if len(word) > 2}
+
+
+def docs_vocabulary(store: Store) -> DocsHave:
+    """Whether the index's text (titles, headings, chunks; stemmed by FTS5) holds a word."""
+    from finetune_kit.retrieval.search import fts_query
+
+    @functools.cache
+    def docs_have(word: str) -> bool:
+        query = "SELECT 1 FROM chunks_fts WHERE chunks_fts MATCH ? LIMIT 1"
+        return store.scalar(query, (fts_query([word]),)) is not None
+
+    return docs_have
 
 
 @dataclass(frozen=True)
@@ -310,18 +325,27 @@ class _Scorer:
         return scores
 
     def negatives(
-        self, settings: Settings, positives: Sequence[Labelled], generated: Sequence[str], report: Calibration
+        self,
+        settings: Settings,
+        positives: Sequence[Labelled],
+        generated: Sequence[str],
+        docs_have: DocsHave,
+        report: Calibration,
     ) -> list[float]:
         """The relevance of each unanswerable question; generated ones that may be answerable are dropped."""
         dropped: Counter[str] = Counter()
         scores = []
         texts = [p.text for p in positives]
         for question in [*OFF_TOPIC, *generated]:
-            hits, score = self.score(question)
             built_in = question in OFF_TOPIC
-            reason = None if built_in else why_not_a_negative(question, hits, texts, settings)
-            if score is None or reason is not None:
-                dropped[reason or "too vague to search"] += 1
+            reason = None if built_in else why_not_a_negative(question, texts, settings, docs_have)
+            if reason is not None:
+                self.progress.advance()
+                dropped[reason] += 1
+                continue
+            score = self.score(question)[1]
+            if score is None:
+                dropped["too vague to search"] += 1
                 continue
             report.n_off_topic += built_in
             report.n_generated_kept += not built_in
@@ -371,10 +395,6 @@ def _interleave(lists: list[list[str]]) -> list[list[str]]:
                 rounds.append([])
             rounds[i].append(item)
     return rounds
-
-
-def _stems(text: str) -> set[str]:
-    return {word[:STEM_CHARS] for word in content_words(text)}
 
 
 def _normalised(text: str) -> str:

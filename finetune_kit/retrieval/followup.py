@@ -29,7 +29,7 @@ _PROMPT_ECHO = ("conversation with a user", "follow-up message", "standalone que
 _STOP_WORDS_TEXT = (
     "a an and are as at be can could do does for from has have how i in is it its me my of on or should that"
     " the their them there these this those to was we what when where which who why will with would you your"
-    " yes no ok okay please thanks thank"
+    " yes no ok okay please thanks thank about any all some into also than then if so not but by just only"
 )
 _STOP_WORDS = frozenset(_STOP_WORDS_TEXT.split())
 
