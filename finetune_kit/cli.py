@@ -559,22 +559,23 @@ def index(
     with _progress() as bar:
         report = run_index(settings, rebuild, RichProgress(bar))
     _say_index(report)
-    if calibrate:
-        _calibrate(settings)
+    _calibrate(settings, again=calibrate)
 
 
-def _calibrate(settings: Settings) -> None:
-    """`ftkit index --calibrate`: the threshold calibration, where this ftkit has it."""
-    import importlib
-    import importlib.util
+def _calibrate(settings: Settings, again: bool) -> None:
+    """Calibrate the "I don't know" threshold (`--calibrate`, or an index not calibrated yet) and say both rates."""
+    from finetune_kit.render import RichProgress
+    from finetune_kit.retrieval.calibrate import calibrate_workspace
 
-    if importlib.util.find_spec("finetune_kit.retrieval.calibrate") is None:
-        raise FtkitError(
-            "--calibrate: this ftkit has no threshold calibration yet — set [retrieval] threshold"
-        )
-    result = importlib.import_module("finetune_kit.retrieval.calibrate").calibrate(settings)
+    with _progress() as bar, _warnings_on_stderr("finetune_kit.retrieval.calibrate"):
+        result = calibrate_workspace(settings, RichProgress(bar), only_if_uncalibrated=not again)
     if result is not None:
-        _say(str(result))
+        (_say if result.threshold is not None else _note)(result.line())
+
+
+def _note(line: str) -> None:
+    """One plain line on stderr."""
+    err.print(line, markup=False, emoji=False)
 
 
 @app.command()

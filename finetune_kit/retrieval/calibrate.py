@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from difflib import SequenceMatcher
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from finetune_kit.config import Settings
 from finetune_kit.errors import ConfigError, LLMError, VagueQueryError
@@ -29,6 +29,10 @@ from finetune_kit.retrieval.followup import content_words
 from finetune_kit.retrieval.types import Hit
 from finetune_kit.stages.questions import select_questions
 from finetune_kit.store import Store, utc_now
+from finetune_kit.workspace_lock import writer_lock
+
+if TYPE_CHECKING:
+    from finetune_kit.retrieval.index import EmbedderFactory
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,8 @@ class Calibration:
     balanced_accuracy: float | None = None
     answerable_refused: float | None = None  # share of positives whose relevance is below the threshold
     unanswerable_refused: float | None = None  # share of negatives whose relevance is below the threshold
+    n_answerable_refused: int = 0
+    n_unanswerable_refused: int = 0
     n_positives: int = 0
     n_negatives: int = 0
     n_off_topic: int = 0  # of the negatives, from the built-in list
@@ -111,6 +117,18 @@ class Calibration:
     generation_error: str | None = None  # why the model wrote no negatives, when it failed
     reason: str | None = None  # why no threshold was stored
 
+    def line(self) -> str:
+        """What the calibration found, in one line for the terminal."""
+        if self.threshold is None:
+            return f'"I don\'t know" threshold not calibrated: {self.reason}'
+        return (
+            f'"I don\'t know" threshold {self.threshold:.3f} (balanced accuracy {self.balanced_accuracy:.2f}):'
+            f" answerable refused {self.answerable_refused:.0%} ({self.n_answerable_refused}/{self.n_positives}),"
+            f" unanswerable refused {self.unanswerable_refused:.0%}"
+            f" ({self.n_unanswerable_refused}/{self.n_negatives}: {self.n_off_topic} off-topic,"
+            f" {self.n_generated_kept} of {self.n_generated} generated kept)"
+        )
+
     def stats(self) -> dict[str, Any]:
         """What is stored beside the threshold (index_state's calibration stats)."""
         return {key: value for key, value in asdict(self).items() if key != "threshold"} | {
@@ -118,11 +136,39 @@ class Calibration:
         }
 
 
-def calibrate(store: Store, settings: Settings, on_progress: Progress | None = None) -> Calibration:
+def calibrate(
+    store: Store,
+    settings: Settings,
+    on_progress: Progress | None = None,
+    open_embedder: "EmbedderFactory | None" = None,
+) -> Calibration:
     """Measure the workspace's threshold and store it with the index (nothing with too few questions)."""
     from finetune_kit.retrieval.search import Retriever
 
-    return calibrate_with(store, settings, Retriever.open(store, settings), on_progress)
+    if (n_positives := len(positive_questions(store))) < MIN_POSITIVES:
+        return _too_few_positives(n_positives)  # before loading an embedder or starting a model
+    return calibrate_with(store, settings, Retriever.open(store, settings, open_embedder), on_progress)
+
+
+def calibrate_workspace(
+    settings: Settings, on_progress: Progress | None = None, only_if_uncalibrated: bool = False
+) -> Calibration | None:
+    """`ftkit index --calibrate` (and, uncalibrated, after `ftkit index`): calibrate as the workspace's writer.
+
+    With `only_if_uncalibrated`, nothing is done (None) once a threshold is stored or set.
+    """
+    with writer_lock(settings.workspace, "index --calibrate"), Store(settings.db_path) as store:
+        if only_if_uncalibrated and not uncalibrated(store, settings):
+            return None
+        return calibrate(store, settings, on_progress)
+
+
+def uncalibrated(store: Store, settings: Settings) -> bool:
+    """True when neither the setting nor the index holds a threshold."""
+    from finetune_kit.retrieval.index import index_state
+
+    state = index_state(store)
+    return settings.retrieval.threshold is None and (state is None or state.threshold is None)
 
 
 def calibrate_with(
@@ -134,12 +180,7 @@ def calibrate_with(
     report = Calibration()
     positives = positive_questions(store)
     if len(positives) < MIN_POSITIVES:
-        report.n_positives = len(positives)
-        report.reason = (
-            f"only {len(positives)} generated questions (calibration needs {MIN_POSITIVES})"
-            " — run `ftkit generate-questions`, then `ftkit index --calibrate`"
-        )
-        return report
+        return _too_few_positives(len(positives))
     generated = _generated_negatives(store, settings, report)
     progress = on_progress or NoProgress()
     progress.start("calibrate", len(positives) + len(OFF_TOPIC) + len(generated))
@@ -165,6 +206,14 @@ def calibrate_with(
     set_threshold(store, choice.threshold, report.stats())
     log.info("calibrated threshold %.4f: %s", choice.threshold, json.dumps(report.stats()))
     return report
+
+
+def _too_few_positives(n: int) -> Calibration:
+    reason = (
+        f"only {n} generated questions (calibration needs {MIN_POSITIVES})"
+        " — run `ftkit generate-questions`, then `ftkit index --calibrate`"
+    )
+    return Calibration(n_positives=n, reason=reason)
 
 
 def positive_questions(store: Store, limit: int = MAX_POSITIVES) -> list[Labelled]:
