@@ -1,6 +1,6 @@
 """The "I don't know" gate on a corpus: the calibrated threshold, then refusal rates on held-out questions.
 
-Usage: python bench/idk_gate.py [--docs data/sample-docs] [--product Quillstack] [--model fake|local]
+Usage: python bench/idk_gate.py [--docs data/sample-docs] [--product Quillstack] [--model fake|local] [--lexical]
     [--answerable tests/fixtures/retrieval-questions.jsonl] [--unanswerable tests/fixtures/unanswerable-questions.jsonl]
 
 In a fresh workspace it ingests --docs, generates questions (--model fake: the deterministic fake of the tests,
@@ -25,10 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from finetune_kit.config import Settings, load_settings  # noqa: E402
-from finetune_kit.pipeline import run_generate_questions, run_ingest  # noqa: E402
+from finetune_kit.errors import ExtraMissingError  # noqa: E402
+from finetune_kit.pipeline import run_generate_questions  # noqa: E402
 from finetune_kit.retrieval.calibrate import calibrate  # noqa: E402
 from finetune_kit.retrieval.index import update_index  # noqa: E402
 from finetune_kit.retrieval.search import Retriever, relevance  # noqa: E402
+from finetune_kit.retrieval.types import Embedder  # noqa: E402
+from finetune_kit.stages.ingest import ingest  # noqa: E402
 from finetune_kit.store import Store  # noqa: E402
 
 
@@ -37,6 +40,9 @@ def main() -> None:
     parser.add_argument("--docs", type=Path, default=REPO / "data" / "sample-docs")
     parser.add_argument("--product", default="Quillstack")
     parser.add_argument("--model", choices=("fake", "local"), default="fake")
+    parser.add_argument(
+        "--lexical", action="store_true", help="index without vectors: the gate compares the best BM25 score"
+    )
     parser.add_argument("--answerable", type=Path, default=REPO / "tests/fixtures/retrieval-questions.jsonl")
     parser.add_argument(
         "--unanswerable", type=Path, default=REPO / "tests/fixtures/unanswerable-questions.jsonl"
@@ -45,11 +51,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, endpoint(args.model):
         settings = load_settings(workspace=Path(tmp) / "ws", product=args.product, **provider(args.model))
         started = time.perf_counter()
-        run_ingest(settings, [str(args.docs)])
+        factory = lexical_only if args.lexical else None
+        with Store(settings.db_path) as store:
+            ingest(store, settings, [str(args.docs)], open_embedder=factory)
         run_generate_questions(settings)
         with Store(settings.db_path) as store:
-            update_index(store, settings)
-            report = calibrate(store, settings)
+            update_index(store, settings, open_embedder=factory)
+            report = calibrate(store, settings, open_embedder=factory)
             print(f"calibration ({time.perf_counter() - started:.1f} s with ingest and questions):")
             print(json.dumps({"threshold": report.threshold} | report.stats(), indent=2))
             if report.threshold is not None:
@@ -80,6 +88,10 @@ def held_out(
         wrong = refused if kind == "answerable" else [q for s, q in scored if s >= threshold]
         for score, question in sorted((s, q) for s, q in scored if q in wrong):
             print(f"      {'refused' if kind == 'answerable' else 'answered'} {score:.3f} {question}")
+
+
+def lexical_only(settings: Settings) -> Embedder:
+    raise ExtraMissingError("--lexical: no embedder")
 
 
 def provider(model: str) -> dict[str, str]:

@@ -95,6 +95,15 @@ def test_negatives_parsed_from_a_rambling_list() -> None:
     ]
 
 
+def test_the_first_item_may_lack_its_number() -> None:
+    output = "Does Quillstack integrate with Zapier?\n2. Is there a Quillstack app for Android?\n3. Can I export"
+
+    assert parse_negatives(output, SETTINGS) == [
+        "Does Quillstack integrate with Zapier?",
+        "Is there a Quillstack app for Android?",
+    ]
+
+
 def test_stats_hold_both_rates_and_the_counts() -> None:
     report = Calibration(
         threshold=0.3,

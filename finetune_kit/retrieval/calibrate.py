@@ -27,7 +27,6 @@ from finetune_kit.progress import NoProgress, Progress
 from finetune_kit.prompts import load_prompt
 from finetune_kit.retrieval.followup import content_words
 from finetune_kit.retrieval.types import Hit
-from finetune_kit.stages.questions import select_questions
 from finetune_kit.store import Store, utc_now
 from finetune_kit.workspace_lock import writer_lock
 
@@ -43,6 +42,9 @@ MAX_POSITIVES = 300  # a sample is enough to place a threshold; scoring every qu
 GENERATED_NEGATIVES = 20  # asked of the model in one call
 MAX_HEADINGS = 15  # section headings the model is shown, spread over the documents
 NEGATIVES_MAX_TOKENS = 600
+MIN_WORDS, MAX_WORDS = 3, 40  # a generated question's length
+_LIST_ITEM = re.compile(r"^\s*(?:\d{1,2}\s*[.):]|[-*•+])\s*(.+?)\s*$")
+_QUOTES = re.compile(r"^[\s\"'“”*_`]+|[\s\"'“”*_`]+$")
 DocsHave = Callable[[str], bool]  # whether the indexed docs use a word (in any of its forms)
 
 # Questions no product's docs answer: they keep calibration working when the model writes no usable negative.
@@ -258,12 +260,22 @@ def negatives_request(settings: Settings, headings: Sequence[str]) -> ChatReques
     )
 
 
-def parse_negatives(output: str, settings: Settings, truncated: bool = False) -> list[str]:
-    """The distinct, well-formed questions of the model's list."""
-    judged = select_questions(
-        output, GENERATED_NEGATIVES, [], settings.near_duplicate_threshold, truncated=truncated
-    )
-    return [candidate.text for candidate in judged if candidate.accepted]
+def parse_negatives(output: str, settings: Settings) -> list[str]:
+    """The distinct questions of the model's list (its first item may lack the "1." the prompt ended with)."""
+    kept: list[str] = []
+    for n, line in enumerate(output.splitlines()):
+        item = _LIST_ITEM.match(line)
+        text = _QUOTES.sub("", item.group(1) if item else line if n == 0 else "")
+        words = len(text.split())
+        if not text.endswith("?") or text.count("?") > 1 or not MIN_WORDS <= words <= MAX_WORDS:
+            continue  # prose around the list, a fragment cut off by max_tokens, a rambling paragraph
+        if not any(_alike(text, other, settings.near_duplicate_threshold) for other in kept):
+            kept.append(text)
+    return kept[:GENERATED_NEGATIVES]
+
+
+def _alike(a: str, b: str, threshold: float) -> bool:
+    return SequenceMatcher(None, _normalised(a), _normalised(b), autojunk=False).ratio() >= threshold
 
 
 def why_not_a_negative(
@@ -432,7 +444,7 @@ async def _ask_for_negatives(store: Store, settings: Settings, headings: list[st
             result = await client.chat(negatives_request(settings, headings))
         finally:
             await client.close()
-    return parse_negatives(result.content, settings, truncated=result.finish_reason == "length")
+    return parse_negatives(result.content, settings)
 
 
 def _interleave(lists: list[list[str]]) -> list[list[str]]:

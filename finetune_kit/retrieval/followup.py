@@ -13,6 +13,7 @@ from typing import Protocol
 from finetune_kit.config import Settings
 from finetune_kit.llm.client import ChatRequest, LLMClient
 from finetune_kit.prompts import PromptTemplate, load_prompt
+from finetune_kit.retrieval.search import STOP_WORDS
 from finetune_kit.store import Store
 
 STAGE = "condense-question"
@@ -26,12 +27,7 @@ _LIST_MARKER = re.compile(r"^\s*(?:\d{1,2}\s*[.):]|[-*•+])\s+")
 _DECORATION = re.compile(r"^[\s\"'“”*_`>#-]+|[\s\"'“”*_`]+$")
 _WORD = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _PROMPT_ECHO = ("conversation with a user", "follow-up message", "standalone question", "reply with")
-_STOP_WORDS_TEXT = (
-    "a an and are as at be can could do does for from has have how i in is it its me my of on or should that"
-    " the their them there these this those to was we what when where which who why will with would you your"
-    " yes no ok okay please thanks thank about any all some into also than then if so not but by just only"
-)
-_STOP_WORDS = frozenset(_STOP_WORDS_TEXT.split())
+_STOP_WORDS = STOP_WORDS | {"ok", "okay", "yes", "no"}  # search's stop words, and the replies of a chat
 
 
 class Message(Protocol):
