@@ -96,7 +96,9 @@ def test_negatives_parsed_from_a_rambling_list() -> None:
 
 
 def test_the_first_item_may_lack_its_number() -> None:
-    output = "Does Quillstack integrate with Zapier?\n2. Is there a Quillstack app for Android?\n3. Can I export"
+    output = (
+        "Does Quillstack integrate with Zapier?\n2. Is there a Quillstack app for Android?\n3. Can I export"
+    )
 
     assert parse_negatives(output, SETTINGS) == [
         "Does Quillstack integrate with Zapier?",
@@ -180,6 +182,12 @@ def test_calibration_separates_off_topic_from_the_workspace_questions(
     assert sum(score < report.threshold for score in off_topic) / len(off_topic) >= 0.8
     assert report.answerable_refused is not None and report.answerable_refused <= 0.2
     assert report.unanswerable_refused is not None and report.unanswerable_refused >= 0.8
+    assert report.n_answerable_refused == round(report.answerable_refused * report.n_positives)
+    assert report.n_unanswerable_refused == round(report.unanswerable_refused * report.n_negatives)
+    assert state.calibration is not None and state.calibration["n_positives"] == report.n_positives
+    assert f"({report.n_unanswerable_refused}/{report.n_negatives}: 24 off-topic, 2 of 3 generated kept)" in (
+        report.line()
+    )
 
 
 def test_a_second_calibration_asks_the_model_nothing(fake: FakeOpenAI) -> None:

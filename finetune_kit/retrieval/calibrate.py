@@ -205,6 +205,8 @@ def calibrate_with(
         choice.positives_refused,
         choice.negatives_refused,
     )
+    report.n_answerable_refused = sum(score < choice.threshold for score in positive_scores)
+    report.n_unanswerable_refused = sum(score < choice.threshold for score in negative_scores)
     set_threshold(store, choice.threshold, report.stats())
     log.info("calibrated threshold %.4f: %s", choice.threshold, json.dumps(report.stats()))
     return report
