@@ -539,7 +539,8 @@ def index(
     calibrate: Annotated[
         bool,
         typer.Option(
-            "--calibrate", help='Then calibrate the "I don\'t know" threshold and store it with the index.'
+            "--calibrate",
+            help='Calibrate the "I don\'t know" threshold again (an index without one is calibrated anyway).',
         ),
     ] = False,
 ) -> None:
@@ -551,6 +552,11 @@ def index(
     file only its changed chunks, and retired chunks leave the index. ingest and run keep the index current by
     themselves. An index built with another embedding_model is refused until --rebuild; without a local embedder
     installed the index is lexical only (said on stderr, with the extra to install).
+
+    An index with no "I don't know" threshold yet is then calibrated once the workspace has 10 generated
+    questions: they are the answerable side, built-in off-topic questions and model-written ones the docs
+    never mention (one cached call) the other; the threshold with the best balanced accuracy is stored with the
+    index and both refusal rates are printed. [retrieval] threshold overrides it.
     """
     from finetune_kit.pipeline import run_index
     from finetune_kit.render import RichProgress

@@ -26,6 +26,8 @@ from finetune_kit.store import Store
 from tests.conftest import SAMPLE_DOCS, TEST_KEY
 from tests.fake_openai import FakeOpenAI, Reply, _last_user_text, docs_responder
 
+pytest.importorskip("finetune_kit.retrieval.answer", reason="ftkit chat answers through retrieval/answer.py")
+
 FIRST = "How do I archive a flag?"
 FOLLOW_UP = "and can I bring it back later?"
 CONDENSED = "Can I bring back an archived flag later?"
