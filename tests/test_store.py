@@ -16,37 +16,49 @@ def test_fresh_database_records_every_migration(tmp_path: Path) -> None:
         assert migration_names(store) == [name for name, _ in MIGRATIONS]
 
 
+# the retrieval index (0012): its own tables and the shadow tables SQLite keeps for the FTS5 table
+INDEX_TABLES = {"index_chunks", "index_windows", "embeddings", "index_meta", "chunks_fts"} | {
+    f"chunks_fts_{part}" for part in ("config", "content", "data", "docsize", "idx")
+}
+
+
 def test_fresh_database_has_the_tables(tmp_path: Path) -> None:
     with Store(tmp_path / "state.db") as store:
         tables = {row[0] for row in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
-    assert tables == {
-        "migrations",
-        "runs",
-        "sources",
-        "documents",
-        "skipped_files",
-        "chunks",
-        "question_sets",
-        "questions",
-        "answers",
-        "llm_calls",
-        "batches",
-        "batch_requests",
-        "slack_events",
-        "slack_answers",
-        "slack_replies",
-        "slack_feedback",
-        "training_files",
-        "jobs",
-        "job_events",
-        "job_metrics",
-        "finetuned_models",
-        "web_pages",
-        "local_jobs",
-        "local_job_events",
-        "work_origins",
-    }
+    assert (
+        tables
+        == {
+            "migrations",
+            "runs",
+            "sources",
+            "documents",
+            "skipped_files",
+            "chunks",
+            "question_sets",
+            "questions",
+            "answers",
+            "llm_calls",
+            "batches",
+            "batch_requests",
+            "slack_events",
+            "slack_answers",
+            "slack_replies",
+            "slack_feedback",
+            "training_files",
+            "jobs",
+            "job_events",
+            "job_metrics",
+            "finetuned_models",
+            "web_pages",
+            "local_jobs",
+            "local_job_events",
+            "work_origins",
+            "conversations",
+            "conversation_turns",
+        }
+        | INDEX_TABLES
+    )
 
 
 def test_store_creates_missing_parent_folders(tmp_path: Path) -> None:
