@@ -5,6 +5,7 @@ import copy
 import logging
 import os
 import signal
+import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from finetune_kit.config import (
 from finetune_kit.errors import FtkitError
 
 if TYPE_CHECKING:
+    from finetune_kit.chat import ChatEvent
     from finetune_kit.training import TrainingOutcome
 
 out = Console(highlight=False, soft_wrap=True)
@@ -546,7 +548,8 @@ def index(
     calibrate: Annotated[
         bool,
         typer.Option(
-            "--calibrate", help='Then calibrate the "I don\'t know" threshold and store it with the index.'
+            "--calibrate",
+            help='Calibrate the "I don\'t know" threshold again (an index without one is calibrated anyway).',
         ),
     ] = False,
 ) -> None:
@@ -558,6 +561,11 @@ def index(
     file only its changed chunks, and retired chunks leave the index. ingest and run keep the index current by
     themselves. An index built with another embedding_model is refused until --rebuild; without a local embedder
     installed the index is lexical only (said on stderr, with the extra to install).
+
+    An index with no "I don't know" threshold yet is then calibrated once the workspace has 10 generated
+    questions: they are the answerable side, built-in off-topic questions and model-written ones the docs
+    never mention (one cached call) the other; the threshold with the best balanced accuracy is stored with the
+    index and both refusal rates are printed. [retrieval] threshold overrides it.
     """
     from finetune_kit.pipeline import run_index
     from finetune_kit.render import RichProgress
@@ -566,22 +574,23 @@ def index(
     with _progress() as bar:
         report = run_index(settings, rebuild, RichProgress(bar))
     _say_index(report)
-    if calibrate:
-        _calibrate(settings)
+    _calibrate(settings, again=calibrate)
 
 
-def _calibrate(settings: Settings) -> None:
-    """`ftkit index --calibrate`: the threshold calibration, where this ftkit has it."""
-    import importlib
-    import importlib.util
+def _calibrate(settings: Settings, again: bool) -> None:
+    """Calibrate the "I don't know" threshold (`--calibrate`, or an index not calibrated yet) and say both rates."""
+    from finetune_kit.render import RichProgress
+    from finetune_kit.retrieval.calibrate import calibrate_workspace
 
-    if importlib.util.find_spec("finetune_kit.retrieval.calibrate") is None:
-        raise FtkitError(
-            "--calibrate: this ftkit has no threshold calibration yet — set [retrieval] threshold"
-        )
-    result = importlib.import_module("finetune_kit.retrieval.calibrate").calibrate(settings)
+    with _progress() as bar, _warnings_on_stderr("finetune_kit.retrieval.calibrate"):
+        result = calibrate_workspace(settings, RichProgress(bar), only_if_uncalibrated=not again)
     if result is not None:
-        _say(str(result))
+        (_say if result.threshold is not None else _note)(result.line())
+
+
+def _note(line: str) -> None:
+    """One plain line on stderr."""
+    err.print(line, markup=False, emoji=False)
 
 
 @app.command()
@@ -1003,6 +1012,61 @@ def ask(
         return
     for line in answer_lines(answer):
         _say(line)
+
+
+@app.command()
+def chat(
+    ctx: typer.Context,
+    session: Annotated[
+        str | None,
+        typer.Option("--session", metavar="NAME", help="Resume the conversation called NAME (or start it)."),
+    ] = None,
+    chat_model: Annotated[
+        str | None,
+        typer.Option("--model", metavar="NAME", help="Model to answer with (default: as `ftkit ask --rag`)."),
+    ] = None,
+) -> None:
+    """Talk with the docs in the terminal: `ftkit ask --rag` with memory kept in the workspace.
+
+    Each message is answered from the retrieved chunks, with the sources it cites; a follow-up ("and how do I
+    rotate it?") is first condensed with the conversation into one standalone question (one cached model call).
+    The conversation is stored in the state database: --session NAME resumes the newest conversation called
+    NAME (and starts it if there is none). Type /new to start a new conversation, /quit (or end of input, Ctrl-D)
+    to end. Answers go to stdout, everything else to stderr.
+    """
+    from finetune_kit.chat import run_chat
+
+    settings = _settings(ctx)
+    if chat_model is None:
+        _settle(settings)
+    conversation = run_chat(settings, _read_chat_line, _show_chat_event, session, chat_model)
+    err.print(f"Resume with: ftkit chat --session {conversation.name}", markup=False, emoji=False)
+
+
+def _read_chat_line() -> str | None:
+    """The next line typed, or None at the end of input; the prompt goes to stderr."""
+    err.print("> ", end="", markup=False)
+    line = sys.stdin.readline()
+    return line if line else None
+
+
+def _show_chat_event(event: "ChatEvent") -> None:
+    """Print one event of `ftkit chat`: the answer and its sources on stdout, the rest on stderr."""
+    from finetune_kit.chat import Answered, NotAnswered, Started
+
+    if isinstance(event, Started):
+        earlier = f", {event.turns} earlier turns" if event.turns else ""
+        line = f"Conversation {event.conversation.name}{earlier} — /new starts another, /quit ends"
+        err.print(line, markup=False, emoji=False)
+    elif isinstance(event, NotAnswered):
+        err.print(f"No answer: {event.reason}", markup=False, emoji=False)
+    elif isinstance(event, Answered):
+        answer = event.answer
+        _say(answer.answer)
+        for source in answer.sources:
+            _say(f"  [{source.n}] {source.heading or source.path} — {source.url}")
+        if answer.cited_nothing and not answer.refused:
+            err.print("(the answer cites no source)", markup=False, emoji=False)
 
 
 @app.command()

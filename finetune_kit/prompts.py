@@ -14,9 +14,11 @@ REQUIRED_PLACEHOLDERS = {
     "answers": {"product", "chunk", "question"},
     "code_answers": {"product", "chunk", "question"},  # the answers template for chunks of source code
     "grounded_answer": {"product", "sources"},  # the system prompt of answers from numbered retrieved chunks
+    "condense": {"product", "history", "message"},  # a follow-up as one standalone question (retrieval)
+    "unanswerable": {"product", "n", "headings"},  # questions the docs cannot answer (IDK calibration)
 }
 # A prompts_dir written before these templates existed lacks them; the bundled one is used then.
-BUNDLED_WHEN_MISSING = {"code_questions", "code_answers", "grounded_answer"}
+BUNDLED_WHEN_MISSING = {"code_questions", "code_answers", "grounded_answer", "condense", "unanswerable"}
 
 logger = logging.getLogger(__name__)
 

@@ -369,6 +369,31 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX slack_answer_chunks_by_chunk ON slack_answer_chunks(chunk_id);
         """,
     ),
+    (
+        # `ftkit chat`: conversations (a name resumes the newest one under it) and their turns, each answer with
+        # the retrieval query it searched and the chunks it was given, so a follow-up has its thread's history
+        "0014_chat_history",
+        """
+        CREATE TABLE conversations (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        );
+        CREATE INDEX conversations_by_name ON conversations(name, id);
+        CREATE TABLE conversation_turns (
+            conversation_id INTEGER NOT NULL REFERENCES conversations(id),
+            seq INTEGER NOT NULL,
+            role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+            text TEXT NOT NULL,
+            query TEXT,
+            model TEXT,
+            refused INTEGER,
+            chunk_ids_json TEXT,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (conversation_id, seq)
+        );
+        """,
+    ),
 ]
 
 

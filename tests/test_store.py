@@ -16,6 +16,12 @@ def test_fresh_database_records_every_migration(tmp_path: Path) -> None:
         assert migration_names(store) == [name for name, _ in MIGRATIONS]
 
 
+# the retrieval index (0012): its own tables and the shadow tables SQLite keeps for the FTS5 table
+INDEX_TABLES = {"index_chunks", "index_windows", "embeddings", "index_meta", "chunks_fts"} | {
+    f"chunks_fts_{part}" for part in ("config", "content", "data", "docsize", "idx")
+}
+
+
 def test_fresh_database_has_the_tables(tmp_path: Path) -> None:
     with Store(tmp_path / "state.db") as store:
         tables = {row[0] for row in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -57,6 +63,8 @@ def test_fresh_database_has_the_tables(tmp_path: Path) -> None:
         "index_windows",
         "embeddings",
         "index_meta",
+        "conversations",
+        "conversation_turns",
     }
 
 

@@ -216,8 +216,10 @@ def refusal(settings: Settings, model: str, retrieval: Retrieval) -> GroundedAns
 
 
 def search_query(settings: Settings, question: str, history: Sequence[Turn]) -> str:
-    """What to search for: the question itself."""
-    return question
+    """What to search for: the question, condensed with the thread's history when it is a follow-up."""
+    from finetune_kit.retrieval.followup import standalone_question
+
+    return standalone_question(settings, history, question)
 
 
 def retrieve(retriever: Retriever, query: str) -> Retrieval:
