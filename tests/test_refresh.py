@@ -14,12 +14,15 @@ from finetune_kit.errors import SourceError
 from finetune_kit.stages.ingest import ingest
 from finetune_kit.stages.refresh import RefreshReport, SourceChange, refresh_sources
 from finetune_kit.store import Store
+from tests.fake_openai import FakeOpenAI, _is_question_request, _last_user_text
 
 BODY = "Quillstack keeps feature flags in one place and serves them to every application quickly. " * 8
 
 
 def page(title: str, extra: str = "") -> str:
-    return f"# {title}\n\n## Overview\n\n{BODY}{extra}\n\n## Details\n\n{BODY}\n"
+    return (
+        f"# {title}\n\n## Overview\n\n{title}-guide. {BODY}{extra}\n\n## Details\n\n{title}-details. {BODY}\n"
+    )
 
 
 def write(root: Path, files: dict[str, str]) -> Path:
@@ -149,3 +152,26 @@ def test_refresh_without_a_workspace_says_to_ingest_first(tmp_path: Path, runner
     assert result.exit_code == 1
     assert "no ftkit workspace here — run `ftkit ingest DOCS` first" in result.output
     assert not (tmp_path / "nothing-here").exists()
+
+
+def test_generate_writes_questions_for_new_chunks_only(
+    tmp_path: Path, runner: CliRunner, fake_llm: FakeOpenAI
+) -> None:
+    docs = write(tmp_path / "docs", {"a.md": page("A")})
+    assert runner.invoke(app, ["ingest", str(docs), "-w", "ws"]).exit_code == 0
+    result = runner.invoke(app, ["refresh", "-w", "ws", "--generate", "--product", "Quillstack"])
+    assert result.exit_code == 0, result.output
+    first = len(fake_llm.requests)
+    assert first > 0
+    write(docs, {"b.md": page("B")})
+    result = runner.invoke(app, ["refresh", "-w", "ws", "--generate", "--product", "Quillstack"])
+    assert result.exit_code == 0, result.output
+    asked = [_last_user_text(body) for body in fake_llm.requests[first:]]
+    asked = [text for text in asked if _is_question_request(text)]
+    assert len(asked) == 2 and all("B-" in text and "A-" not in text for text in asked)
+    with Store(Path("ws/state.db")) as store:
+        lacking = store.scalar(
+            "SELECT count(*) FROM chunks c WHERE c.status = 'active'"
+            " AND NOT EXISTS (SELECT 1 FROM questions q WHERE q.chunk_id = c.id)"
+        )
+    assert lacking == 0
