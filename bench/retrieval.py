@@ -1,7 +1,7 @@
 """Retrieval quality and speed: ftkit's hybrid index against the older bots' recipe, on labelled questions.
 
 Usage: python bench/retrieval.py --corpus DIR --questions FILE.jsonl [--from-workspace WS] [--repeat 3]
-                                 [--threshold T] [--search-runs 5] [--json OUT]
+                                 [--threshold T | --threshold-from WS] [--search-runs 5] [--json OUT]
 
 Each repeat builds, in a fresh child process on a fresh copy of the corpus (so one arm's memory and caches never
 help another), both arms and prints the median of the repeats:
@@ -80,6 +80,21 @@ def workspace_questions(workspace: Path) -> list[Question]:
         " JOIN documents d ON d.id = c.document_id WHERE q.status = 'accepted' AND d.status = 'active'"
     ).fetchall()
     return [Question(qid, text, (path,), True) for qid, text, path in rows]
+
+
+def stored_threshold(workspace: Path) -> float:
+    """The threshold `ftkit index --calibrate` stored in a workspace's index."""
+    from finetune_kit.retrieval.index import index_state
+
+    from finetune_kit.store import Store
+
+    with Store(workspace / "state.db") as store:
+        state = index_state(store)
+    if state is None or state.threshold is None:
+        raise SystemExit(
+            f"{workspace}: no calibrated threshold — run `ftkit index --calibrate -w {workspace}`"
+        )
+    return float(state.threshold)
 
 
 # ---- metrics -------------------------------------------------------------------------------------------
@@ -487,6 +502,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--threshold", type=float, help="refusal threshold (default: the index's calibrated one)"
     )
+    parser.add_argument("--threshold-from", type=Path, help="use the threshold calibrated in this workspace")
     parser.add_argument("--search-runs", type=int, default=5, help="`ftkit search` commands timed per repeat")
     parser.add_argument("--arms", default="ftkit,baseline", help="which arms to run")
     parser.add_argument("--json", type=Path, help="also write the medians here")
@@ -505,6 +521,8 @@ def main() -> None:
     )
     if not questions:
         raise SystemExit("no questions — pass --questions FILE.jsonl and/or --from-workspace WS")
+    if args.threshold is None and args.threshold_from is not None:
+        args.threshold = stored_threshold(args.threshold_from)
     answerable = sum(q.answerable for q in questions)
     print(
         f"corpus {args.corpus}: {len(questions)} questions ({answerable} answerable), {args.repeat} repeat(s)"
