@@ -85,7 +85,6 @@ def workspace_questions(workspace: Path) -> list[Question]:
 def stored_threshold(workspace: Path) -> float:
     """The threshold `ftkit index --calibrate` stored in a workspace's index."""
     from finetune_kit.retrieval.index import index_state
-
     from finetune_kit.store import Store
 
     with Store(workspace / "state.db") as store:
@@ -337,7 +336,6 @@ def _ftkit_builds(store: Any, settings: Any, corpus: Path) -> dict[str, Any]:
 def _timed_index(store: Any, settings: Any, corpus: Path) -> tuple[tuple[float, float], int]:
     """Seconds for ingest + update_index, and how many vectors were computed (new rows in `embeddings`)."""
     from finetune_kit.retrieval.index import update_index
-
     from finetune_kit.stages.ingest import ingest
 
     before = _count(store, "embeddings")

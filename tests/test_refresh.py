@@ -1,6 +1,7 @@
 """`ftkit refresh`: every known source read again, what changed said per source, a vanished one reported."""
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,6 +16,7 @@ from finetune_kit.stages.ingest import ingest
 from finetune_kit.stages.refresh import RefreshReport, SourceChange, refresh_sources
 from finetune_kit.store import Store
 from tests.fake_openai import FakeOpenAI, _is_question_request, _last_user_text
+from tests.hashed_embedder import HashedEmbedder
 
 BODY = "Quillstack keeps feature flags in one place and serves them to every application quickly. " * 8
 
@@ -32,9 +34,19 @@ def write(root: Path, files: dict[str, str]) -> Path:
     return root
 
 
+def hashed(settings: Settings) -> HashedEmbedder:
+    """A small real embedder, so that the index follows without loading a model."""
+    return HashedEmbedder()
+
+
+def ingest_with(settings: Settings, specs: list[str]) -> None:
+    with Store(settings.db_path) as store:
+        ingest(store, settings, specs, open_embedder=hashed)
+
+
 def refresh(settings: Settings) -> RefreshReport:
     with Store(settings.db_path) as store:
-        return refresh_sources(store, settings)
+        return refresh_sources(store, settings, open_embedder=hashed)
 
 
 def by_spec(report: RefreshReport, spec: str) -> SourceChange:
@@ -53,10 +65,10 @@ def counts(change: SourceChange) -> tuple[int, int, int, int]:
 def test_a_folder_edited_between_two_refreshes(tmp_path: Path) -> None:
     docs = write(tmp_path / "docs", {"a.md": page("A"), "b.md": page("B"), "c.md": page("C")})
     settings = load_settings(workspace=tmp_path / "ws")
-    with Store(settings.db_path) as store:
-        ingest(store, settings, [str(docs)])
+    ingest_with(settings, [str(docs)])
     unchanged = refresh(settings).sources[0]
     assert counts(unchanged) == (0, 0, 0, 3) and (unchanged.chunks_added, unchanged.chunks_retired) == (0, 0)
+    assert unchanged.windows_embedded == 0
     (docs / "a.md").write_text(page("A", " Now with scheduled changes."))
     (docs / "b.md").unlink()
     write(docs, {"d.md": page("D")})
@@ -65,6 +77,7 @@ def test_a_folder_edited_between_two_refreshes(tmp_path: Path) -> None:
     assert counts(change) == (1, 1, 1, 1)
     assert change.chunks_added == 1 + 2  # a.md's edited section, d.md's two
     assert change.chunks_retired == 1 + 2  # a.md's old section, b.md's two
+    assert change.windows_embedded is not None and change.windows_embedded > 0
     assert counts(refresh(settings).sources[0]) == (0, 0, 0, 3)
 
 
@@ -81,8 +94,7 @@ def test_a_git_source_with_a_new_commit_is_pulled(tmp_path: Path) -> None:
     git(origin, "commit", "-qm", "first")
     spec = origin.as_uri()  # a clone URL: ingest clones it into the workspace's cache
     settings = load_settings(workspace=tmp_path / "ws")
-    with Store(settings.db_path) as store:
-        ingest(store, settings, [spec])
+    ingest_with(settings, [spec])
     write(origin, {"faq.md": page("FAQ")})
     git(origin, "add", ".")
     git(origin, "commit", "-qm", "second")
@@ -98,8 +110,7 @@ def test_a_source_whose_root_vanished_is_reported_and_the_others_go_on(tmp_path:
     kept = write(tmp_path / "kept", {"a.md": page("A")})
     gone = write(tmp_path / "gone", {"b.md": page("B")})
     settings = load_settings(workspace=tmp_path / "ws")
-    with Store(settings.db_path) as store:
-        ingest(store, settings, [str(kept), str(gone)])
+    ingest_with(settings, [str(kept), str(gone)])
     shutil.rmtree(gone)
     write(kept, {"new.md": page("New")})
     report = refresh(settings)
@@ -117,8 +128,7 @@ def test_a_relative_folder_is_found_again_from_another_directory(
 ) -> None:
     write(tmp_path / "docs", {"a.md": page("A")})
     settings = load_settings(workspace=tmp_path / "ws")
-    with Store(settings.db_path) as store:
-        ingest(store, settings, ["docs"])  # the conftest runs every test in tmp_path
+    ingest_with(settings, ["docs"])  # the conftest runs every test in tmp_path
     write(tmp_path / "docs", {"b.md": page("B")})
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
@@ -128,8 +138,7 @@ def test_a_relative_folder_is_found_again_from_another_directory(
 def test_every_source_gone_is_an_error_naming_them(tmp_path: Path) -> None:
     gone = write(tmp_path / "gone", {"b.md": page("B")})
     settings = load_settings(workspace=tmp_path / "ws")
-    with Store(settings.db_path) as store:
-        ingest(store, settings, [str(gone)])
+    ingest_with(settings, [str(gone)])
     shutil.rmtree(gone)
     with pytest.raises(SourceError, match="root is gone"):
         refresh(settings)
@@ -142,9 +151,10 @@ def test_the_command_prints_one_line_per_source(tmp_path: Path, runner: CliRunne
     result = runner.invoke(app, ["refresh", "-w", "ws"])
     assert result.exit_code == 0, result.output
     assert (
-        f"{docs} (directory): 1 documents added, 0 changed, 0 retired, 1 unchanged; 2 chunks added, 0 retired"
+        f"{docs} (directory): 1 documents added, 0 changed, 0 retired, 1 unchanged; 2 chunks added, 0 retired;"
         in result.output
     )
+    assert re.search(r"retired; \d+ windows embedded\nIndex: 2 chunks added, 0 removed", result.output)
 
 
 def test_refresh_without_a_workspace_says_to_ingest_first(tmp_path: Path, runner: CliRunner) -> None:

@@ -1,6 +1,7 @@
 """Refresh: read every source the workspace knows again, re-index what changed, and say what changed per source."""
 
 import logging
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -8,7 +9,7 @@ from urllib.parse import unquote, urlparse
 from finetune_kit.config import Settings
 from finetune_kit.errors import DiskFullError, FtkitError, SourceError, StoreError
 from finetune_kit.progress import NoProgress, Progress
-from finetune_kit.retrieval.index import IndexReport
+from finetune_kit.retrieval.index import EmbedderFactory, IndexReport
 from finetune_kit.sources.registry import kind_for
 from finetune_kit.stages.ingest import ingest
 from finetune_kit.store import Store
@@ -58,15 +59,20 @@ class _Snapshot:
     chunks: set[str]  # active chunk ids
 
 
-def refresh_sources(store: Store, settings: Settings, progress: Progress | None = None) -> RefreshReport:
-    """Re-ingest every source in the sources table (a failing one is reported, the others go on), then re-index."""
+def refresh_sources(
+    store: Store,
+    settings: Settings,
+    progress: Progress | None = None,
+    open_embedder: EmbedderFactory | None = None,
+) -> RefreshReport:
+    """Re-ingest every source in the sources table (a failing one is reported, the others go on); the index follows."""
     progress = progress or NoProgress()
     report = RefreshReport()
     rows = store.db.execute("SELECT id, spec, kind FROM sources ORDER BY kind, spec").fetchall()
     if not rows:
         raise SourceError("this workspace has no sources yet — run `ftkit ingest DOCS` first")
     for row in rows:
-        change, report.index = _refresh_source(store, settings, row["id"], row["spec"], row["kind"], progress)
+        change, report.index = _refresh_source(store, settings, row, progress, open_embedder)
         report.sources.append(change)
     if all(change.error is not None for change in report.sources):
         raise SourceError("; ".join(str(change.error) for change in report.sources))
@@ -74,13 +80,18 @@ def refresh_sources(store: Store, settings: Settings, progress: Progress | None 
 
 
 def _refresh_source(
-    store: Store, settings: Settings, source_id: str, spec: str, kind: str, progress: Progress
+    store: Store,
+    settings: Settings,
+    source: sqlite3.Row,
+    progress: Progress,
+    open_embedder: EmbedderFactory | None,
 ) -> tuple[SourceChange, IndexReport | None]:
     """Ingest one source again (the index follows) and compare its documents and chunks before and after."""
-    change = SourceChange(kind, spec)
+    source_id, change = source["id"], SourceChange(source["kind"], source["spec"])
     before = _snapshot(store, source_id)
     try:
-        ingested = ingest(store, settings, [readable_spec(store, source_id, spec)], progress)
+        spec = readable_spec(store, source_id, source["spec"])
+        ingested = ingest(store, settings, [spec], progress, open_embedder)
     except (DiskFullError, StoreError):
         raise  # the workspace itself is in trouble: no other source would fare better
     except FtkitError as exc:
