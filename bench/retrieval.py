@@ -334,14 +334,14 @@ def _ftkit_builds(store: Any, settings: Any, corpus: Path) -> dict[str, Any]:
 
 
 def _timed_index(store: Any, settings: Any, corpus: Path) -> tuple[tuple[float, float], int]:
-    """Seconds for ingest + update_index, and how many vectors were computed (new rows in `embeddings`)."""
-    from finetune_kit.retrieval.index import update_index
+    """Seconds for `ingest` (which brings the index up to date), and how many vectors it computed."""
     from finetune_kit.stages.ingest import ingest
 
     before = _count(store, "embeddings")
     started = clock()
-    ingest(store, settings, [str(corpus)])
-    update_index(store, settings)
+    report = ingest(store, settings, [str(corpus)])
+    if report.index is None:
+        raise SystemExit("ingest could not update the index (its warning says why)")
     return since(started), _count(store, "embeddings") - before
 
 
