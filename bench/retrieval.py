@@ -334,15 +334,14 @@ def _ftkit_builds(store: Any, settings: Any, corpus: Path) -> dict[str, Any]:
 
 
 def _timed_index(store: Any, settings: Any, corpus: Path) -> tuple[tuple[float, float], int]:
-    """Seconds for `ingest` (which brings the index up to date), and how many vectors it computed."""
+    """Seconds for `ingest` (which brings the index up to date), and how many windows it embedded."""
     from finetune_kit.stages.ingest import ingest
 
-    before = _count(store, "embeddings")
     started = clock()
     report = ingest(store, settings, [str(corpus)])
     if report.index is None:
         raise SystemExit("ingest could not update the index (its warning says why)")
-    return since(started), _count(store, "embeddings") - before
+    return since(started), report.index.windows_embedded
 
 
 def _count(store: Any, table: str) -> int:
