@@ -669,6 +669,40 @@ def sources_command(
         _say(source.line())
 
 
+@app.command()
+def refresh(
+    ctx: typer.Context,
+    generate: Annotated[
+        bool,
+        typer.Option("--generate", help="Then write questions for the chunks that lack them (the new ones)."),
+    ] = False,
+    provider: Provider = None,
+    model: Model = None,
+    product: Product = None,
+) -> None:
+    """Read every source the workspace knows again, re-index what changed, and say what changed per source.
+
+    Folders and files are read again, git repositories cloned from a URL are fetched (a local clone is read as it
+    is), websites are re-crawled with conditional GETs (a page answering 304 costs nothing), Airtable tables and
+    Slack exports are read again. Per source it prints the documents added, changed, retired and unchanged and
+    the chunks added and retired; a source that cannot be read (its folder is gone, the network is down) is
+    reported and the others go on. Then the retrieval index follows the chunks (only new text is embedded).
+    --generate then has the model write questions for the chunks that lack them, so only new chunks cost calls
+    (--provider, --model and --product as for generate-questions). Meant for cron or a systemd timer.
+    """
+    from finetune_kit.pipeline import run_refresh
+    from finetune_kit.render import RichProgress
+
+    with _progress() as bar:
+        report, summary = run_refresh(_settings(ctx), RichProgress(bar), generate)
+    for change in report.sources:
+        _say(change.line())
+    if report.index is not None:
+        _say_index(report.index)
+    if summary is not None:
+        _print_summary(summary)
+
+
 BotModel = Annotated[
     str | None,
     typer.Option(

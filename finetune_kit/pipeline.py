@@ -24,6 +24,7 @@ from finetune_kit.stages.build_dataset import (
 from finetune_kit.stages.estimate import StageEstimate, estimate_generation
 from finetune_kit.stages.generate_questions import QuestionReport, generate_questions
 from finetune_kit.stages.ingest import IngestReport, ingest
+from finetune_kit.stages.refresh import RefreshReport, refresh_sources
 from finetune_kit.status import answer_redo, current_keys, question_redo
 from finetune_kit.store import Store, utc_now
 from finetune_kit.workspace_lock import writer_lock
@@ -80,6 +81,23 @@ def run_index(settings: Settings, rebuild: bool = False, progress: Progress | No
         )
     with recorded_run(settings, "index" + " --rebuild" * rebuild) as (store, _):
         return update_index(store, settings, progress, rebuild=rebuild)
+
+
+def run_refresh(
+    settings: Settings, progress: Progress | None = None, generate: bool = False
+) -> tuple[RefreshReport, RunSummary | None]:
+    """`ftkit refresh`: read every known source again and re-index; `generate`: questions for chunks lacking them."""
+    if not settings.db_path.is_file():
+        raise FtkitError(
+            f"{settings.workspace}: no ftkit workspace here — run `ftkit ingest DOCS` first or pass --workspace"
+        )
+    with recorded_run(settings, "refresh") as (store, run_id):
+        report = refresh_sources(store, settings, progress)
+        if not generate:
+            return report, None
+        summary = RunSummary()
+        asyncio.run(_generation(store, settings, run_id, summary, progress or NoProgress(), answer=False))
+        return report, summary
 
 
 def run_generate_questions(

@@ -58,6 +58,7 @@ def test_the_cli_has_the_pipeline_commands() -> None:
         "index",
         "ingest",
         "models",
+        "refresh",
         "run",
         "search",
         "slack",

@@ -9,6 +9,7 @@ from finetune_kit.config import load_settings
 from finetune_kit.stages.ingest import ingest
 from finetune_kit.store import Store
 from tests.conftest import REPO, SAMPLE_DOCS
+from tests.hashed_embedder import HashedEmbedder
 
 QUESTIONS = REPO / "tests" / "fixtures" / "retrieval-questions.jsonl"
 FIELDS = {"id", "question", "reference", "gold_paths", "answerable"}
@@ -48,7 +49,7 @@ def test_answerable_ones_have_reference_and_gold(question: dict[str, object]) ->
 def test_gold_paths_are_documents_as_ingest_stores_them(tmp_path: Path) -> None:
     settings = load_settings(workspace=tmp_path / "ws")
     with Store(settings.db_path) as store:
-        ingest(store, settings, [str(SAMPLE_DOCS)])
+        ingest(store, settings, [str(SAMPLE_DOCS)], open_embedder=lambda _: HashedEmbedder())
         stored = {row[0] for row in store.db.execute("SELECT path FROM documents WHERE status = 'active'")}
     gold = {path for q in load_questions() for path in q["gold_paths"]}  # type: ignore[attr-defined]
     assert gold - stored == set()
