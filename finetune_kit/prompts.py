@@ -13,9 +13,10 @@ REQUIRED_PLACEHOLDERS = {
     "code_questions": {"product", "n", "chunk"},  # the questions template for chunks of source code
     "answers": {"product", "chunk", "question"},
     "code_answers": {"product", "chunk", "question"},  # the answers template for chunks of source code
+    "eval_judge": {"product", "question", "reference", "answer"},  # `ftkit eval`'s grading rubric
 }
 # A prompts_dir written before these templates existed lacks them; the bundled one is used then.
-BUNDLED_WHEN_MISSING = {"code_questions", "code_answers"}
+BUNDLED_WHEN_MISSING = {"code_questions", "code_answers", "eval_judge"}
 
 logger = logging.getLogger(__name__)
 
