@@ -1049,6 +1049,7 @@ def eval_command(
     compare: EvalRuns = None,
     provider: Provider = None,
     product: Product = None,
+    slack_max_answer_tokens: MaxTokens = None,
     max_cost_usd: MaxCost = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     dry_run: DryRun = False,

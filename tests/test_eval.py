@@ -428,9 +428,10 @@ def test_eval_with_the_embedded_model(runner: CliRunner, tmp_path: Path) -> None
             ]
         )
     )
-    result = runner.invoke(
-        app, ["--workspace", "ws", "eval", "--arms", "base", "--questions", str(path), "--json"]
-    )
+    started = time.monotonic()
+    args = ["eval", "--arms", "base", "--questions", str(path), "--max-tokens", "48", "--json"]
+    result = runner.invoke(app, ["--workspace", "ws", *args])
+    print(f"eval of 3 questions with the embedded model: {time.monotonic() - started:.0f} s")
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     base = arm(summary, "base")

@@ -229,12 +229,13 @@ def verdict_line(summary: EvalSummary) -> str:
 
 
 def _where(summary: EvalSummary) -> str:
-    if set(summary.origins) == {"held-out"}:
-        return f"{summary.n_questions} held-out questions"
-    parts = ", ".join(
-        f"{n} {'held-out' if o == 'held-out' else 'from ' + o}" for o, n in summary.origins.items()
-    )
-    return f"{summary.n_questions} questions ({parts})"
+    n, origins = summary.n_questions, summary.origins
+    questions = "question" if n == 1 else "questions"
+    if len(origins) == 1:
+        (origin,) = origins
+        return f"{n} held-out {questions}" if origin == "held-out" else f"{n} {questions} from {origin}"
+    parts = ", ".join(f"{k} {'held-out' if o == 'held-out' else 'from ' + o}" for o, k in origins.items())
+    return f"{n} {questions} ({parts})"
 
 
 def _pair_phrase(summary: EvalSummary, best: str, second: str, metric: str) -> str:
