@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from finetune_kit.cli import app
 from finetune_kit.eval.judge import parse_verdict
 from finetune_kit.eval.metrics import bootstrap, key_term_recall, retrieval_scores, sign_test, token_f1
+from finetune_kit.eval.questions import load_questions_file
 from tests.conftest import REPO, SAMPLE_DOCS, TEST_KEY
 from tests.fake_openai import FakeOpenAI, Reply, docs_responder
 
@@ -37,6 +38,7 @@ class EvalModels:
     references: dict[str, str] = field(default_factory=dict)  # question -> reference (validation.jsonl)
     garbage: set[str] = field(default_factory=set)  # questions the judge never gives a verdict on
     delay_s: float = 0.0
+    extra: dict[str, str] = field(default_factory=dict)  # more references ft knows, for one test
 
     def base_knows(self, question: str) -> bool:
         return int(hashlib.sha256(question.encode()).hexdigest(), 16) % 3 == 0
@@ -46,11 +48,13 @@ class EvalModels:
         if model == "judge-model":
             reply = self.judge(prompt)
         elif model == "ft-model":
-            reply = Reply(self.references.get(prompt, "I don't know."))
+            reply = Reply((self.references | self.extra).get(prompt, "I don't know."))
         elif model == "base-model":
             known = self.base_knows(prompt)
             reply = Reply(
-                self.references.get(prompt, "") if known else "Try restarting it and see the settings page."
+                (self.references | self.extra).get(prompt, "")  # nothing: a refusal
+                if known
+                else "Try restarting it and see the settings page."
             )
         else:
             reply = docs_responder(body)
@@ -103,7 +107,7 @@ def ws(
     shutil.copytree(built, tmp_path / "ws")
     monkeypatch.setenv("OPENAI_BASE_URL", fake.url)
     monkeypatch.setenv("OPENAI_API_KEY", TEST_KEY)
-    models.delay_s = 0.0
+    models.delay_s, models.extra = 0.0, {}
     return tmp_path / "ws"
 
 
@@ -328,6 +332,27 @@ def test_questions_file_measures_refusals_and_follow_ups(ws: Path, fake: FakeOpe
     follow_up = next(b for b in fake.requests[start:] if b["messages"][-1]["content"] == "And then?")
     assert [m["role"] for m in follow_up["messages"]] == ["system", "user", "assistant", "user"]
     assert "too wide to decide" in " ".join(summary["notes"])
+
+
+def test_the_sample_docs_hand_written_set(ws: Path, models: EvalModels) -> None:
+    path = REPO / "tests" / "fixtures" / "retrieval-questions.jsonl"
+    questions = load_questions_file(path)
+    unanswerable = [q for q in questions if not q.answerable]
+    assert len(questions) == 45 and len(unanswerable) == 15
+    assert all(q.gold_paths and q.reference for q in questions if q.answerable)
+    models.extra = {q.question: q.reference or "" for q in questions if q.answerable}
+    summary = eval_json("--questions", str(path), "--name", "fixture")
+    assert summary["origins"] == {"retrieval-questions.jsonl": 45}
+    # ft answers what it knows and says "I don't know." to the rest: every refusal right
+    assert arm(summary, "ft")["metrics"]["refusal_accuracy"]["value"] == 1.0
+    # base answers every answerable one, and refuses (says nothing) only to the unanswerable ones it "knows"
+    refused = sum(models.base_knows(q.question) for q in unanswerable)
+    assert arm(summary, "base")["metrics"]["refusal_accuracy"]["value"] == pytest.approx((30 + refused) / 45)
+    assert arm(summary, "ft")["metrics"]["correct"]["n"] == 30  # the judge grades answerable ones only
+    assert summary["verdict"].startswith(
+        "On 45 questions from retrieval-questions.jsonl, ft answered 100 % correctly"
+    )
+    assert not any("no unanswerable questions" in note for note in summary["notes"])
 
 
 # --- the report ---------------------------------------------------------------------------------------
