@@ -1031,6 +1031,9 @@ def eval_command(
             "--judge-model", metavar="NAME", help="The judge (default: the model that writes questions)."
         ),
     ] = None,
+    judge: Annotated[
+        bool, typer.Option("--judge/--no-judge", help="Grade with the judge (no: judge-free scores only).")
+    ] = True,
     questions_file: Annotated[
         Path | None,
         typer.Option(
@@ -1079,7 +1082,15 @@ def eval_command(
     from finetune_kit.eval.arms import parse_arm_names
 
     options = EvalOptions(
-        parse_arm_names(arms), eval_model, ft_model, judge_model, questions_file, held_out, run_name, dry_run
+        parse_arm_names(arms),
+        eval_model,
+        ft_model,
+        judge_model,
+        judge,
+        questions_file,
+        held_out,
+        run_name,
+        dry_run,
     )
     with _progress() as bar:
         outcome = run_eval(settings, options, RichProgress(bar))

@@ -53,6 +53,7 @@ def test_the_cli_has_the_pipeline_commands() -> None:
     assert COMMANDS == [
         "ask",
         "build-dataset",
+        "eval",
         "generate-questions",
         "index",
         "ingest",

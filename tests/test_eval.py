@@ -20,6 +20,8 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune_kit.cli import app
+from finetune_kit.errors import ConfigError
+from finetune_kit.eval.arms import parse_arm_names, plan_arms
 from finetune_kit.eval.judge import parse_verdict
 from finetune_kit.eval.metrics import bootstrap, key_term_recall, retrieval_scores, sign_test, token_f1
 from finetune_kit.eval.questions import load_questions_file
@@ -45,7 +47,10 @@ class EvalModels:
 
     def __call__(self, body: dict) -> Reply:
         model, prompt = body["model"], body["messages"][-1]["content"]
-        if model == "judge-model":
+        system = body["messages"][0]["content"]
+        if model != "judge-model" and "Sources:\n\n[1] " in system:
+            reply = self.grounded(model, prompt, system)
+        elif model == "judge-model":
             reply = self.judge(prompt)
         elif model == "ft-model":
             reply = Reply((self.references | self.extra).get(prompt, "I don't know."))
@@ -60,6 +65,14 @@ class EvalModels:
             reply = docs_responder(body)
         reply.delay_s = self.delay_s
         return reply
+
+    def grounded(self, model: str, question: str, system: str) -> Reply:
+        """With sources: ft cites its reference to [1]; base quotes source 1, and cites a [7] it was not given."""
+        if model == "ft-model":
+            return Reply(f"{(self.references | self.extra).get(question, 'I do not know.')} [1]")
+        source = system.split("\n\n[1] ", 1)[1].split("\n", 2)[2]
+        sentence = re.split(r"(?<=[.!?])\s", " ".join(source.split()), maxsplit=1)[0]
+        return Reply(f"{sentence} [1]" + (" See also [7]." if self.base_knows(question) else ""))
 
     def judge(self, prompt: str) -> Reply:
         question, reference, answer = _GRADED.search(prompt).groups()  # type: ignore[union-attr]
@@ -134,10 +147,8 @@ def arm(summary: dict, name: str) -> dict:
 
 
 def test_eval_scores_each_arm_with_intervals_and_a_computed_verdict(ws: Path, models: EvalModels) -> None:
-    summary = eval_json("--name", "first")
-    assert [a["name"] for a in summary["arms"]] == ["base", "ft"]
-    assert set(summary["skipped"]) == {"rag", "ft+rag"}
-    assert "no retrieval" in summary["skipped"]["rag"]
+    summary = eval_json("--name", "first", "--arms", "base,ft")
+    assert [a["name"] for a in summary["arms"]] == ["base", "ft"] and not summary["skipped"]
     n = len(models.references)
     assert summary["n_questions"] == n and summary["origins"] == {"held-out": n}
     for a in summary["arms"]:
@@ -182,14 +193,68 @@ def test_a_judge_reply_without_a_verdict_is_retried_once_then_unjudged_never_zer
 
 
 def test_no_fine_tuned_model_skips_the_ft_arms_with_a_note(ws: Path) -> None:
-    code, out, err = ftkit(
-        "eval", "--model", "base-model", "--judge-model", "judge-model", *PRODUCT, "--json"
-    )
+    judge = ["--judge-model", "judge-model"]
+    code, out, err = ftkit("eval", "--model", "base-model", *judge, *PRODUCT, "--arms", "base,ft", "--json")
     assert code == 0, err
     summary = json.loads(out)
     assert [a["name"] for a in summary["arms"]] == ["base"]
-    assert "no fine-tuned model" in summary["skipped"]["ft"]
+    assert list(summary["skipped"]) == ["ft"] and "no fine-tuned model" in summary["skipped"]["ft"]
     assert "ft skipped: no fine-tuned model" in err
+
+
+def test_retrieval_arms_answer_from_the_index_with_checked_sources(
+    ws: Path, fake: FakeOpenAI, models: EvalModels
+) -> None:
+    pytest.importorskip("finetune_kit.retrieval.answer", reason="the retrieval arms need retrieval/answer.py")
+    assert ftkit("index")[0] == 0
+    summary = eval_json("--arms", "base,ft", "--name", "closed")
+    before = len(fake.requests)
+    summary = eval_json("--name", "all")  # default: every arm that exists
+    assert [a["name"] for a in summary["arms"]] == ["base", "ft", "rag", "ft+rag"] and not summary["skipped"]
+    new = fake.requests[before:]
+    grounded = [b for b in new if b["model"] != "judge-model"]
+    assert len(grounded) == 2 * len(models.references)  # the closed-book arms were paid for already
+    assert all("Sources:\n\n[1] " in b["messages"][0]["content"] for b in grounded)
+    n = len(models.references)
+    rag, ft_rag = arm(summary, "rag"), arm(summary, "ft+rag")
+    for figure in ("recall_at_k", "mrr", "ndcg", "faithfulness", "citation_precision"):
+        assert rag["metrics"][figure]["n"] == n, figure
+        assert 0 <= rag["metrics"][figure]["value"] <= 1
+    assert "recall_at_k" not in [m for m, f in arm(summary, "base")["metrics"].items() if f["n"]]
+    lines = [r for r in results(ws, "all") if r["arm"] == "rag"]
+    for r in lines:
+        assert len(r["retrieved"]) == 10 and r["retrieved"][0]["rank"] == 1
+        shown = {s["url"] for s in r["sources"]}
+        assert shown <= {h["url"] for h in r["retrieved"]}  # every source shown is a retrieved chunk
+        assert "[7]" not in r["answer"]  # the number it was never given is dropped
+    # base quotes source 1 (faithful) and cites a [7] for a third of the questions: precision below 1
+    assert rag["metrics"]["faithfulness"]["value"] == 1.0
+    cited_7 = sum(models.base_knows(q) for q in models.references)
+    gold_1 = [r["scores"]["recall_at_k"] for r in lines]
+    assert rag["metrics"]["citation_precision"]["value"] <= 1 - cited_7 / (2 * n) + 1e-9
+    assert (
+        ft_rag["metrics"]["recall_at_k"]["value"] == rag["metrics"]["recall_at_k"]["value"] == sum(gold_1) / n
+    )
+
+
+def test_an_index_built_with_another_embedder_skips_the_retrieval_arms_with_a_note(
+    ws: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("finetune_kit.retrieval.answer", reason="the retrieval arms need retrieval/answer.py")
+    assert ftkit("index")[0] == 0
+    monkeypatch.setenv("FTKIT_RETRIEVAL_EMBEDDING_MODEL", "text-embedding-3-small")
+    summary = eval_json("--arms", "base,rag")
+    assert [a["name"] for a in summary["arms"]] == ["base"]
+    assert "ftkit index --rebuild" in summary["skipped"]["rag"]
+
+
+def test_arms_without_a_model_or_retrieval_are_skipped_with_why() -> None:
+    plan = plan_arms(parse_arm_names("base,ft,rag,ft+rag"), "base-model", None, "no index: run `ftkit index`")
+    assert [a.name for a in plan.arms] == ["base"]
+    assert plan.skipped["rag"] == "no retrieval: no index: run `ftkit index`"
+    assert "no fine-tuned model" in plan.skipped["ft"] and "no fine-tuned model" in plan.skipped["ft+rag"]
+    with pytest.raises(ConfigError, match="unknown arm 'rgb'"):
+        parse_arm_names("base,rgb")
 
 
 # --- never pay twice ----------------------------------------------------------------------------------
@@ -223,7 +288,7 @@ def test_dry_run_prints_calls_and_dollars_and_sends_nothing(
     ws: Path, fake: FakeOpenAI, models: EvalModels
 ) -> None:
     before = len(fake.requests)
-    code, out, err = ftkit("eval", *MODELS, *PRODUCT, "--dry-run")
+    code, out, err = ftkit("eval", *MODELS, *PRODUCT, "--arms", "base,ft", "--dry-run")
     assert code == 0, err
     assert len(fake.requests) == before
     n = len(models.references)
@@ -231,8 +296,8 @@ def test_dry_run_prints_calls_and_dollars_and_sends_nothing(
     assert re.search(rf"eval judge[^│]*│\s+{2 * n}\s", out), out
     assert "answers not yet written" in out
     assert "Dry run: nothing was sent" in out
-    eval_json()
-    code, out, _ = ftkit("eval", *MODELS, *PRODUCT, "--dry-run")
+    eval_json("--arms", "base,ft")
+    code, out, _ = ftkit("eval", *MODELS, *PRODUCT, "--arms", "base,ft", "--dry-run")
     assert re.search(r"total\s+│\s+0\s", out), out
 
 
@@ -259,7 +324,8 @@ def test_kill_9_mid_eval_loses_nothing(
     env = {k: v for k, v in os.environ.items() if not k.startswith("FTKIT_")}
     env.update(PYTHONPATH=str(REPO), FTKIT_MAX_CONCURRENCY="2")
     start = len(fake.requests)
-    command = [sys.executable, "-m", "finetune_kit", "--workspace", "ws", "eval", *MODELS, *PRODUCT]
+    arms = ["--arms", "base,ft"]
+    command = [sys.executable, "-m", "finetune_kit", "--workspace", "ws", "eval", *MODELS, *PRODUCT, *arms]
     process = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -273,7 +339,7 @@ def test_kill_9_mid_eval_loses_nothing(
         kept = {row[0] for row in db.execute("SELECT request_json FROM llm_calls WHERE stage LIKE 'eval-%'")}
     assert kept, "the kill came before any answer was stored"
     resumed = len(fake.requests)
-    summary = eval_json()
+    summary = eval_json(*arms)
     again = {json.dumps(b) for b in fake.requests[resumed:]}
     assert not again & kept  # nothing paid before the kill is paid again
     assert summary["arms"][1]["metrics"]["correct"]["n"] == len(models.references) - 1
@@ -341,7 +407,7 @@ def test_the_sample_docs_hand_written_set(ws: Path, models: EvalModels) -> None:
     assert len(questions) == 45 and len(unanswerable) == 15
     assert all(q.gold_paths and q.reference for q in questions if q.answerable)
     models.extra = {q.question: q.reference or "" for q in questions if q.answerable}
-    summary = eval_json("--questions", str(path), "--name", "fixture")
+    summary = eval_json("--questions", str(path), "--arms", "base,ft", "--name", "fixture")
     assert summary["origins"] == {"retrieval-questions.jsonl": 45}
     # ft answers what it knows and says "I don't know." to the rest: every refusal right
     assert arm(summary, "ft")["metrics"]["refusal_accuracy"]["value"] == 1.0
@@ -359,7 +425,7 @@ def test_the_sample_docs_hand_written_set(ws: Path, models: EvalModels) -> None:
 
 
 def test_report_files_are_written_and_self_contained(ws: Path, models: EvalModels) -> None:
-    code, out, err = ftkit("eval", *MODELS, *PRODUCT, "--name", "r1")
+    code, out, err = ftkit("eval", *MODELS, *PRODUCT, "--arms", "base,ft", "--name", "r1")
     assert code == 0, err
     run = ws / "eval" / "r1"
     assert {p.name for p in run.iterdir()} == {
@@ -388,7 +454,7 @@ def test_report_files_are_written_and_self_contained(ws: Path, models: EvalModel
 
 def test_compare_shows_what_changed_between_two_runs(ws: Path) -> None:
     eval_json("--arms", "base", "--name", "before")
-    eval_json("--name", "after")
+    eval_json("--arms", "base,ft", "--name", "after")
     code, out, err = ftkit("eval", "--compare", "before", "after")
     assert code == 0, err
     assert "before → after" in out

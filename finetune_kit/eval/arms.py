@@ -15,6 +15,7 @@ from finetune_kit.llm.client import ChatRequest, ChatResult, LLMClient, request_
 from finetune_kit.llm.endpoint import is_local_model
 from finetune_kit.slack.answerer import CONTEXT_SAFETY, Turn, context_tokens, fit_to_context
 from finetune_kit.stages.build_dataset import default_system_prompt
+from finetune_kit.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,13 @@ def plan_arms(
     return ArmPlan(arms, skipped)
 
 
-def retrieval_missing(settings: Settings) -> str | None:
-    """Why the retrieval arms cannot run here (no retrieval code, no index), or None when they can."""
+def retrieval_missing(store: Store, settings: Settings) -> str | None:
+    """Why the retrieval arms cannot run here (no retrieval code, no usable index), or None when they can."""
     if importlib.util.find_spec("finetune_kit.retrieval.answer") is None:
         return NO_RETRIEVAL
-    return NO_RETRIEVAL  # the retrieval arms plug in here once answer_with_sources is on main
+    from finetune_kit.eval.grounded import index_missing
+
+    return index_missing(store, settings)
 
 
 def arm_settings(settings: Settings, model: str) -> Settings:
@@ -87,18 +90,22 @@ def arm_settings(settings: Settings, model: str) -> Settings:
     return settings.model_copy(update={"model": model, "provider": "local" if local else settings.provider})
 
 
+def prompt_budget(settings: Settings, embedded: bool) -> int:
+    """The prompt tokens the bot's answerer allows: the context window, less a margin and the answer."""
+    window = context_tokens(settings, embedded=embedded)
+    return max(int(window * CONTEXT_SAFETY) - settings.slack.max_answer_tokens, 128)
+
+
 def closed_book_request(settings: Settings, question: EvalQuestion, embedded: bool) -> ChatRequest:
     """The request the bot (and `ftkit ask`) would send for this question: its system prompt, turns and limits."""
-    max_tokens = settings.slack.max_answer_tokens
-    budget = int(context_tokens(settings, embedded=embedded) * CONTEXT_SAFETY) - max_tokens
     system = settings.slack.system_prompt or default_system_prompt(settings)
     turns = [*question.history, Turn("user", question.question)]
-    messages = fit_to_context(system, turns, max(budget, 128))
+    messages = fit_to_context(system, turns, prompt_budget(settings, embedded))
     return ChatRequest(
         stage="eval-answer",
         messages=tuple((m["role"], m["content"]) for m in messages),
         temperature=settings.slack.temperature,
-        max_tokens=max_tokens,
+        max_tokens=settings.slack.max_answer_tokens,
         template_version=ANSWER_TEMPLATE,
     )
 
@@ -115,11 +122,18 @@ class ArmAnswer:
     cached: bool
     latency_ms: float | None
     error: str | None = None
-    retrieved: list[dict[str, object]] = field(default_factory=list)  # rank, path, url, score
+    refused: bool | None = None  # None: told from the answer's words (closed-book arms)
+    retrieved: list[dict[str, object]] = field(default_factory=list)  # the top 10: rank, path, url, score
+    given: list[dict[str, object]] = field(default_factory=list)  # the numbered sources the model saw
     sources: list[dict[str, object]] = field(default_factory=list)  # what the answer cited, as shown
-    cited: list[int] = field(default_factory=list)  # the citation numbers in the model's text
+    cited: list[int] = field(default_factory=list)  # the citation numbers in the model's own text
     context: list[str] = field(default_factory=list)  # the chunk texts the model saw (not written out)
     refused_before_model: bool = False  # the retrieval gate said "I don't know" without a call
+
+    @property
+    def grounded(self) -> bool:
+        """True for an answer of a retrieval arm."""
+        return bool(self.retrieved or self.given or self.refused_before_model)
 
 
 class LatencyLog:

@@ -19,7 +19,7 @@ SUPPORTED_SHARE = 0.6  # a claim is supported when this share of its content wor
 
 _WORD = re.compile(r"[a-z0-9][a-z0-9_.\-/]*[a-z0-9]|[a-z0-9]")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
-_CITATION = re.compile(r"\[(\d{1,3})\]")
+_CITATION = re.compile(r"\[(\d{1,3}(?:\s*[,;]\s*\d{1,3})*)\]")  # [1], [1, 2]
 _REFUSAL = re.compile(
     r"^\W*(i'?m sorry|i am sorry|sorry,|i cannot|i can'?t|i do not know|i don'?t know|unfortunately)"
     r"|(documentation|docs|context) (provided )?(does not|doesn'?t) (contain|mention|say|cover|include)"
@@ -91,7 +91,9 @@ def is_refusal(answer: str) -> bool:
 
 def citations(answer: str) -> list[int]:
     """The citation numbers `[n]` in an answer, in order of first use."""
-    return list(dict.fromkeys(int(n) for n in _CITATION.findall(answer)))
+    return list(
+        dict.fromkeys(int(n) for group in _CITATION.findall(answer) for n in re.findall(r"\d+", group))
+    )
 
 
 def faithfulness(answer: str, context: Sequence[str]) -> float | None:

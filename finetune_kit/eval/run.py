@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune_kit.config import Settings
 from finetune_kit.errors import ConfigError
@@ -34,7 +35,11 @@ from finetune_kit.stages import gather_all
 from finetune_kit.stages.estimate import StageEstimate, estimate_stage, planning_endpoint
 from finetune_kit.store import Store
 
+if TYPE_CHECKING:
+    from finetune_kit.eval.grounded import GroundedArm
+
 log = logging.getLogger(__name__)
+REFUSED = "refused (the docs were not found to cover it): no call to the judge"
 TYPICAL_ANSWER_WORDS = 120  # a dry run sizes the judging of answers not yet written with this many words
 
 
@@ -46,6 +51,7 @@ class EvalOptions:
     base_model: str | None = None  # None: the model fine-tuning starts from
     ft_model: str | None = None  # None: the newest registered fine-tuned model
     judge_model: str | None = None  # None: the generation model
+    judge: bool = True  # False: judge-free scores only (no judge calls)
     questions_file: Path | None = None
     held_out: bool | None = None  # None: the held-out questions unless a file is given
     run_name: str | None = None
@@ -68,7 +74,7 @@ def run_eval(settings: Settings, options: EvalOptions, progress: Progress | None
     progress = progress or NoProgress()
     with recorded_run(settings, "eval" + DRY * options.dry_run) as (store, run_id):
         questions = collect_questions(store, settings, options)
-        plan = _plan(settings, options)
+        plan = _plan(store, settings, options)
         if options.dry_run:
             estimates = estimate_eval(store, settings, options, plan, questions)
             return EvalOutcome(estimates=estimates, skipped=plan.skipped, notes=_dry_notes(estimates))
@@ -113,10 +119,10 @@ def collect_questions(store: Store, settings: Settings, options: EvalOptions) ->
     return questions
 
 
-def _plan(settings: Settings, options: EvalOptions) -> ArmPlan:
+def _plan(store: Store, settings: Settings, options: EvalOptions) -> ArmPlan:
     base = options.base_model or settings.fine_tune_base_model
     ft = options.ft_model or registered_model(settings)
-    return plan_arms(options.arms, base, ft, retrieval_missing(settings))
+    return plan_arms(options.arms, base, ft, retrieval_missing(store, settings))
 
 
 def _judge_settings(settings: Settings, options: EvalOptions) -> Settings:
@@ -146,6 +152,7 @@ class _Evaluation:
         self.latencies = LatencyLog(settings.workspace / "eval" / "latency.jsonl")
         self.calls_paid = self.cache_hits = 0
         self.judge_model = ""
+        self._grounded: GroundedArm | None = None
 
     async def run(
         self, arms: list[Arm], questions: list[EvalQuestion]
@@ -154,11 +161,17 @@ class _Evaluation:
         answers: list[ArmAnswer] = []
         for arm in arms:
             answers += await self._answer(arm, questions)
-        return answers, await self._judge(questions, answers)
+        return answers, (await self._judge(questions, answers) if self.options.judge else {})
 
     def context(self, plan: ArmPlan) -> dict[str, object]:
         """What the summary says about how the run was made (the judge, and whether it is a model under test)."""
-        return {"judge_model": self.judge_model, "arm_models": [arm.model for arm in plan.arms]}
+        models = [arm.model for arm in plan.arms]
+        return {
+            "judge_model": self.judge_model,
+            "arm_models": models,
+            "judged": self.options.judge,
+            "k": self.settings.retrieval.k,
+        }
 
     @contextlib.asynccontextmanager
     async def _client(self, settings: Settings, endpoint: Endpoint) -> AsyncIterator[tuple[LLMClient, int]]:
@@ -192,18 +205,7 @@ class _Evaluation:
                 self.progress.start(f"eval {arm.name} answers", len(questions))
 
                 async def one(question: EvalQuestion) -> None:
-                    request = closed_book_request(self.settings, question, embedded)
-                    result, latency, error = await ask_arm(client, request, self.latencies, slots)
-                    found[question.id] = ArmAnswer(
-                        question.id,
-                        arm.name,
-                        arm.model,
-                        result.content.strip() if result else "",
-                        result.cost_usd if result else 0.0,
-                        result.cached if result else False,
-                        latency,
-                        error,
-                    )
+                    found[question.id] = await self._one(arm, question, client, slots, embedded)
                     self.progress.advance()
 
                 try:
@@ -211,6 +213,35 @@ class _Evaluation:
                 finally:
                     self.progress.finish()
         return [found[q.id] for q in questions]
+
+    async def _one(
+        self, arm: Arm, question: EvalQuestion, client: LLMClient, slots: asyncio.Semaphore, embedded: bool
+    ) -> ArmAnswer:
+        """One answer: the bot's closed-book request, or its grounded one (which the gate may refuse uncalled)."""
+        if arm.retrieval:
+            grounded = self.grounded()
+            prompt = grounded.prepare(question, embedded)
+            called = (
+                None
+                if prompt.request is None
+                else await ask_arm(client, prompt.request, self.latencies, slots)
+            )
+            return grounded.answer(arm, question, prompt, called)
+        request = closed_book_request(self.settings, question, embedded)
+        result, latency, error = await ask_arm(client, request, self.latencies, slots)
+        if result is None:
+            return ArmAnswer(question.id, arm.name, arm.model, "", 0.0, False, latency, error)
+        return ArmAnswer(
+            question.id, arm.name, arm.model, result.content.strip(), result.cost_usd, result.cached, latency
+        )
+
+    def grounded(self) -> "GroundedArm":
+        """The retrieval arms' retriever over this workspace's index, opened once."""
+        if self._grounded is None:
+            from finetune_kit.eval.grounded import GroundedArm
+
+            self._grounded = GroundedArm(self.store, self.settings)
+        return self._grounded
 
     async def _judge(
         self, questions: list[EvalQuestion], answers: list[ArmAnswer]
@@ -235,9 +266,12 @@ class _Evaluation:
 
                 async def one(answer: ArmAnswer) -> None:
                     q = by_id[answer.question_id]
-                    judgements[(q.id, answer.arm)] = await judge(
-                        client, self.settings, rubric, q.question, q.reference or "", answer.answer
-                    )
+                    if answer.refused:  # a retrieval arm said "I don't know" to an answerable question
+                        judgements[(q.id, answer.arm)] = Judgement("incorrect", REFUSED, 0)
+                    else:
+                        judgements[(q.id, answer.arm)] = await judge(
+                            client, self.settings, rubric, q.question, q.reference or "", answer.answer
+                        )
                     self.progress.advance()
 
                 try:
@@ -252,21 +286,26 @@ def estimate_eval(
 ) -> list[StageEstimate]:
     """What the eval would spend now, per arm and for the judge; cached calls cost nothing and are left out."""
     estimates, judged = [], []
+    grounded = None
     for arm in plan.arms:
         endpoint = planning_endpoint(arm_settings(settings, arm.model))
         embedded = endpoint.identity.startswith("local:")
-        requests = [closed_book_request(settings, q, embedded) for q in questions]
+        if arm.retrieval:
+            from finetune_kit.eval.grounded import GroundedArm
+
+            grounded = grounded or GroundedArm(store, settings)
+            prepared = [(q, grounded.prepare(q, embedded).request) for q in questions]
+            asked = [(q, r) for q, r in prepared if r is not None]  # the gate refuses the others uncalled
+        else:
+            asked = [(q, closed_book_request(settings, q, embedded)) for q in questions]
+        requests = [r for _, r in asked]
         estimates.append(
             estimate_stage(
                 f"eval {arm.name} ({arm.model})", _uncached(store, endpoint, requests), endpoint, 1.0
             )
         )
-        judged += [
-            (q, _answer_text(store, endpoint, r))
-            for q, r in zip(questions, requests, strict=True)
-            if gradable(q)
-        ]
-    if judged:
+        judged += [(q, _answer_text(store, endpoint, r)) for q, r in asked if gradable(q)]
+    if judged and options.judge:
         judge_endpoint = planning_endpoint(_judge_settings(settings, options))
         rubric = load_rubric(settings)
         filler = " ".join(["word"] * TYPICAL_ANSWER_WORDS)  # the length of an answer not written yet

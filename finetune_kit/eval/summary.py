@@ -24,7 +24,6 @@ from finetune_kit.eval.metrics import (
 from finetune_kit.eval.questions import EvalQuestion
 
 Scores = dict[str, float | None]
-RETRIEVAL_K = 4  # recall@k's k; the arms' answers see the top settings.retrieval.k chunks
 
 
 @dataclass
@@ -82,9 +81,9 @@ class EvalSummary:
         return next((a for a in self.arms if a.name == name), None)
 
 
-def score_answer(question: EvalQuestion, answer: ArmAnswer, judgement: Judgement | None) -> Scores:
+def score_answer(question: EvalQuestion, answer: ArmAnswer, judgement: Judgement | None, k: int) -> Scores:
     """Every per-answer score that applies to this question and arm (None: does not apply)."""
-    refused = answer.refused_before_model or is_refusal(answer.answer)
+    refused = is_refusal(answer.answer) if answer.refused is None else answer.refused
     graded = question.answerable and bool(question.reference) and not answer.error
     reference = question.reference or ""
     scores: Scores = {
@@ -96,11 +95,13 @@ def score_answer(question: EvalQuestion, answer: ArmAnswer, judgement: Judgement
         "latency_p95": answer.latency_ms,
         "cost": answer.cost_usd,
     }
-    if answer.retrieved or answer.refused_before_model:
-        scores["faithfulness"] = faithfulness(answer.answer, answer.context) if not refused else None
-        scores["citation_precision"] = citation_precision(answer.cited, answer.retrieved, question.gold_paths)
+    if answer.grounded:
+        scores["faithfulness"] = (
+            None if refused or answer.error else faithfulness(answer.answer, answer.context)
+        )
+        scores["citation_precision"] = citation_precision(answer.cited, answer.given, question.gold_paths)
         if question.gold_paths and question.answerable:
-            scores |= retrieval_scores(answer.retrieved, question.gold_paths, RETRIEVAL_K)
+            scores |= retrieval_scores(answer.retrieved, question.gold_paths, k)
     return scores
 
 
@@ -115,7 +116,9 @@ def summarize(
     """Score every answer, estimate every arm's figures with intervals, pair the arms and write the verdict."""
     by_id = {q.id: q for q in questions}
     scores = {
-        (a.question_id, a.arm): score_answer(by_id[a.question_id], a, judgements.get((a.question_id, a.arm)))
+        (a.question_id, a.arm): score_answer(
+            by_id[a.question_id], a, judgements.get((a.question_id, a.arm)), int(context.get("k", 4))
+        )
         for a in answers
     }
     arms = [
@@ -179,6 +182,10 @@ def _notes(summary: EvalSummary, questions: list[EvalQuestion], context: dict[st
         notes.append(
             f"only {summary.n_questions} questions (fewer than {FEW_QUESTIONS}): the intervals are too wide to decide"
         )
+    if any(a.retrieval for a in summary.arms):
+        notes.append(f"recall@k: k = {context.get('k', 4)}, the chunks each retrieval answer sees")
+    if not context.get("judged", True):
+        notes.append("no judge (--no-judge): arms are ranked by token F1 against the references")
     if summary.judge_model and summary.judge_model in context.get("arm_models", []):
         notes.append(
             f"the judge ({summary.judge_model}) is also a model under test: it may favour its own answers"
