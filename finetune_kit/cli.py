@@ -1140,6 +1140,122 @@ def models(
         _say(line)
 
 
+EvalRuns = Annotated[
+    tuple[str, str] | None,
+    typer.Option(
+        "--compare", metavar="RUN_A RUN_B", help="Show what changed between two eval runs; run nothing."
+    ),
+]
+
+
+@app.command("eval")
+def eval_command(
+    ctx: typer.Context,
+    arms: Annotated[
+        str | None,
+        typer.Option(
+            "--arms",
+            metavar="LIST",
+            help="Arms to run, of base,ft,rag,ft+rag (default: every one that exists).",
+        ),
+    ] = None,
+    eval_model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", metavar="NAME", help="The base model (default: the model fine-tuning starts from)."
+        ),
+    ] = None,
+    ft_model: Annotated[
+        str | None,
+        typer.Option(
+            "--ft-model", metavar="NAME", help="The fine-tuned model (default: the newest registered)."
+        ),
+    ] = None,
+    judge_model: Annotated[
+        str | None,
+        typer.Option(
+            "--judge-model", metavar="NAME", help="The judge (default: the model that writes questions)."
+        ),
+    ] = None,
+    judge: Annotated[
+        bool, typer.Option("--judge/--no-judge", help="Grade with the judge (no: judge-free scores only).")
+    ] = True,
+    questions_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--questions", metavar="FILE", help="JSONL of questions to ask instead of the held-out ones."
+        ),
+    ] = None,
+    held_out: Annotated[
+        bool | None,
+        typer.Option(
+            "--held-out/--no-held-out", help="Ask the held-out questions (default: unless --questions)."
+        ),
+    ] = None,
+    run_name: Annotated[
+        str | None, typer.Option("--name", metavar="RUN", help="Run folder name (default: the UTC time).")
+    ] = None,
+    compare: EvalRuns = None,
+    provider: Provider = None,
+    product: Product = None,
+    slack_max_answer_tokens: MaxTokens = None,
+    max_cost_usd: MaxCost = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    dry_run: DryRun = False,
+) -> None:
+    """Does fine-tuning pay? Ask base, fine-tuned, retrieval and both the same held-out questions and score them.
+
+    The questions are the accepted ones of the validation split's chunks (never trained on), each with its answer
+    as the reference and its document as the gold source; --questions FILE.jsonl asks a team's own (one object a
+    line: question, reference, gold_paths, answerable, history, id; a bad line is one error naming it, and nothing
+    runs). Arms without a model or an index are skipped with a note. Every answer and verdict goes through the
+    request cache: a re-run pays nothing and a new arm pays only for itself; --dry-run and --max-cost as for
+    generate-questions. The judge grades with the rubric in prompts/eval_judge.txt at temperature 0; a reply
+    without a verdict is asked once more, then counted as unjudged. It prints one row per arm with 95 %
+    intervals and writes report.html, report.md, results.jsonl, chart.png and summary.json to
+    <workspace>/eval/<run>/; --compare RUN_A RUN_B shows what changed between two runs.
+    """
+    import json
+
+    from finetune_kit.eval.report import compare_table, load_summary, summary_table
+    from finetune_kit.eval.run import EvalOptions, run_eval
+    from finetune_kit.render import RichProgress, estimate_table
+
+    settings = _settings(ctx)
+    if compare is not None:
+        out.print(compare_table(*(load_summary(settings.workspace, run) for run in compare)))
+        return
+    from finetune_kit.eval.arms import parse_arm_names
+
+    options = EvalOptions(
+        parse_arm_names(arms),
+        eval_model,
+        ft_model,
+        judge_model,
+        judge,
+        questions_file,
+        held_out,
+        run_name,
+        dry_run,
+    )
+    with _progress() as bar:
+        outcome = run_eval(settings, options, RichProgress(bar))
+    for name, why in outcome.skipped.items():
+        err.print(f"{name} skipped: {why}", markup=False, emoji=False)
+    if outcome.summary is None:
+        table = estimate_table(outcome.estimates)
+        table.caption = None  # its note is about generation; eval's notes follow
+        out.print(table)
+        for line in [*outcome.notes, "Dry run: nothing was sent. Cached calls are free and left out."]:
+            _say(line)
+        return
+    if as_json:
+        typer.echo(json.dumps(outcome.summary.to_json(), indent=2, ensure_ascii=False))
+        return
+    out.print(summary_table(outcome.summary))
+    _say(f"Report: {outcome.run_dir}/report.html")
+
+
 def _settle(settings: Settings, hosted: bool = False, publish: bool = False) -> None:
     """Settle the jobs nobody watched (see `training.sync.settle_jobs`), saying on stderr what that did."""
     from finetune_kit.training.sync import settle_jobs

@@ -16,9 +16,10 @@ REQUIRED_PLACEHOLDERS = {
     "grounded_answer": {"product", "sources"},  # the system prompt of answers from numbered retrieved chunks
     "condense": {"product", "history", "message"},  # a follow-up as one standalone question (retrieval)
     "unanswerable": {"product", "n", "headings"},  # questions the docs cannot answer (IDK calibration)
+    "eval_judge": {"product", "question", "reference", "answer"},  # `ftkit eval`'s grading rubric
 }
 # A prompts_dir written before these templates existed lacks them; the bundled one is used then.
-BUNDLED_WHEN_MISSING = {"code_questions", "code_answers", "grounded_answer", "condense", "unanswerable"}
+BUNDLED_WHEN_MISSING = {"code_questions", "code_answers", "grounded_answer", "condense", "unanswerable", "eval_judge"}
 
 logger = logging.getLogger(__name__)
 

@@ -54,6 +54,7 @@ def test_the_cli_has_the_pipeline_commands() -> None:
         "ask",
         "build-dataset",
         "chat",
+        "eval",
         "generate-questions",
         "index",
         "ingest",
