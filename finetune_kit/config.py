@@ -278,6 +278,13 @@ class Settings(BaseSettings):
     answer_temperature: float = Field(0.2, ge=0, le=2)
     answer_max_tokens: int = Field(256, ge=16)
     near_duplicate_threshold: float = Field(0.85, gt=0, le=1)
+    # grounding (stages/grounding.py): an answer is kept only if its chunk supports it
+    grounding_precheck: bool = (
+        True  # the answer's commands, options, numbers and identifiers are in the chunk
+    )
+    grounding_judge: bool = (
+        True  # a judge call: supported, partly (asked again once) or unsupported (rejected)
+    )
 
     # dataset
     dataset_format: Literal["chat", "prompt-completion"] = "chat"

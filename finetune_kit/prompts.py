@@ -13,9 +13,11 @@ REQUIRED_PLACEHOLDERS = {
     "code_questions": {"product", "n", "chunk"},  # the questions template for chunks of source code
     "answers": {"product", "chunk", "question"},
     "code_answers": {"product", "chunk", "question"},  # the answers template for chunks of source code
+    "grounding_judge": {"product", "chunk", "question", "answer"},  # does the chunk support the answer?
+    "grounding_reask": {"claim"},  # asks again, after the judge found a claim the chunk does not state
 }
 # A prompts_dir written before these templates existed lacks them; the bundled one is used then.
-BUNDLED_WHEN_MISSING = {"code_questions", "code_answers"}
+BUNDLED_WHEN_MISSING = {"code_questions", "code_answers", "grounding_judge", "grounding_reask"}
 
 logger = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from finetune_kit.retrieval.index import index_state
 from finetune_kit.stages.build_dataset import CHUNK_ANSWER_KEY, answer_keys
 from finetune_kit.stages.estimate import estimate_generation
 from finetune_kit.stages.generate_questions import generation_key
+from finetune_kit.stages.grounding import REASON_CATEGORY, grounding_line
 from finetune_kit.store import Store, run_status
 
 RECENT_RUNS = 5  # runs listed, newest first, with what each one spent
@@ -66,6 +67,7 @@ class StatusReport:
     chunks_without_questions: dict[str, int] = field(default_factory=dict)
     questions: dict[str, int] = field(default_factory=dict)  # "accepted" or reject reason → count
     answers: dict[str, int] = field(default_factory=dict)
+    grounding: str = ""  # which grounding gates the current settings use
     ledger: list[tuple[str, int, int, int, float]] = field(default_factory=list)  # stage, calls, in, out, $
     runs: list[tuple[int, str, str, str, int, float]] = field(
         default_factory=list
@@ -88,6 +90,7 @@ class StatusReport:
             ("questions", _join(self.questions)),
             ("answers", _join(self.answers)),
             ("search index", self.index),
+            ("grounding check", self.grounding),
         ]
         rows += [
             (f"LLM {stage}", f"{calls} calls, {tin:,} in / {tout:,} out tokens, ${cost:.4f}")
@@ -117,6 +120,7 @@ def workspace_status(settings: Settings) -> StatusReport:
             f"{settings.workspace}: no ftkit workspace here — run `ftkit ingest DOCS` first or pass --workspace"
         )
     report = StatusReport(workspace=settings.workspace, endpoint=identity, model=model)
+    report.grounding = grounding_line(settings)
     with Store(settings.db_path) as store:
         report.made_by = made_by(store, q_key, a_keys)
         report.redo = redo_lines(store, settings, identity, model)
@@ -154,7 +158,7 @@ def workspace_status(settings: Settings) -> StatusReport:
         )
         report.answers = _counts(
             store,
-            "SELECT coalesce(a.reason, 'accepted'), count(*) FROM answers a JOIN questions q ON q.id = a.question_id"
+            f"SELECT coalesce({REASON_CATEGORY}, 'accepted'), count(*) FROM answers a JOIN questions q ON q.id = a.question_id"
             " JOIN chunks c ON c.id = q.chunk_id JOIN documents d ON d.id = c.document_id"
             f" WHERE a.answer_key = {CHUNK_ANSWER_KEY} GROUP BY 1 ORDER BY 2 DESC",
             a_keys,
