@@ -15,9 +15,10 @@ REQUIRED_PLACEHOLDERS = {
     "code_answers": {"product", "chunk", "question"},  # the answers template for chunks of source code
     "grounding_judge": {"product", "chunk", "question", "answer"},  # does the chunk support the answer?
     "grounding_reask": {"claim"},  # asks again, after the judge found a claim the chunk does not state
+    "paraphrases": {"product", "question", "n"},  # other phrasings of a training question
 }
 # A prompts_dir written before these templates existed lacks them; the bundled one is used then.
-BUNDLED_WHEN_MISSING = {"code_questions", "code_answers", "grounding_judge", "grounding_reask"}
+BUNDLED_WHEN_MISSING = {"code_questions", "code_answers", "grounding_judge", "grounding_reask", "paraphrases"}
 
 logger = logging.getLogger(__name__)
 

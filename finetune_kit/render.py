@@ -137,6 +137,8 @@ def summary_table(summary: RunSummary) -> Table:
         table.add_row("answer rejects", _reasons(d.rejects))
         if d.grounding:
             table.add_row("grounding check", _reasons(d.grounding))
+        if d.curation:
+            table.add_row("dataset curation", _reasons(d.curation))
         if d.train and d.validation:
             table.add_row("examples (train / validation)", f"{d.train.examples} / {d.validation.examples}")
         table.add_row(

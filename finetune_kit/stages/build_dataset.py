@@ -46,6 +46,8 @@ class DatasetReport:
     answers_accepted: int = 0
     rejects: Counter[str] = field(default_factory=Counter)
     grounding: Counter[str] = field(default_factory=Counter)  # what each grounding gate did
+    curation: Counter[str] = field(default_factory=Counter)  # near duplicates dropped, paraphrases written
+    paraphrases: list[Example] = field(default_factory=list)  # other phrasings of training questions
     train: ValidationReport | None = None
     validation: ValidationReport | None = None
     estimated_training_tokens: int = 0
@@ -230,7 +232,7 @@ def write_dataset(
     limit = settings.example_token_limits.get(settings.fine_tune_base_model, 65_536)
     for name, part in (
         ("train", [e for e in examples if e.chunk_id not in held_out]),
-        ("validation", [e for e in examples if e.chunk_id in held_out]),
+        ("validation", [e for e in examples if e.chunk_id in held_out and not e.paraphrase]),
     ):
         path = out_dir / f"{name}.jsonl"
         write_jsonl(path, [to_record(e, settings.dataset_format, system) for e in part])

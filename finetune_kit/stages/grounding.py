@@ -28,8 +28,9 @@ UNSUPPORTED = "grounding judge: unsupported"
 PARTLY = "grounding judge: partly supported, also after a re-ask"
 UNCHECKED = "grounding judge: unchecked"  # kept in the dataset: the reason says it was never checked
 # SQL: a grounding reason counted by its category, any other reason as it is (`a` is the answers row)
+DETAILED = ("grounding ", "near duplicate ")  # the reasons that carry a detail after SEPARATOR
 REASON_CATEGORY = (
-    "CASE WHEN a.reason LIKE 'grounding %' AND instr(a.reason, ' — ') > 0"
+    "CASE WHEN (a.reason LIKE 'grounding %' OR a.reason LIKE 'near duplicate %') AND instr(a.reason, ' — ') > 0"
     " THEN substr(a.reason, 1, instr(a.reason, ' — ') - 1) ELSE a.reason END"
 )
 
@@ -89,7 +90,7 @@ def answer_status(reason: str | None) -> Literal["accepted", "rejected"]:
 
 def reason_category(reason: str) -> str:
     """What a run summary counts a reject as: a grounding reason without its detail, any other as it is."""
-    return reason.split(SEPARATOR, 1)[0] if reason.startswith("grounding ") else reason
+    return reason.split(SEPARATOR, 1)[0] if reason.startswith(DETAILED) else reason
 
 
 def _normal(text: str) -> str:
