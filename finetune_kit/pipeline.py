@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune_kit.config import Settings
+from finetune_kit.dataset_report import report_dataset
 from finetune_kit.errors import ConfigError, FtkitError
 from finetune_kit.llm.budget import Budget
 from finetune_kit.llm.client import ChatRequest, Endpoint, LLMClient
@@ -222,4 +223,7 @@ def _write(store: Store, settings: Settings, summary: RunSummary) -> None:
     identity, model = summary.endpoint_identity, summary.model
     examples = curated_examples(store, settings, identity, model, report.paraphrases, report)
     summary.dataset = write_dataset(examples, settings, settings.dataset_path, report)
-    summary.files = summary.dataset.files
+    summary.files = [
+        *summary.dataset.files,
+        report_dataset(store, settings, identity, model, examples, report),
+    ]

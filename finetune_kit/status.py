@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_kit.config import Settings
+from finetune_kit.dataset_report import REPORT_HTML, DatasetSummary, read_dataset_summary
 from finetune_kit.errors import FtkitError
 from finetune_kit.llm.endpoint import endpoint_identity
 from finetune_kit.prompts import load_prompt
@@ -68,6 +69,8 @@ class StatusReport:
     questions: dict[str, int] = field(default_factory=dict)  # "accepted" or reject reason → count
     answers: dict[str, int] = field(default_factory=dict)
     grounding: str = ""  # which grounding gates the current settings use
+    dataset: DatasetSummary | None = None  # what the last build-dataset wrote, from its report.json
+    dataset_report: Path | None = None
     ledger: list[tuple[str, int, int, int, float]] = field(default_factory=list)  # stage, calls, in, out, $
     runs: list[tuple[int, str, str, str, int, float]] = field(
         default_factory=list
@@ -92,6 +95,8 @@ class StatusReport:
             ("search index", self.index),
             ("grounding check", self.grounding),
         ]
+        if self.dataset is not None:
+            rows += [*self.dataset.status_lines(), ("dataset report", str(self.dataset_report))]
         rows += [
             (f"LLM {stage}", f"{calls} calls, {tin:,} in / {tout:,} out tokens, ${cost:.4f}")
             for stage, calls, tin, tout, cost in self.ledger
@@ -121,6 +126,8 @@ def workspace_status(settings: Settings) -> StatusReport:
         )
     report = StatusReport(workspace=settings.workspace, endpoint=identity, model=model)
     report.grounding = grounding_line(settings)
+    report.dataset = read_dataset_summary(settings.dataset_path)
+    report.dataset_report = settings.dataset_path / REPORT_HTML
     with Store(settings.db_path) as store:
         report.made_by = made_by(store, q_key, a_keys)
         report.redo = redo_lines(store, settings, identity, model)
