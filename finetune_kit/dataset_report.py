@@ -1,12 +1,13 @@
-"""The dataset report: `<dataset>/report.html` (self-contained, charts as base64 PNG) and report.json for status.
+"""The dataset report: `<dataset>/report.html` (self-contained, charts as inline SVG) and report.json for status.
+
+The charts are drawn as SVG by hand rather than with matplotlib: generating a dataset never imports it (a base
+install stays light and fast; tests/test_extras.py checks that it is not even looked up).
 
 Counts per gate (accepted, rejected and why), negatives and paraphrases, question and answer lengths, the coverage
 ledger per source (chunks with and without examples) and 20 seeded random examples to read.
 """
 
-import base64
 import html
-import io
 import json
 import random
 from collections import Counter
@@ -16,14 +17,17 @@ from typing import Any
 
 from finetune_kit.config import Settings
 from finetune_kit.disk_space import written_whole
+from finetune_kit.prompts import load_prompt
 from finetune_kit.stages.build_dataset import CHUNK_ANSWER_KEY, DatasetReport, answer_keys
 from finetune_kit.stages.dataset import Example, split_by_chunk
+from finetune_kit.stages.generate_questions import generation_key
 from finetune_kit.stages.grounding import REASON_CATEGORY
 from finetune_kit.store import Store
 
 REPORT_HTML = "report.html"
 REPORT_JSON = "report.json"
 SAMPLES = 20
+CHART_WIDTH, CHART_HEIGHT = 640, 200
 
 
 @dataclass
@@ -52,6 +56,9 @@ class DatasetSummary:
     question_words: list[int] = field(default_factory=list)
     answer_words: list[int] = field(default_factory=list)
     sources: list[SourceCoverage] = field(default_factory=list)
+    uncovered: list[tuple[str, str, str]] = field(
+        default_factory=list
+    )  # path, heading, why no example (first 100)
     samples: list[dict[str, str]] = field(default_factory=list)
 
     def status_lines(self) -> list[tuple[str, str]]:
@@ -80,6 +87,7 @@ def summarise_dataset(
         question_words=[len(e.question.split()) for e in examples],
         answer_words=[len(e.answer.split()) for e in examples if not e.paraphrase],
         sources=_coverage(store, {e.chunk_id for e in examples}),
+        uncovered=_uncovered(store, settings, identity, model, {e.chunk_id for e in examples}),
     )
     picked = random.Random(settings.split_seed).sample(examples, min(SAMPLES, len(examples)))
     summary.samples = [_sample(e, held_out) for e in picked]
@@ -129,6 +137,29 @@ def report_dataset(
     return write_dataset_report(settings.dataset_path, summary, report)
 
 
+def _uncovered(
+    store: Store, settings: Settings, identity: str, model: str, with_examples: set[str]
+) -> list[tuple[str, str, str]]:
+    """Chunks without an example and why: the coverage ledger's reason, else what happened to their answers."""
+    q_key = generation_key(settings, load_prompt("questions", settings.prompts_dir), identity, model)
+    rows = store.db.execute(
+        "SELECT c.id, d.path, c.heading_path, s.reason, s.n_accepted FROM chunks c"
+        " JOIN documents d ON d.id = c.document_id"
+        " LEFT JOIN question_sets s ON s.chunk_id = c.id AND s.generation_key = ?"
+        " WHERE c.status = 'active' ORDER BY d.path, c.seq",
+        (q_key,),
+    )
+    found = []
+    for chunk_id, path, heading, reason, n_accepted in rows:
+        if chunk_id in with_examples:
+            continue
+        why = reason or (
+            "no question yet" if n_accepted is None else "every answer rejected (see the answers)"
+        )
+        found.append((path, " > ".join(json.loads(heading)), why))
+    return found[:100]
+
+
 def write_dataset_report(out_dir: Path, summary: DatasetSummary, report: DatasetReport) -> Path:
     """Write report.html and report.json into `out_dir` (each to a temporary name, then renamed)."""
     data = asdict(summary) | {"run": {"grounding": dict(report.grounding), "curation": dict(report.curation)}}
@@ -146,6 +177,7 @@ def read_dataset_summary(out_dir: Path) -> DatasetSummary | None:
         data = json.loads((out_dir / REPORT_JSON).read_text(encoding="utf-8"))
         data.pop("run", None)
         data["sources"] = [SourceCoverage(**s) for s in data.get("sources", [])]
+        data["uncovered"] = [tuple(row) for row in data.get("uncovered", [])]
         return DatasetSummary(**data)
     except (OSError, ValueError, TypeError):
         return None
@@ -170,14 +202,15 @@ def render_html(summary: DatasetSummary, report: DatasetReport) -> str:
         _table("This run: grounding check", ["gate", "answers"], Counter(report.grounding).most_common()),
         _table("This run: curation", ["step", "count"], Counter(report.curation).most_common()),
         "<h2>Lengths</h2>",
-        _image(_histogram(summary.question_words, "question length (words)")),
-        _image(_histogram(summary.answer_words, "answer length (words)")),
+        _histogram(summary.question_words, "question length (words)"),
+        _histogram(summary.answer_words, "answer length (words)"),
         _table(
             "Coverage by source",
             ["source", "chunks", "with examples", "without examples"],
             [(s.spec, s.chunks, s.with_examples, s.without_examples) for s in summary.sources],
         ),
-        _image(_coverage_chart(summary.sources)),
+        _coverage_chart(summary.sources),
+        _table("Chunks without examples", ["document", "heading", "why"], summary.uncovered),
         f"<h2>{len(summary.samples)} random examples</h2>",
         *(_example(sample) for sample in summary.samples),
         "</body></html>",
@@ -188,7 +221,7 @@ def render_html(summary: DatasetSummary, report: DatasetReport) -> str:
 _CSS = (
     "body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
     "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;"
-    "text-align:left}.ex{border-left:3px solid #69c;padding:.2em .8em;margin:1em 0}.meta{color:#666;font-size:.85em}"
+    "text-align:left}.ex{border-left:3px solid #69c;padding:.2em .8em;margin:1em 0}.meta{color:#666;font-size:.85em}.ex p{white-space:pre-wrap}svg{background:#fafafa;border:1px solid #eee}"
 )
 
 
@@ -205,44 +238,46 @@ def _example(sample: dict[str, str]) -> str:
     )
 
 
-def _image(png: bytes) -> str:
-    return f"<img alt='chart' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
-
-
-def _figure() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: build-dataset runs in terminals and CI
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(7, 3), dpi=90)
-
-
-def _png(figure: Any) -> bytes:
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-def _histogram(values: list[int], label: str) -> bytes:
-    figure = _figure()
-    axes = figure.add_subplot()
-    axes.hist(values or [0], bins=min(30, max(1, len(set(values)))), color="#69c")
-    axes.set_xlabel(label)
-    axes.set_ylabel("examples")
-    return _png(figure)
-
-
-def _coverage_chart(sources: list[SourceCoverage]) -> bytes:
-    figure = _figure()
-    axes = figure.add_subplot()
-    names = [s.spec[-40:] for s in sources] or ["(no sources)"]
-    covered = [s.with_examples for s in sources] or [0]
-    axes.barh(names, covered, color="#69c", label="with examples")
-    axes.barh(
-        names, [s.without_examples for s in sources] or [0], left=covered, color="#e96", label="without"
+def _histogram(values: list[int], label: str) -> str:
+    """An SVG histogram of `values`, at most 20 bins of whole numbers."""
+    low, high = (min(values), max(values)) if values else (0, 0)
+    width = max(1, -(-(high - low + 1) // 20))  # bins of whole numbers, 20 at most
+    counts = Counter((v - low) // width for v in values)
+    n_bins, top = (high - low) // width + 1, max(counts.values(), default=1)
+    bar = CHART_WIDTH / n_bins
+    bars = "".join(
+        f"<rect x='{i * bar:.1f}' y='{CHART_HEIGHT - counts[i] / top * CHART_HEIGHT:.1f}' width='{bar - 1:.1f}'"
+        f" height='{counts[i] / top * CHART_HEIGHT:.1f}' fill='#69c'><title>{low + i * width}–"
+        f"{low + (i + 1) * width - 1}: {counts[i]}</title></rect>"
+        for i in range(n_bins)
     )
-    axes.set_xlabel("chunks")
-    axes.legend()
-    return _png(figure)
+    bars += "".join(
+        f"<text x='{i * bar + bar / 2:.1f}' y='{CHART_HEIGHT + 14}' font-size='10' text-anchor='middle'>"
+        f"{low + i * width}</text>"
+        for i in range(n_bins)
+    )
+    axis = f"{label}: {low} to {high}, tallest bar {top} examples"
+    return _svg(bars, axis)
+
+
+def _coverage_chart(sources: list[SourceCoverage]) -> str:
+    """An SVG bar per source: chunks with examples, then those without."""
+    most = max((s.chunks for s in sources), default=1) or 1
+    row = CHART_HEIGHT / max(1, len(sources))
+    bars = ""
+    for i, s in enumerate(sources):
+        covered, rest = s.with_examples / most * CHART_WIDTH, s.without_examples / most * CHART_WIDTH
+        y, h = i * row + 2, row - 4
+        bars += f"<rect x='0' y='{y:.1f}' width='{covered:.1f}' height='{h:.1f}' fill='#69c'>"
+        bars += f"<title>{html.escape(s.spec)}: {s.with_examples} with examples</title></rect>"
+        bars += f"<rect x='{covered:.1f}' y='{y:.1f}' width='{rest:.1f}' height='{h:.1f}' fill='#e96'>"
+        bars += f"<title>{html.escape(s.spec)}: {s.without_examples} without</title></rect>"
+        bars += f"<text x='4' y='{y + h / 2 + 4:.1f}' font-size='11'>{html.escape(s.spec[-60:])}</text>"
+    return _svg(bars, "chunks per source: blue with examples, orange without (hover for numbers)")
+
+
+def _svg(body: str, caption: str) -> str:
+    return (
+        f"<figure><svg width='{CHART_WIDTH}' height='{CHART_HEIGHT + 20}'"
+        f" role='img'>{body}</svg><figcaption>{html.escape(caption)}</figcaption></figure>"
+    )

@@ -33,13 +33,15 @@ def test_build_dataset_writes_a_self_contained_report_that_matches_the_files(
     assert summary.answers["accepted"] == len(train) + len(validation)
     assert len(summary.question_words) == len(train) + len(validation)
     assert len(summary.samples) == SAMPLES and page.count("class='ex'") == SAMPLES
-    assert len(re.findall(r"src='data:image/png;base64,", page)) == 3  # two histograms and the coverage chart
+    assert page.count("<svg ") == 3  # two histograms and the coverage chart, inline
     assert not re.search(r"(src|href)=['\"]?(https?:)?//", page)  # nothing to fetch
     with sqlite3.connect("ws/state.db") as db:
         chunks = db.execute("SELECT count(*) FROM chunks WHERE status = 'active'").fetchone()[0]
     assert [s.spec for s in summary.sources] == [str(SAMPLE_DOCS)]
     assert summary.sources[0].chunks == chunks >= summary.sources[0].with_examples > 0
     assert "ws/dataset/report.html" in result.stdout
+    without = summary.sources[0].chunks - summary.sources[0].with_examples
+    assert len(summary.uncovered) == without and page.count("</tr>") >= without
 
 
 def test_the_random_examples_are_seeded(runner: CliRunner, fake_llm: FakeOpenAI) -> None:

@@ -82,6 +82,7 @@ def planting_llm(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAI]:
 
 
 def sample_settings(tmp_path: Path, **flags: object) -> Settings:
+    flags = {"dedupe_across_chunks": False, **flags}  # near duplicates across chunks: tests/test_curation.py
     return load_settings(workspace=tmp_path / "ws", product="Quillstack", model="gpt-4o-mini", **flags)
 
 

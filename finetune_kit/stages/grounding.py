@@ -19,9 +19,9 @@ from finetune_kit.llm.client import ChatRequest, LLMClient, cached_result, reque
 from finetune_kit.prompts import load_prompt
 from finetune_kit.stages import Prefill
 
-JUDGE_ATTEMPTS = 3  # judge calls per answer while its output holds no verdict
+JUDGE_ATTEMPTS = 2  # judge calls per answer while its output holds no verdict (one retry)
 JUDGE_STAGE = "grounding-judge"
-JUDGE_MAX_TOKENS = 120
+JUDGE_MAX_TOKENS = 80  # a verdict line and one claim
 SEPARATOR = " — "  # between a reason's category (what `ftkit status` counts) and its detail
 PRECHECK = "grounding pre-check: not in the chunk"
 UNSUPPORTED = "grounding judge: unsupported"
