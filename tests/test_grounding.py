@@ -257,6 +257,10 @@ def test_a_specific_counts_as_present_whatever_its_spacing_case_or_thousands_sep
     chunk = "Set `timeout_s`\nto 1500 ms with\n`ftkit   run  --max-cost 2`."
     assert missing_specifics("Use `ftkit run --max-cost 2`; TIMEOUT_S is 1,500ms.", chunk, []) == []
     assert missing_specifics("Use `ftkit run --fast`.", chunk, []) == ["ftkit run --fast"]
+    assert (
+        missing_specifics("Try `ftkit run --max-cost 1500`.", chunk, []) == []
+    )  # written from the chunk's parts
+    assert missing_specifics("Try `ftkit run --max-cost 99`.", chunk, []) == ["ftkit run --max-cost 99"]
     assert missing_specifics("Quillstack_Cloud is 15 ms.", chunk, ["Quillstack_Cloud"]) == ["15 ms"]
 
 

@@ -191,7 +191,9 @@ class Retriever:
             left.remove(best)
         return [candidates[i] for i in chosen]
 
-    def _hits(self, order: list[str], fused: dict[str, float], scores: "_Scores", terms: list[str]) -> list[Hit]:
+    def _hits(
+        self, order: list[str], fused: dict[str, float], scores: "_Scores", terms: list[str]
+    ) -> list[Hit]:
         rows = _chunk_rows(self.store, order)
         lexical_rank = {cid: n for n, cid in enumerate(scores.lexical, 1)}
         dense_rank = {cid: n for n, cid in enumerate(scores.dense, 1)}
@@ -270,7 +272,9 @@ def _load_dense(store: Store, embedder: Embedder) -> _Dense:
     finally:
         if snapshot:
             store.db.execute("COMMIT")
-    dim = len(rows[0][3]) // 4 if rows else 1  # from the stored vectors: asking an API model's dim costs a request
+    dim = (
+        len(rows[0][3]) // 4 if rows else 1
+    )  # from the stored vectors: asking an API model's dim costs a request
     windows = np.frombuffer(b"".join(row[3] for row in rows), dtype=np.float32).reshape(len(rows), dim)
     chunk_ids: list[str] = []
     starts: list[int] = []

@@ -49,6 +49,7 @@ _IDENTIFIER = re.compile(
 )
 _UNIT = r"%|ms|s|sec|secs|seconds?|minutes?|mins?|hours?|h|days?|[kmgt]i?b|bytes?|requests?|tokens?|rps|x"
 _NUMBER = re.compile(rf"(?<![\w.,])(\d+(?:[.,]\d+)*)(\s?(?:{_UNIT})\b|%)?", re.I)
+_TOKEN = re.compile(r"-{0,2}\w[\w.-]*\w|\w")
 _LIST_MARKER = re.compile(r"^\s*\d+[.)]\s", re.M)
 _VERDICT = re.compile(r"verdict[\s:*\"'=-]*([^\n\"]*)", re.I)
 _VERDICT_WORD = re.compile(
@@ -133,11 +134,18 @@ def missing_specifics(answer: str, chunk: str, also_given: list[str]) -> list[st
     given_numbers = _numbers(" ".join([chunk, *also_given]))
     missing = []
     for item in specifics(answer):
-        number = _NUMBER.fullmatch(item)
-        present = number.group(1).replace(",", "") in given_numbers if number else _normal(item) in given
+        if number := _NUMBER.fullmatch(item):
+            present = number.group(1).replace(",", "") in given_numbers
+        else:  # verbatim, or a command or call the answer wrote out of names and values the chunk all has
+            present = _normal(item) in given or all(token in given for token in _tokens(item))
         if not present:
             missing.append(item)
     return missing
+
+
+def _tokens(item: str) -> list[str]:
+    """The names, options and values in a command or code span, of two characters or more."""
+    return [token for token in _TOKEN.findall(_normal(item)) if len(token.strip("-.")) > 1]
 
 
 def judge_request(settings: Settings, chunk: str, question: str, answer: str, attempt: int) -> ChatRequest:
