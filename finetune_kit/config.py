@@ -287,9 +287,8 @@ class Settings(BaseSettings):
     # best-answered one (near_duplicate_threshold works within one chunk)
     dedupe_across_chunks: bool = True
     corpus_duplicate_threshold: float = Field(0.7, gt=0, le=1)
-    paraphrases_per_question: int = Field(
-        0, ge=0, le=10
-    )  # extra phrasings of each training question (never validation)
+    # extra phrasings of each training question with its answer (stages/curate.py; never in validation)
+    paraphrases_per_question: int = Field(0, ge=0, le=10)
     paraphrase_temperature: float = Field(0.9, ge=0, le=2)
 
     # dataset

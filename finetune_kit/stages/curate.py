@@ -64,7 +64,7 @@ async def paraphrase_training_questions(
 ) -> list[Example]:
     """Other phrasings of every training question, each with its question's answer (cached; none when 0 wanted)."""
     identity, model = client.endpoint.identity, client.endpoint.model
-    report.curation[NEAR_DUPLICATES] = drop_corpus_duplicates(store, settings, identity, model)
+    _count(report, NEAR_DUPLICATES, drop_corpus_duplicates(store, settings, identity, model))
     if settings.paraphrases_per_question == 0:
         return []
     progress = progress or NoProgress()
@@ -87,7 +87,7 @@ async def paraphrase_training_questions(
         await gather_all([one(example) for example in todo])
     finally:
         progress.finish()
-    report.curation[PARAPHRASES] = len(made)
+    _count(report, PARAPHRASES, len(made))
     return sorted(made, key=lambda e: (e.chunk_id, e.question))
 
 
@@ -100,5 +100,13 @@ def curated_examples(
     report: DatasetReport,
 ) -> list[Example]:
     """What build-dataset writes: the accepted examples, near duplicates across chunks left out, then paraphrases."""
-    report.curation[NEAR_DUPLICATES] = drop_corpus_duplicates(store, settings, identity, model)
+    _count(report, NEAR_DUPLICATES, drop_corpus_duplicates(store, settings, identity, model))
     return accepted_examples(store, settings, identity, model) + paraphrases
+
+
+def _count(report: DatasetReport, what: str, n: int) -> None:
+    """Set one curation count; a step that did nothing is left out of the summary."""
+    if n:
+        report.curation[what] = n
+    else:
+        report.curation.pop(what, None)

@@ -22,6 +22,7 @@ from finetune_kit.stages import Prefill
 JUDGE_ATTEMPTS = 2  # judge calls per answer while its output holds no verdict (one retry)
 JUDGE_STAGE = "grounding-judge"
 JUDGE_MAX_TOKENS = 80  # a verdict line and one claim
+JUDGE_RETRY_TEMPERATURE = 0.7
 SEPARATOR = " — "  # between a reason's category (what `ftkit status` counts) and its detail
 PRECHECK = "grounding pre-check: not in the chunk"
 UNSUPPORTED = "grounding judge: unsupported"
@@ -155,7 +156,7 @@ def judge_request(settings: Settings, chunk: str, question: str, answer: str, at
     return ChatRequest(
         stage=JUDGE_STAGE,
         messages=(("user", prompt),),
-        temperature=0.0,
+        temperature=0.0 if attempt == 0 else JUDGE_RETRY_TEMPERATURE,  # greedy would repeat the same reply
         max_tokens=JUDGE_MAX_TOKENS,
         template_version=template.version,
         attempt=attempt,
