@@ -525,9 +525,11 @@ def status(
 
     It shows what the workspace holds whichever settings are current: sources, which model at which endpoint
     made its questions and answers (and how many), documents, skipped files by reason, chunks with and without
-    questions (and why), answers by outcome, and the LLM ledger per stage. --provider, --model and --product give
-    the current settings; when they differ from those that made the work, a "settings changed" row says what the
-    next generate-questions and build-dataset would make again, with their estimated calls.
+    questions (and why), answers by outcome (the grounding check's and near duplicates' rejects among them), the
+    grounding gates in use, the last dataset's summary (its report.html), and the LLM ledger per stage.
+    --provider, --model and --product give the current settings; when they differ from those that made the work,
+    a "settings changed" row says what the next generate-questions and build-dataset would make again, with their
+    estimated calls.
     """
     from finetune_kit.render import status_table
     from finetune_kit.status import workspace_status

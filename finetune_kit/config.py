@@ -279,6 +279,18 @@ class Settings(BaseSettings):
     answer_temperature: float = Field(0.2, ge=0, le=2)
     answer_max_tokens: int = Field(256, ge=16)
     near_duplicate_threshold: float = Field(0.85, gt=0, le=1)
+    # grounding (stages/grounding.py): an answer is kept only if its chunk supports it. The pre-check: its
+    # commands, options, numbers and identifiers are in the chunk; the judge: one call says supported, partly
+    # (asked again once) or unsupported (rejected)
+    grounding_precheck: bool = True
+    grounding_judge: bool = True
+    # questions of different chunks this alike (Jaccard of content-word shingles, stages/dedupe.py) keep only the
+    # best-answered one (near_duplicate_threshold works within one chunk)
+    dedupe_across_chunks: bool = True
+    corpus_duplicate_threshold: float = Field(0.7, gt=0, le=1)
+    # extra phrasings of each training question with its answer (stages/curate.py; never in validation)
+    paraphrases_per_question: int = Field(0, ge=0, le=10)
+    paraphrase_temperature: float = Field(0.9, ge=0, le=2)
 
     # dataset
     dataset_format: Literal["chat", "prompt-completion"] = "chat"

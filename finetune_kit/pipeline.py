@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune_kit.config import Settings
+from finetune_kit.dataset_report import report_dataset
 from finetune_kit.errors import ConfigError, FtkitError
 from finetune_kit.llm.budget import Budget
 from finetune_kit.llm.client import ChatRequest, Endpoint, LLMClient
@@ -15,12 +16,8 @@ from finetune_kit.llm.endpoint import endpoint_identity, open_endpoint
 from finetune_kit.progress import NoProgress, Progress
 from finetune_kit.retrieval.index import IndexReport, update_index
 from finetune_kit.stages import Prefill
-from finetune_kit.stages.build_dataset import (
-    DatasetReport,
-    accepted_examples,
-    answer_questions,
-    write_dataset,
-)
+from finetune_kit.stages.build_dataset import DatasetReport, answer_questions, write_dataset
+from finetune_kit.stages.curate import curated_examples, paraphrase_training_questions
 from finetune_kit.stages.estimate import StageEstimate, estimate_generation
 from finetune_kit.stages.generate_questions import QuestionReport, generate_questions
 from finetune_kit.stages.ingest import IngestReport, ingest
@@ -178,6 +175,10 @@ async def _generation(
             if answer:
                 _note(progress, answer_redo(store, settings, endpoint.identity, endpoint.model))
                 summary.dataset = await answer_questions(store, client, settings, progress, prefill)
+            if answer and summary.dataset is not None:
+                summary.dataset.paraphrases = await paraphrase_training_questions(
+                    store, client, settings, summary.dataset, progress
+                )
         finally:
             await client.close()
             _account(store, run_id, client, summary)
@@ -236,7 +237,11 @@ def _account(store: Store, run_id: int, client: LLMClient, summary: RunSummary) 
 
 
 def _write(store: Store, settings: Settings, summary: RunSummary) -> None:
-    examples = accepted_examples(store, settings, summary.endpoint_identity, summary.model)
     report = summary.dataset or DatasetReport()
+    identity, model = summary.endpoint_identity, summary.model
+    examples = curated_examples(store, settings, identity, model, report.paraphrases, report)
     summary.dataset = write_dataset(examples, settings, settings.dataset_path, report)
-    summary.files = summary.dataset.files
+    summary.files = [
+        *summary.dataset.files,
+        report_dataset(store, settings, identity, model, examples, report),
+    ]

@@ -17,9 +17,22 @@ REQUIRED_PLACEHOLDERS = {
     "condense": {"product", "history", "message"},  # a follow-up as one standalone question (retrieval)
     "unanswerable": {"product", "n", "headings"},  # questions the docs cannot answer (IDK calibration)
     "eval_judge": {"product", "question", "reference", "answer"},  # `ftkit eval`'s grading rubric
+    "grounding_judge": {"product", "chunk", "question", "answer"},  # does the chunk support the answer?
+    "grounding_reask": {"claim"},  # asks again, after the judge found a claim the chunk does not state
+    "paraphrases": {"product", "question", "n"},  # other phrasings of a training question
 }
 # A prompts_dir written before these templates existed lacks them; the bundled one is used then.
-BUNDLED_WHEN_MISSING = {"code_questions", "code_answers", "grounded_answer", "condense", "unanswerable", "eval_judge"}
+BUNDLED_WHEN_MISSING = {
+    "code_questions",
+    "code_answers",
+    "grounded_answer",
+    "condense",
+    "unanswerable",
+    "eval_judge",
+    "grounding_judge",
+    "grounding_reask",
+    "paraphrases",
+}
 
 logger = logging.getLogger(__name__)
 

@@ -137,6 +137,10 @@ def summary_table(summary: RunSummary) -> Table:
         d = summary.dataset
         table.add_row("answers accepted (this run)", f"{d.answers_accepted} of {d.answered}")
         table.add_row("answer rejects", _reasons(d.rejects))
+        if d.grounding:
+            table.add_row("grounding check", _reasons(d.grounding))
+        if d.curation:
+            table.add_row("dataset curation", _reasons(d.curation))
         if d.train and d.validation:
             table.add_row("examples (train / validation)", f"{d.train.examples} / {d.validation.examples}")
         table.add_row(

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_kit.config import Settings
+from finetune_kit.dataset_report import REPORT_HTML, DatasetSummary, read_dataset_summary
 from finetune_kit.errors import FtkitError
 from finetune_kit.llm.endpoint import endpoint_identity
 from finetune_kit.prompts import load_prompt
@@ -13,6 +14,7 @@ from finetune_kit.retrieval.index import index_state
 from finetune_kit.stages.build_dataset import CHUNK_ANSWER_KEY, answer_keys
 from finetune_kit.stages.estimate import estimate_generation
 from finetune_kit.stages.generate_questions import generation_key
+from finetune_kit.stages.grounding import REASON_CATEGORY, grounding_line
 from finetune_kit.store import Store, run_status
 
 RECENT_RUNS = 5  # runs listed, newest first, with what each one spent
@@ -66,6 +68,9 @@ class StatusReport:
     chunks_without_questions: dict[str, int] = field(default_factory=dict)
     questions: dict[str, int] = field(default_factory=dict)  # "accepted" or reject reason → count
     answers: dict[str, int] = field(default_factory=dict)
+    grounding: str = ""  # which grounding gates the current settings use
+    dataset: DatasetSummary | None = None  # what the last build-dataset wrote, from its report.json
+    dataset_report: Path | None = None
     ledger: list[tuple[str, int, int, int, float]] = field(default_factory=list)  # stage, calls, in, out, $
     runs: list[tuple[int, str, str, str, int, float]] = field(
         default_factory=list
@@ -88,7 +93,10 @@ class StatusReport:
             ("questions", _join(self.questions)),
             ("answers", _join(self.answers)),
             ("search index", self.index),
+            ("grounding check", self.grounding),
         ]
+        if self.dataset is not None:
+            rows += [*self.dataset.status_lines(), ("dataset report", str(self.dataset_report))]
         rows += [
             (f"LLM {stage}", f"{calls} calls, {tin:,} in / {tout:,} out tokens, ${cost:.4f}")
             for stage, calls, tin, tout, cost in self.ledger
@@ -117,6 +125,9 @@ def workspace_status(settings: Settings) -> StatusReport:
             f"{settings.workspace}: no ftkit workspace here — run `ftkit ingest DOCS` first or pass --workspace"
         )
     report = StatusReport(workspace=settings.workspace, endpoint=identity, model=model)
+    report.grounding = grounding_line(settings)
+    report.dataset = read_dataset_summary(settings.dataset_path)
+    report.dataset_report = settings.dataset_path / REPORT_HTML
     with Store(settings.db_path) as store:
         report.made_by = made_by(store, q_key, a_keys)
         report.redo = redo_lines(store, settings, identity, model)
@@ -154,7 +165,7 @@ def workspace_status(settings: Settings) -> StatusReport:
         )
         report.answers = _counts(
             store,
-            "SELECT coalesce(a.reason, 'accepted'), count(*) FROM answers a JOIN questions q ON q.id = a.question_id"
+            f"SELECT coalesce({REASON_CATEGORY}, 'accepted'), count(*) FROM answers a JOIN questions q ON q.id = a.question_id"
             " JOIN chunks c ON c.id = q.chunk_id JOIN documents d ON d.id = c.document_id"
             f" WHERE a.answer_key = {CHUNK_ANSWER_KEY} GROUP BY 1 ORDER BY 2 DESC",
             a_keys,

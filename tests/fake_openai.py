@@ -221,10 +221,26 @@ def _content_words(text: str) -> set[str]:
     return {w.rstrip(".").lower() for w in _WORD.findall(text)}
 
 
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
+_QUOTED_ANSWER = re.compile(r'^The documentation says: "(.*?)"(?=\s|$)', re.S)  # docs_responder's answers
+
+
+def judge_by_words(doc: str, answer: str) -> str:
+    """A grounding judge's reply: a sentence of the answer is supported when the documentation has its words."""
+    unquoted = _QUOTED_ANSWER.sub(r"\1", answer.strip())
+    claims = [s for s in re.split(r"(?<=[.!?])\s+", unquoted) if s.strip()]
+    known = _content_words(doc)
+    unsupported = [c for c in claims if {w for w in _content_words(c) if len(w) > 3} - known]
+    verdict = "unsupported" if len(unsupported) == len(claims) else "partly" if unsupported else "supported"
+    return f"Verdict: {verdict}\nUnsupported claim: {unsupported[0] if unsupported else 'none'}"
+
+
 def docs_responder(body: dict) -> Reply:
     """Three numbered questions about the documentation in a question prompt, or an answer quoting it."""
     prompt = _last_user_text(body)
     doc = _documentation(prompt)
+    if (answer := _ANSWER_TAG.search(prompt)) and "Verdict:" in prompt:  # a grounding judge's prompt
+        return Reply(content=judge_by_words(doc, answer.group(1).strip()))
     if len(_WORD.findall(doc)) < 3:
         doc = "\n\n".join(_message_text(m) for m in body.get("messages", []) if isinstance(m, dict))
     if _is_question_request(prompt):

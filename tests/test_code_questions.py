@@ -63,6 +63,8 @@ def corpus(tmp_path: Path) -> Path:
 
 
 def code_settings(tmp_path: Path, **flags: object) -> Settings:
+    # these tests count the answer prompts sent; the grounding judge's own calls are tested in test_grounding.py
+    flags = {"grounding_judge": False, **flags}
     return load_settings(workspace=tmp_path / "ws", include_code=True, product="Quillstack", **flags)
 
 

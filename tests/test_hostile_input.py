@@ -303,8 +303,12 @@ def test_tiny_sections_are_merged_so_calls_stay_near_the_corpus_size(n: int, lev
         docs = Path(tmp) / "docs"
         docs.mkdir()
         (docs / "flags.md").write_text(text)
+        # the grounding judge's calls (one per answer) are estimated in test_grounding.py
         settings_ = load_settings(
-            workspace=Path(tmp) / "ws", chunk_target_tokens=target, chunk_overlap_tokens=16
+            workspace=Path(tmp) / "ws",
+            chunk_target_tokens=target,
+            chunk_overlap_tokens=16,
+            grounding_judge=False,
         )
         with Store(settings_.db_path) as store:
             ingest(store, settings_, [str(docs)])
@@ -316,8 +320,10 @@ def test_tiny_sections_are_merged_so_calls_stay_near_the_corpus_size(n: int, lev
 
 
 def test_ten_thousand_one_line_sections_cost_calls_in_proportion_to_their_text(
-    runner: CliRunner, fake_llm: FakeOpenAI, tmp_path: Path
+    runner: CliRunner, fake_llm: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # the grounding judge's calls (one per answer) are estimated in test_grounding.py
+    monkeypatch.setenv("FTKIT_GROUNDING_JUDGE", "false")
     docs = tmp_path / "docs"
     docs.mkdir()
     text = _one_line_sections(10_000)

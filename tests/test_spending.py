@@ -38,7 +38,11 @@ def test_budget_refuses_a_reservation_that_could_cross_the_limit() -> None:
         raise AssertionError("the third reservation should cross the limit")
 
 
-def test_dry_run_sends_nothing_and_prices_every_planned_call(runner: CliRunner, fake_llm: FakeOpenAI) -> None:
+def test_dry_run_sends_nothing_and_prices_every_planned_call(
+    runner: CliRunner, fake_llm: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the grounding judge's calls are estimated and batched in test_grounding.py
+    monkeypatch.setenv("FTKIT_GROUNDING_JUDGE", "false")
     result = runner.invoke(app, [*RUN, "--dry-run"])
     assert result.exit_code == 0, result.stderr
     assert fake_llm.requests == []
@@ -55,7 +59,11 @@ def test_dry_run_sends_nothing_and_prices_every_planned_call(runner: CliRunner, 
     assert f"${questions.max_cost_usd + answers.max_cost_usd:.4f}" in result.stdout
 
 
-def test_dry_run_after_a_run_counts_only_uncached_calls(runner: CliRunner, fake_llm: FakeOpenAI) -> None:
+def test_dry_run_after_a_run_counts_only_uncached_calls(
+    runner: CliRunner, fake_llm: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the grounding judge's calls are estimated and batched in test_grounding.py
+    monkeypatch.setenv("FTKIT_GROUNDING_JUDGE", "false")
     assert runner.invoke(app, RUN).exit_code == 0
     settings = load_settings(workspace=Path("ws"), product="Quillstack", model="gpt-4o-mini")
     with Store(settings.db_path) as store:
@@ -102,6 +110,8 @@ def test_batch_mode_builds_the_dataset_at_half_price_without_live_calls(
     runner: CliRunner, fake_llm: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FTKIT_BATCH_POLL_INTERVAL_S", "0.01")
+    # the grounding judge's calls are estimated and batched in test_grounding.py
+    monkeypatch.setenv("FTKIT_GROUNDING_JUDGE", "false")
     result = runner.invoke(app, [*RUN, "--batch"])
     assert result.exit_code == 0, result.stderr
     assert Path("ws/dataset/train.jsonl").is_file()

@@ -23,6 +23,7 @@ from finetune_kit.stages.dataset import (
     write_jsonl,
 )
 from finetune_kit.stages.generate_questions import generation_key
+from finetune_kit.stages.grounding import GroundingCheck, answer_status, grounding_key, reason_category
 from finetune_kit.store import Store, utc_now
 
 _REFUSAL = re.compile(
@@ -44,6 +45,9 @@ class DatasetReport:
     answered: int = 0
     answers_accepted: int = 0
     rejects: Counter[str] = field(default_factory=Counter)
+    grounding: Counter[str] = field(default_factory=Counter)  # what each grounding gate did
+    curation: Counter[str] = field(default_factory=Counter)  # near duplicates dropped, paraphrases written
+    paraphrases: list[Example] = field(default_factory=list)  # other phrasings of training questions
     train: ValidationReport | None = None
     validation: ValidationReport | None = None
     estimated_training_tokens: int = 0
@@ -68,6 +72,7 @@ def answer_key(settings: Settings, template: PromptTemplate, endpoint_identity: 
         settings.product,
         settings.answer_temperature,
         settings.answer_max_tokens,
+        *grounding_key(settings),
     ]
     return "a1:" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
@@ -150,10 +155,17 @@ async def answer_questions(
         for row in todo
     }
     failed = await prefill(list(requests.values())) if prefill and requests else {}
+    grounding = GroundingCheck(client, settings, judge_answer, report.grounding)
+    if prefill and requests:
+        await grounding.prefill_judges(
+            prefill, [(requests[r["id"]], r["chunk"], r["text"]) for r in todo], failed
+        )
     progress.start("answer questions", len(todo))
 
     async def one(row: sqlite3.Row) -> None:
         text, reason = await _answer(client, requests[row["id"]], failed)
+        if reason is None:
+            text, reason = await grounding.check(requests[row["id"]], row["chunk"], row["text"], text)
         key = answer_key(settings, templates.for_format(row["format"]), identity, model)
         _save_answer(store, row["id"], key, text, reason, report)
         progress.advance()
@@ -182,12 +194,12 @@ def _save_answer(
     store.db.execute(
         "INSERT OR REPLACE INTO answers(question_id, answer_key, text, status, reason, created_at)"
         " VALUES (?,?,?,?,?,?)",
-        (question_id, key, text, "rejected" if reason else "accepted", reason, utc_now()),
+        (question_id, key, text, answer_status(reason), reason, utc_now()),
     )
     report.answered += 1
-    report.answers_accepted += reason is None
-    if reason:
-        report.rejects[reason] += 1
+    report.answers_accepted += answer_status(reason) == "accepted"
+    if answer_status(reason) == "rejected":
+        report.rejects[reason_category(reason or "")] += 1
 
 
 def accepted_examples(store: Store, settings: Settings, identity: str, model: str) -> list[Example]:
@@ -220,7 +232,7 @@ def write_dataset(
     limit = settings.example_token_limits.get(settings.fine_tune_base_model, 65_536)
     for name, part in (
         ("train", [e for e in examples if e.chunk_id not in held_out]),
-        ("validation", [e for e in examples if e.chunk_id in held_out]),
+        ("validation", [e for e in examples if e.chunk_id in held_out and not e.paraphrase]),
     ):
         path = out_dir / f"{name}.jsonl"
         write_jsonl(path, [to_record(e, settings.dataset_format, system) for e in part])

@@ -24,6 +24,7 @@ class Example:
     chunk_id: str
     question: str
     answer: str
+    paraphrase: bool = False  # another phrasing of a training question: never held out for validation
 
 
 @dataclass

@@ -9,7 +9,12 @@ from finetune_kit.llm.budget import prompt_tokens, worst_case_cost
 from finetune_kit.llm.client import ChatRequest, Endpoint, cached_result, request_hash
 from finetune_kit.llm.endpoint import endpoint_identity
 from finetune_kit.prompts import FormatTemplates
-from finetune_kit.stages.build_dataset import answer_request, load_answer_templates, planned_answer_requests
+from finetune_kit.stages.build_dataset import (
+    answer_request,
+    load_answer_templates,
+    planned_answer_requests,
+    unanswered_questions,
+)
 from finetune_kit.stages.generate_questions import (
     generation_key,
     load_question_templates,
@@ -18,6 +23,7 @@ from finetune_kit.stages.generate_questions import (
     question_request,
     too_small_for_questions,
 )
+from finetune_kit.stages.grounding import JUDGE_STAGE, judge_request
 from finetune_kit.store import Store
 
 BATCH_PRICE_FACTOR = 0.5  # the Batch API bills half the standard price
@@ -103,6 +109,8 @@ def estimate_generation(
     if answers:
         asked = [c for c in chunks if questions and not too_small_for_questions(c, settings)]
         estimates.append(_answer_estimate(store, settings, endpoint, factor, asked))
+        if settings.grounding_judge:
+            estimates.append(_judge_estimate(store, settings, endpoint, factor, asked))
     return estimates
 
 
@@ -146,3 +154,18 @@ def _answer_estimate(
     ]
     sizes = _calls_by_size(future_chunks, settings.questions_per_chunk, settings)
     return estimate_stage("build-dataset", existing + future, endpoint, factor, bool(future), sizes)
+
+
+def _judge_estimate(
+    store: Store, settings: Settings, endpoint: Endpoint, factor: float, future_chunks: list[sqlite3.Row]
+) -> StageEstimate:
+    """One grounding judge call per answer still to be made, sized with an answer of answer_max_tokens words."""
+    answer = " ".join(["word"] * settings.answer_max_tokens)
+    rows = unanswered_questions(store, settings, endpoint.identity, endpoint.model)
+    asked = [(row["chunk"], row["text"]) for row in rows]
+    asked += [
+        (c["text"], TYPICAL_QUESTION) for c in future_chunks for _ in range(settings.questions_per_chunk)
+    ]
+    requests = [judge_request(settings, chunk, question, answer, 0) for chunk, question in asked]
+    sizes = _calls_by_size(future_chunks, settings.questions_per_chunk, settings)
+    return estimate_stage(JUDGE_STAGE, requests, endpoint, factor, bool(future_chunks), sizes)
