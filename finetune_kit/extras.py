@@ -4,8 +4,9 @@ import importlib.util
 
 from finetune_kit.errors import ExtraMissingError
 
-# What `pip install 'finetune_kit[train]'` adds: local LoRA training and the adapter's conversion to GGUF.
-TRAIN_MODULES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "safetensors", "gguf")
+# What `pip install 'finetune_kit[train]'` adds: local LoRA training and the adapter's conversion to GGUF
+# (safetensors, which the conversion also reads, is a base dependency: the local embedder reads its weights).
+TRAIN_MODULES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "gguf")
 
 
 def missing_modules(modules: tuple[str, ...]) -> list[str]:
