@@ -18,7 +18,7 @@ from finetune_kit.retrieval.calibrate import (
     parse_negatives,
     why_not_a_negative,
 )
-from finetune_kit.retrieval.index import index_state, set_threshold
+from finetune_kit.retrieval.index import index_state, set_threshold, update_index
 from finetune_kit.retrieval.search import Retriever, relevance
 from finetune_kit.retrieval.types import Embedder
 from finetune_kit.stages.ingest import ingest
@@ -158,6 +158,7 @@ def workspace(docs: Path, questions: bool = True) -> Settings:
     settings = load_settings(workspace=Path("ws"))
     with Store(settings.db_path) as store:
         ingest(store, settings, [str(docs)], open_embedder=lexical_only)
+        update_index(store, settings, open_embedder=lexical_only)  # conftest leaves it to `ftkit index`
     if questions:
         run_generate_questions(settings)
     return settings

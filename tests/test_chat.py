@@ -20,6 +20,7 @@ from finetune_kit.chat import (
 from finetune_kit.cli import app
 from finetune_kit.config import Settings, load_settings
 from finetune_kit.errors import ExtraMissingError
+from finetune_kit.retrieval.index import update_index
 from finetune_kit.retrieval.types import Embedder
 from finetune_kit.stages.ingest import ingest
 from finetune_kit.store import Store
@@ -61,6 +62,7 @@ def indexed_workspace(runner: CliRunner) -> Settings:
     settings = load_settings(workspace=Path("ws"))
     with Store(settings.db_path) as store:
         ingest(store, settings, [str(SAMPLE_DOCS)], open_embedder=lexical_only)
+        update_index(store, settings, open_embedder=lexical_only)  # conftest leaves it to `ftkit index`
     return settings
 
 
