@@ -9,7 +9,7 @@ from urllib.parse import unquote, urlparse
 from finetune_kit.config import Settings
 from finetune_kit.errors import DiskFullError, FtkitError, SourceError, StoreError
 from finetune_kit.progress import NoProgress, Progress
-from finetune_kit.retrieval.index import EmbedderFactory, IndexReport
+from finetune_kit.retrieval.index import EmbedderFactory, IndexReport, update_index
 from finetune_kit.sources.registry import kind_for
 from finetune_kit.stages.ingest import ingest
 from finetune_kit.store import Store
@@ -29,7 +29,9 @@ class SourceChange:
     documents_unchanged: int = 0
     chunks_added: int = 0
     chunks_retired: int = 0
-    windows_embedded: int | None = None  # None: the index could not follow (ingest said why)
+    windows_embedded: int | None = (
+        None  # None: ingest left the index alone (index_on_ingest off, or it said why)
+    )
     skipped: int = 0
     error: str | None = None
 
@@ -37,17 +39,17 @@ class SourceChange:
         """One plain line for the terminal."""
         if self.error is not None:
             return f"{self.spec} ({self.kind}): not refreshed — {self.error}"
+        windows = "" if self.windows_embedded is None else f"; {self.windows_embedded} windows embedded"
         return (
             f"{self.spec} ({self.kind}): {self.documents_added} documents added, {self.documents_changed} changed,"
             f" {self.documents_retired} retired, {self.documents_unchanged} unchanged;"
-            f" {self.chunks_added} chunks added, {self.chunks_retired} retired;"
-            f" {'no' if self.windows_embedded is None else self.windows_embedded} windows embedded"
+            f" {self.chunks_added} chunks added, {self.chunks_retired} retired{windows}"
         )
 
 
 @dataclass
 class RefreshReport:
-    """Every source's change, and the index as the last source's ingest left it (None: it could not follow)."""
+    """Every source's change, and the index as refresh left it (None: it could not follow; ingest said why)."""
 
     sources: list[SourceChange] = field(default_factory=list)
     index: IndexReport | None = None
@@ -72,10 +74,13 @@ def refresh_sources(
     if not rows:
         raise SourceError("this workspace has no sources yet — run `ftkit ingest DOCS` first")
     for row in rows:
-        change, report.index = _refresh_source(store, settings, row, progress, open_embedder)
+        change, index = _refresh_source(store, settings, row, progress, open_embedder)
         report.sources.append(change)
+        report.index = index or report.index
     if all(change.error is not None for change in report.sources):
         raise SourceError("; ".join(str(change.error) for change in report.sources))
+    if not settings.retrieval.index_on_ingest:  # ingest left the index alone: refresh still lets it follow
+        report.index = update_index(store, settings, progress, open_embedder=open_embedder)
     return report
 
 
