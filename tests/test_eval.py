@@ -237,6 +237,28 @@ def test_retrieval_arms_answer_from_the_index_with_checked_sources(
     )
 
 
+def test_a_follow_up_in_a_retrieval_arm_is_searched_as_the_bot_searches_it(
+    ws: Path, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    pytest.importorskip("finetune_kit.retrieval.answer", reason="the retrieval arms need retrieval/answer.py")
+    path = tmp_path / "follow-up.jsonl"
+    history = [
+        {"role": "user", "text": "How do I create a flag?"},
+        {"role": "assistant", "text": "Run quill flag create."},
+    ]
+    path.write_text(json.dumps({"id": "f", "question": "And how do I delete it?", "history": history}) + "\n")
+    start = len(fake.requests)
+    summary = eval_json("--questions", str(path), "--arms", "rag", "--no-judge", "--name", "follow-up")
+    assert arm(summary, "rag")["answers"] == 1 and arm(summary, "rag")["errors"] == 0
+    asked = [b for b in fake.requests[start:] if b["model"] == "base-model"]
+    assert len(asked) == 1 and [m["role"] for m in asked[0]["messages"]] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+    ]
+
+
 def test_an_index_built_with_another_embedder_skips_the_retrieval_arms_with_a_note(
     ws: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
