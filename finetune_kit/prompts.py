@@ -5,8 +5,12 @@ import logging
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune_kit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from finetune_kit.config import Settings
 
 REQUIRED_PLACEHOLDERS = {
     "questions": {"product", "n", "chunk"},
@@ -35,6 +39,11 @@ BUNDLED_WHEN_MISSING = {
 }
 
 logger = logging.getLogger(__name__)
+
+
+def default_system_prompt(settings: "Settings") -> str:
+    """The system message every chat example carries, and the bot answers with, unless one is configured."""
+    return settings.system_prompt or f"You are a helpful technical support assistant for {settings.product}."
 
 
 @dataclass(frozen=True)

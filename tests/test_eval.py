@@ -212,29 +212,62 @@ def test_retrieval_arms_answer_from_the_index_with_checked_sources(
     summary = eval_json("--name", "all")  # default: every arm that exists
     assert [a["name"] for a in summary["arms"]] == ["base", "ft", "rag", "ft+rag"] and not summary["skipped"]
     new = fake.requests[before:]
+    lines = [r for r in results(ws, "all") if r["arm"] in ("rag", "ft+rag")]
+    gated = [r for r in lines if r["refused_before_model"]]  # below the calibrated threshold: no call
     grounded = [b for b in new if b["model"] != "judge-model"]
-    assert len(grounded) == 2 * len(models.references)  # the closed-book arms were paid for already
+    assert len(grounded) == len(lines) - len(gated)  # the closed-book arms were paid for already
     assert all("Sources:\n\n[1] " in b["messages"][0]["content"] for b in grounded)
+    assert all(r["cost_usd"] == 0 and r["latency_ms"] is None for r in gated)
     n = len(models.references)
     rag, ft_rag = arm(summary, "rag"), arm(summary, "ft+rag")
-    for figure in ("recall_at_k", "mrr", "ndcg", "faithfulness", "citation_precision"):
+    rag_lines = [r for r in lines if r["arm"] == "rag"]
+    answered = [r for r in rag_lines if not r["refused_before_model"]]
+    for figure in (
+        "recall_at_k",
+        "mrr",
+        "ndcg",
+    ):  # the ranking is scored whether or not the gate let it through
         assert rag["metrics"][figure]["n"] == n, figure
         assert 0 <= rag["metrics"][figure]["value"] <= 1
+    assert rag["metrics"]["faithfulness"]["n"] == rag["metrics"]["citation_precision"]["n"] == len(answered)
     assert "recall_at_k" not in [m for m, f in arm(summary, "base")["metrics"].items() if f["n"]]
-    lines = [r for r in results(ws, "all") if r["arm"] == "rag"]
-    for r in lines:
+    for r in rag_lines:
         assert len(r["retrieved"]) == 10 and r["retrieved"][0]["rank"] == 1
         shown = {s["url"] for s in r["sources"]}
         assert shown <= {h["url"] for h in r["retrieved"]}  # every source shown is a retrieved chunk
         assert "[7]" not in r["answer"]  # the number it was never given is dropped
     # base quotes source 1 (faithful) and cites a [7] for a third of the questions: precision below 1
     assert rag["metrics"]["faithfulness"]["value"] == 1.0
-    cited_7 = sum(models.base_knows(q) for q in models.references)
-    gold_1 = [r["scores"]["recall_at_k"] for r in lines]
-    assert rag["metrics"]["citation_precision"]["value"] <= 1 - cited_7 / (2 * n) + 1e-9
+    cited_7 = sum(models.base_knows(r["question"]) for r in answered)
+    assert (
+        cited_7 and rag["metrics"]["citation_precision"]["value"] <= 1 - cited_7 / (2 * len(answered)) + 1e-9
+    )
+    gold_1 = [r["scores"]["recall_at_k"] for r in rag_lines]
     assert (
         ft_rag["metrics"]["recall_at_k"]["value"] == rag["metrics"]["recall_at_k"]["value"] == sum(gold_1) / n
     )
+
+
+def test_a_follow_up_in_a_retrieval_arm_is_searched_as_the_bot_searches_it(
+    ws: Path, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    pytest.importorskip("finetune_kit.retrieval.answer", reason="the retrieval arms need retrieval/answer.py")
+    path = tmp_path / "follow-up.jsonl"
+    history = [
+        {"role": "user", "text": "How do I create a flag?"},
+        {"role": "assistant", "text": "Run quill flag create."},
+    ]
+    path.write_text(json.dumps({"id": "f", "question": "And how do I delete it?", "history": history}) + "\n")
+    start = len(fake.requests)
+    summary = eval_json("--questions", str(path), "--arms", "rag", "--no-judge", "--name", "follow-up")
+    assert arm(summary, "rag")["answers"] == 1 and arm(summary, "rag")["errors"] == 0
+    asked = [b for b in fake.requests[start:] if b["model"] == "base-model"]
+    assert len(asked) == 1 and [m["role"] for m in asked[0]["messages"]] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+    ]
 
 
 def test_an_index_built_with_another_embedder_skips_the_retrieval_arms_with_a_note(

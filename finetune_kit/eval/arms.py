@@ -13,8 +13,8 @@ from finetune_kit.errors import ConfigError, RequestRejectedError
 from finetune_kit.eval.questions import EvalQuestion
 from finetune_kit.llm.client import ChatRequest, ChatResult, LLMClient, request_hash
 from finetune_kit.llm.endpoint import is_local_model
+from finetune_kit.prompts import default_system_prompt
 from finetune_kit.slack.answerer import CONTEXT_SAFETY, Turn, context_tokens, fit_to_context
-from finetune_kit.stages.build_dataset import default_system_prompt
 from finetune_kit.store import Store
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
 """The retrieval arms (rag, ft+rag): the bot's grounded answer — retrieve, the "I don't know" gate, numbered
 sources, checked citations — with the one model call sent through the cached client."""
 
+import asyncio
 from dataclasses import asdict, dataclass
 
 from finetune_kit.config import Settings
@@ -49,6 +50,14 @@ def _hit(n: int, hit: Hit) -> dict[str, object]:
     return {"rank": n, "path": hit.path, "url": hit.url, "heading": hit.heading, "score": round(hit.score, 5)}
 
 
+async def follow_up_query(settings: Settings, question: EvalQuestion) -> str:
+    """What the bot searches for: the question, condensed with its history for a follow-up (one cached call,
+    made on a thread of its own, as `search_query` runs its own event loop)."""
+    if not question.history:
+        return question.question
+    return await asyncio.to_thread(search_query, settings, question.question, question.history)
+
+
 class GroundedArm:
     """Prepares and checks the grounded answers of one workspace's index."""
 
@@ -56,10 +65,10 @@ class GroundedArm:
         self.settings = settings
         self.retriever = Retriever.open(store, settings)
 
-    def prepare(self, question: EvalQuestion, embedded: bool) -> GroundedPrompt:
-        """Retrieve for `question`; below the gate no request, else the bot's grounded request."""
+    def prepare(self, question: EvalQuestion, embedded: bool, query: str | None = None) -> GroundedPrompt:
+        """Retrieve for `query` (default: the question itself); below the gate no request, else the bot's request."""
         settings = self.settings
-        query = search_query(settings, question.question, question.history)
+        query = query or question.question
         try:
             retrieval, ranked = retrieve(self.retriever, query), self.retriever.search(query, k=RANKED)
         except VagueQueryError:

@@ -102,6 +102,7 @@ def result_lines(
                 "cost_usd": a.cost_usd,
                 "cached": a.cached,
                 "error": a.error,
+                "refused_before_model": a.refused_before_model,  # the relevance gate answered, no call
                 "sources": a.sources,
                 "retrieved": a.retrieved,
             }

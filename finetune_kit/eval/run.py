@@ -219,8 +219,10 @@ class _Evaluation:
     ) -> ArmAnswer:
         """One answer: the bot's closed-book request, or its grounded one (which the gate may refuse uncalled)."""
         if arm.retrieval:
+            from finetune_kit.eval.grounded import follow_up_query
+
             grounded = self.grounded()
-            prompt = grounded.prepare(question, embedded)
+            prompt = grounded.prepare(question, embedded, await follow_up_query(self.settings, question))
             called = (
                 None
                 if prompt.request is None
@@ -294,6 +296,7 @@ def estimate_eval(
             from finetune_kit.eval.grounded import GroundedArm
 
             grounded = grounded or GroundedArm(store, settings)
+            # a follow-up is sized with its raw question: condensing it would be a call, and a dry run makes none
             prepared = [(q, grounded.prepare(q, embedded).request) for q in questions]
             asked = [(q, r) for q, r in prepared if r is not None]  # the gate refuses the others uncalled
         else:

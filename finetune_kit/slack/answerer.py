@@ -203,7 +203,7 @@ class OpenAIAnswerer:
     @classmethod
     def from_settings(cls, endpoint: Endpoint, settings: Settings) -> "OpenAIAnswerer":
         """An answerer configured by the slack_* settings."""
-        from finetune_kit.stages.build_dataset import default_system_prompt
+        from finetune_kit.prompts import default_system_prompt
 
         return cls(
             endpoint,

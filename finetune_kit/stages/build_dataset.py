@@ -12,7 +12,13 @@ from finetune_kit.config import Settings
 from finetune_kit.errors import RequestRejectedError
 from finetune_kit.llm.client import ChatRequest, LLMClient, request_hash
 from finetune_kit.progress import NoProgress, Progress
-from finetune_kit.prompts import FormatTemplates, PromptTemplate, load_format_templates, load_prompt
+from finetune_kit.prompts import (
+    FormatTemplates,
+    PromptTemplate,
+    default_system_prompt,
+    load_format_templates,
+    load_prompt,
+)
 from finetune_kit.stages import Prefill, gather_all
 from finetune_kit.stages.dataset import (
     Example,
@@ -214,11 +220,6 @@ def accepted_examples(store: Store, settings: Settings, identity: str, model: st
         {"q_key": q_key, **answer_keys(settings, identity, model)},
     ).fetchall()
     return [Example(row["chunk_id"], row["question"], row["answer"]) for row in rows]
-
-
-def default_system_prompt(settings: Settings) -> str:
-    """The system message every chat example carries unless one is configured."""
-    return settings.system_prompt or f"You are a helpful technical support assistant for {settings.product}."
 
 
 def write_dataset(
