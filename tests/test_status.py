@@ -28,20 +28,22 @@ def status_rows() -> dict[str, list[str]]:
 
 
 @pytest.fixture
-def made_with_a_key(fake_llm: FakeOpenAI) -> tuple[FakeOpenAI, int, int]:
-    """A workspace whose questions and answers gpt-4o-mini wrote at the fake endpoint: (fake, chunks, answers)."""
+def made_with_a_key(fake_llm: FakeOpenAI) -> tuple[FakeOpenAI, int, int, int]:
+    """A workspace whose questions and answers gpt-4o-mini wrote at the fake endpoint: (fake, chunks, answered, kept)."""
     assert ftkit("run", str(SAMPLE_DOCS), "--product", "Quillstack")[0] == 0
     with sqlite3.connect("ws/state.db") as db:
-        chunks, answered = db.execute(
-            "SELECT (SELECT count(*) FROM chunks), (SELECT count(*) FROM answers)"
+        chunks, answered, accepted = db.execute(
+            "SELECT (SELECT count(*) FROM chunks), (SELECT count(*) FROM answers),"
+            " (SELECT count(*) FROM answers WHERE status = 'accepted')"
         ).fetchone()
-    return fake_llm, chunks, answered
+    assert 0 < accepted <= answered  # the grounding check may reject some
+    return fake_llm, chunks, answered, accepted
 
 
 def test_status_without_the_key_shows_what_the_keyed_run_made_and_what_would_be_redone(
-    made_with_a_key: tuple[FakeOpenAI, int, int], monkeypatch: pytest.MonkeyPatch
+    made_with_a_key: tuple[FakeOpenAI, int, int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake, chunks, answered = made_with_a_key
+    fake, chunks, answered, accepted = made_with_a_key
     monkeypatch.delenv("OPENAI_API_KEY")
     monkeypatch.delenv("OPENAI_BASE_URL")
     rows = status_rows()
@@ -50,7 +52,7 @@ def test_status_without_the_key_shows_what_the_keyed_run_made_and_what_would_be_
         f"{made}: {chunks} chunks, {answered} accepted (not the current settings)"
     ]
     assert rows["answers made by"] == [
-        f"{made}: {answered} questions answered, {answered} accepted (not the current settings)"
+        f"{made}: {answered} questions answered, {accepted} accepted (not the current settings)"
     ]
     [current] = rows["current settings"]
     assert current.startswith(LOCAL)
@@ -64,25 +66,25 @@ def test_status_without_the_key_shows_what_the_keyed_run_made_and_what_would_be_
 
 
 def test_status_under_the_settings_that_made_the_work_says_nothing_changed(
-    made_with_a_key: tuple[FakeOpenAI, int, int],
+    made_with_a_key: tuple[FakeOpenAI, int, int, int],
 ) -> None:
-    fake, chunks, answered = made_with_a_key
+    fake, chunks, answered, accepted = made_with_a_key
     rows = status_rows()
     made = f"gpt-4o-mini at openai:{fake.url}"
     assert rows["questions made by"] == [
         f"{made}: {chunks} chunks, {answered} accepted (the current settings)"
     ]
     assert rows["answers made by"] == [
-        f"{made}: {answered} questions answered, {answered} accepted (the current settings)"
+        f"{made}: {answered} questions answered, {accepted} accepted (the current settings)"
     ]
     assert rows["current settings"] == [made]
     assert "settings changed" not in rows
 
 
 def test_a_stage_about_to_redo_finished_work_says_so_before_it_starts(
-    made_with_a_key: tuple[FakeOpenAI, int, int],
+    made_with_a_key: tuple[FakeOpenAI, int, int, int],
 ) -> None:
-    fake, chunks, _ = made_with_a_key
+    fake, chunks, _, _ = made_with_a_key
     calls = len(fake.requests)
     code, _, err = ftkit("generate-questions", "--product", "Quillstack", "--model", "gpt-4.1-mini")
     assert code == 0, err
@@ -96,9 +98,9 @@ def test_a_stage_about_to_redo_finished_work_says_so_before_it_starts(
 
 
 def test_build_dataset_under_another_model_says_why_it_finds_no_questions(
-    made_with_a_key: tuple[FakeOpenAI, int, int],
+    made_with_a_key: tuple[FakeOpenAI, int, int, int],
 ) -> None:
-    fake, chunks, _ = made_with_a_key
+    fake, chunks, _, _ = made_with_a_key
     code, _, err = ftkit("build-dataset", "--product", "Quillstack", "--model", "gpt-4.1-mini")
     assert code == 1
     assert err.splitlines()[0] == (
@@ -109,9 +111,9 @@ def test_build_dataset_under_another_model_says_why_it_finds_no_questions(
 
 
 def test_other_settings_of_the_same_model_are_named_as_such(
-    made_with_a_key: tuple[FakeOpenAI, int, int],
+    made_with_a_key: tuple[FakeOpenAI, int, int, int],
 ) -> None:
-    _, chunks, _ = made_with_a_key
+    _, chunks, _, _ = made_with_a_key
     code, _, err = ftkit("generate-questions", "--product", "Quillstack", "-n", "2")
     assert code == 0
     assert err.splitlines()[0] == (
