@@ -1,13 +1,17 @@
 """Pick the endpoint for the configured provider: OpenAI (or any compatible base URL) or the embedded server."""
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune_kit.config import LOCAL_MODEL_ALIAS, Settings
 from finetune_kit.errors import ConfigError
-from finetune_kit.llm.client import Endpoint
+from finetune_kit.llm.client import Endpoint, LLMClient
 from finetune_kit.llm.local_server import local_server, model_fingerprint, resolve_model_path
+
+if TYPE_CHECKING:
+    from finetune_kit.store import Store
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -100,3 +104,20 @@ def openai_endpoint(settings: Settings) -> Endpoint:
         identity="openai:" + base_url,
         price=settings.price_for(model),
     )
+
+
+@contextlib.asynccontextmanager
+async def one_call_client(store: "Store", settings: Settings) -> AsyncIterator[LLMClient]:
+    """A cached client on the generation endpoint for a call or two (one in flight), closed afterwards."""
+    with open_endpoint(settings) as endpoint:
+        client = LLMClient(
+            endpoint,
+            store,
+            max_concurrency=1,
+            max_retries=settings.max_retries,
+            timeout_s=settings.request_timeout_s,
+        )
+        try:
+            yield client
+        finally:
+            await client.close()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from finetune_kit.config import Settings
 from finetune_kit.errors import ConfigError, LLMError, VagueQueryError
-from finetune_kit.llm.client import ChatRequest, LLMClient
+from finetune_kit.llm.client import ChatRequest
 from finetune_kit.progress import NoProgress, Progress
 from finetune_kit.prompts import load_prompt
 from finetune_kit.retrieval.followup import content_words
@@ -432,20 +432,10 @@ def _generated_negatives(store: Store, settings: Settings, report: Calibration) 
 
 
 async def _ask_for_negatives(store: Store, settings: Settings, headings: list[str]) -> list[str]:
-    from finetune_kit.llm.endpoint import open_endpoint
+    from finetune_kit.llm.endpoint import one_call_client
 
-    with open_endpoint(settings) as endpoint:
-        client = LLMClient(
-            endpoint,
-            store,
-            max_concurrency=1,
-            max_retries=settings.max_retries,
-            timeout_s=settings.request_timeout_s,
-        )
-        try:
-            result = await client.chat(negatives_request(settings, headings))
-        finally:
-            await client.close()
+    async with one_call_client(store, settings) as client:
+        result = await client.chat(negatives_request(settings, headings))
     return parse_negatives(result.content, settings)
 
 

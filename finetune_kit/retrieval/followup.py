@@ -123,20 +123,11 @@ def standalone_question(settings: Settings, history: Sequence[Message], message:
 
 async def _condensed_query_once(settings: Settings, history: Sequence[Message], message: str) -> str:
     """Open the workspace's cache and the generation endpoint for one condensation."""
-    from finetune_kit.llm.endpoint import open_endpoint
+    from finetune_kit.llm.endpoint import one_call_client
 
-    with Store(settings.db_path) as store, open_endpoint(settings) as endpoint:
-        client = LLMClient(
-            endpoint,
-            store,
-            max_concurrency=1,
-            max_retries=settings.max_retries,
-            timeout_s=settings.request_timeout_s,
-        )
-        try:
+    with Store(settings.db_path) as store:
+        async with one_call_client(store, settings) as client:
             return await condensed_query(client, settings, history, message)
-        finally:
-            await client.close()
 
 
 def _bare(line: str) -> str:
