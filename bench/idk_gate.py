@@ -27,9 +27,10 @@ sys.path.insert(0, str(REPO))
 from finetune_kit.config import Settings, load_settings  # noqa: E402
 from finetune_kit.errors import ExtraMissingError  # noqa: E402
 from finetune_kit.pipeline import run_generate_questions  # noqa: E402
+from finetune_kit.retrieval.answer import retrieve  # noqa: E402
 from finetune_kit.retrieval.calibrate import calibrate  # noqa: E402
 from finetune_kit.retrieval.index import update_index  # noqa: E402
-from finetune_kit.retrieval.search import Retriever, relevance  # noqa: E402
+from finetune_kit.retrieval.search import Retriever  # noqa: E402
 from finetune_kit.retrieval.types import Embedder  # noqa: E402
 from finetune_kit.stages.ingest import ingest  # noqa: E402
 from finetune_kit.store import Store  # noqa: E402
@@ -67,27 +68,34 @@ def main() -> None:
 def held_out(
     store: Store, settings: Settings, threshold: float, answerable: Path, unanswerable: Path
 ) -> None:
-    """Print the share of each held-out kind refused at `threshold`."""
+    """Print the share of each held-out kind refused by the gate: relevance below `threshold`, or unknown terms."""
     retriever = Retriever.open(store, settings)
-    kinds: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    kinds: dict[str, list[tuple[float, str, tuple[str, ...]]]] = defaultdict(list)
     for path in (answerable, unanswerable):
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 item = json.loads(line)
                 kind = item.get("kind") or ("answerable" if item.get("answerable", True) else "unanswerable")
-                kinds[kind].append((relevance(retriever.search(item["question"])), item["question"]))
-    print(f"held-out questions at threshold {threshold:.4f}:")
+                found = retrieve(retriever, item["question"])
+                kinds[kind].append((found.relevance or 0.0, item["question"], found.unknown))
+    print(
+        f"held-out questions at threshold {threshold:.4f} (and unknown terms: {retriever.settings.retrieval.refuse_unknown_terms}):"
+    )
     for kind, scored in sorted(kinds.items()):
-        refused = [question for score, question in scored if score < threshold]
+        refused = {q for s, q, unknown in scored if s < threshold or unknown}
+        by_terms = sum(1 for s, q, unknown in scored if s >= threshold and unknown)
         low, high = min(scored)[0], max(scored)[0]
         print(
-            f"  {kind:13} refused {len(refused):3d}/{len(scored):3d} = {len(refused) / len(scored):6.1%}",
+            f"  {kind:13} refused {len(refused):3d}/{len(scored):3d} = {len(refused) / len(scored):6.1%}"
+            f"  ({by_terms} by unknown terms alone)",
             end="",
         )
         print(f"   relevance {low:.3f}–{high:.3f}")
-        wrong = refused if kind == "answerable" else [q for s, q in scored if s >= threshold]
-        for score, question in sorted((s, q) for s, q in scored if q in wrong):
-            print(f"      {'refused' if kind == 'answerable' else 'answered'} {score:.3f} {question}")
+        for score, question, unknown in sorted(scored):
+            wrong = (question in refused) == (kind == "answerable")
+            if wrong:
+                verdict = "refused" if kind == "answerable" else "answered"
+                print(f"      {verdict} {score:.3f} {question}  {list(unknown) or ''}")
 
 
 def lexical_only(settings: Settings) -> Embedder:

@@ -116,9 +116,12 @@ def _reciprocal_rank(paths: list[str], gold: tuple[str, ...]) -> float:
     return next((1 / rank for rank, path in enumerate(paths, 1) if path in gold), 0.0)
 
 
-def refusal_rates(scores: list[float], questions: list[Question], threshold: float) -> dict[str, float]:
-    """The share of answerable and of unanswerable questions whose relevance falls below `threshold`."""
-    refused = [s < threshold for s in scores]
+def refusal_rates(
+    scores: list[float], questions: list[Question], threshold: float, vetoed: list[bool] | None = None
+) -> dict[str, float]:
+    """The share of answerable and of unanswerable questions refused: relevance below `threshold`, or `vetoed`
+    (ftkit's second signal: the question names something the docs never mention)."""
+    refused = [s < threshold or bool(vetoed and vetoed[i]) for i, s in enumerate(scores)]
     answerable = [r for r, q in zip(refused, questions, strict=True) if q.answerable]
     unanswerable = [r for r, q in zip(refused, questions, strict=True) if not q.answerable]
     return {
@@ -369,8 +372,15 @@ def _ftkit_queries(
         pools.append(_search(retriever, q.question, k=50))
         mmr.append(distinct_paths([hit.path for hit in _search(retriever, q.question, k=10, mmr=True)]))
     threshold = threshold if threshold is not None else retriever.threshold
+    gate: dict[str, float] = {}
+    if threshold is not None:  # the gate `ftkit ask` applies: the threshold, then the unknown-terms check
+        vetoed = [bool(retriever.unknown_terms(q.question)) for q in questions]
+        gate = {
+            f"gate_{key}": value for key, value in refusal_rates(scores, questions, threshold, vetoed).items()
+        }
     return {
         **_answers(ranked, scores, latencies, questions, threshold),
+        **gate,
         "bm25_only": rank_metrics([_ranked_by(pool, "lexical_rank") for pool in pools], questions),
         "dense_only": rank_metrics([_ranked_by(pool, "dense_rank") for pool in pools], questions),
         "mmr": rank_metrics(mmr, questions),
@@ -473,6 +483,7 @@ ROWS = [
     ("reindex_one_edit_embedded", "{:.0f}"), ("query_p50_ms", "{:.1f}"), ("query_p95_ms", "{:.1f}"),
     ("query_cpu_p50_ms", "{:.1f}"), ("search_command_p50_s", "{:.2f}"), ("peak_rss_mb", "{:.0f}"),
     ("threshold", "{:.3f}"), ("answerable_refused", "{:.2f}"), ("unanswerable_refused", "{:.2f}"),
+    ("gate_answerable_refused", "{:.2f}"), ("gate_unanswerable_refused", "{:.2f}"),
     ("best_threshold", "{:.3f}"), ("best_balanced_accuracy", "{:.3f}"),
 ]  # fmt: skip
 

@@ -196,6 +196,8 @@ class RetrievalSettings(_Group):
     mmr: bool = False
     mmr_lambda: float = Field(0.5, ge=0, le=1)
     threshold: float | None = None  # unset: the threshold `ftkit index --calibrate` stored with the index
+    # refuse a question naming something specific the docs never mention (Salesforce, a made-up --option)
+    refuse_unknown_terms: bool = True
     max_query_chars: int = Field(2000, ge=64)  # a longer question is cut (and said so), not refused
     index_on_ingest: bool = True  # ingest and run keep the index current; false: only `ftkit index` builds it
 

@@ -339,6 +339,7 @@ def test_an_off_topic_question_makes_no_model_call_when_a_threshold_is_set(
     indexed: Path, fake_llm: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FTKIT_RETRIEVAL_THRESHOLD", "0.3")
+    monkeypatch.setenv("FTKIT_RETRIEVAL_REFUSE_UNKNOWN_TERMS", "false")  # the threshold alone
     fake_llm.responder = lambda body: Reply("Here is a recipe [1].")
     body = ask_json(indexed, "What is the best recipe for sourdough bread?")
     assert fake_llm.requests == []
@@ -348,6 +349,18 @@ def test_an_off_topic_question_makes_no_model_call_when_a_threshold_is_set(
     assert (
         ask_json(indexed, "How do I roll back a flag change?")["refused"] is False
     )  # the same gate lets it by
+    assert len(fake_llm.requests) == 1
+
+
+def test_a_question_naming_what_the_docs_never_mention_is_refused_without_a_call(
+    indexed: Path, fake_llm: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_llm.responder = lambda body: Reply("Connect it in Settings > Integrations [1].")
+    body = ask_json(indexed, "How do I connect the flag server to Salesforce?")  # a high cosine: integrations
+    assert fake_llm.requests == [] and (body["refused"], body["sources"]) == (True, [])
+    assert body["answer"].startswith("The documentation of the product never mentions “salesforce”")
+    monkeypatch.setenv("FTKIT_RETRIEVAL_REFUSE_UNKNOWN_TERMS", "false")
+    assert ask_json(indexed, "How do I connect the flag server to Salesforce?")["refused"] is False
     assert len(fake_llm.requests) == 1
 
 

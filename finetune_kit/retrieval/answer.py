@@ -89,11 +89,12 @@ class Retrieval:
     hits: list[Hit]
     relevance: float | None  # search.relevance of the hits; None when nothing was found
     threshold: float | None  # None: no threshold known, so no gate
+    unknown: tuple[str, ...] = ()  # the query's specific terms that the docs never use (retrieval/terms.py)
 
     @property
     def relevant(self) -> bool:
-        """Something was found, scoring at least the threshold when there is one."""
-        if not self.hits:
+        """Something was found, scoring at least the threshold when there is one, and the docs know every term."""
+        if not self.hits or self.unknown:
             return False
         return self.threshold is None or (self.relevance is not None and self.relevance >= self.threshold)
 
@@ -198,8 +199,14 @@ def says_docs_silent(text: str, cited: set[int]) -> bool:
     return bool(_DOCS_SILENT.search(opening)) or (not cited and bool(_DOCS_SILENT.search(plain)))
 
 
-def refusal_text(settings: Settings, query: str) -> str:
-    """The one sentence of "I don't know": what was searched for, and what to try."""
+def refusal_text(settings: Settings, query: str, unknown: Sequence[str] = ()) -> str:
+    """The one sentence of "I don't know": what was searched for (or what the docs never mention), what to try."""
+    if unknown:
+        named = ", ".join(f"“{term}”" for term in unknown[:3])
+        return (
+            f"The documentation of {settings.product} never mentions {named}, so I won't guess"
+            " — if it goes by another name there, ask with that word, or ask a person."
+        )
     shown = " ".join(query.split())
     if len(shown) > MAX_QUERY_SHOWN:
         shown = shown[: MAX_QUERY_SHOWN - 1].rstrip() + "…"
@@ -211,7 +218,7 @@ def refusal_text(settings: Settings, query: str) -> str:
 
 def refusal(settings: Settings, model: str, retrieval: Retrieval) -> GroundedAnswer:
     """The refusal for a question the docs do not cover: no sources, nothing made up."""
-    text = refusal_text(settings, retrieval.query)
+    text = refusal_text(settings, retrieval.query, retrieval.unknown)
     return GroundedAnswer(text, model, True, retrieval.query, [], retrieval.hits, False)
 
 
@@ -228,7 +235,10 @@ def retrieve(retriever: Retriever, query: str) -> Retrieval:
     threshold = retriever.threshold
     if threshold is None:
         log.info("no relevance threshold: set retrieval.threshold or run `ftkit index --calibrate`")
-    return Retrieval(query, hits, relevance(hits) if hits else None, threshold)
+    unknown = tuple(retriever.unknown_terms(query))
+    if unknown:
+        log.info("the docs never mention %s: refusing %r", ", ".join(unknown), query)
+    return Retrieval(query, hits, relevance(hits) if hits else None, threshold, unknown)
 
 
 def answer_from_retrieval(

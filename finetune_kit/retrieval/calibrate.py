@@ -9,13 +9,12 @@ below the threshold, and the threshold kept is the one with the best balanced ac
 """
 
 import asyncio
-import functools
 import itertools
 import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from difflib import SequenceMatcher
 from typing import TYPE_CHECKING, Any, Protocol
@@ -25,7 +24,7 @@ from finetune_kit.errors import ConfigError, LLMError, VagueQueryError
 from finetune_kit.llm.client import ChatRequest
 from finetune_kit.progress import NoProgress, Progress
 from finetune_kit.prompts import load_prompt
-from finetune_kit.retrieval.followup import content_words
+from finetune_kit.retrieval.terms import DocsHave, docs_vocabulary, key_terms
 from finetune_kit.retrieval.types import Hit
 from finetune_kit.store import Store, utc_now
 from finetune_kit.workspace_lock import writer_lock
@@ -45,7 +44,6 @@ NEGATIVES_MAX_TOKENS = 600
 MIN_WORDS, MAX_WORDS = 3, 40  # a generated question's length
 _LIST_ITEM = re.compile(r"^\s*(?:\d{1,2}\s*[.):]|[-*•+])\s*(.+?)\s*$")
 _QUOTES = re.compile(r"^[\s\"'“”*_`]+|[\s\"'“”*_`]+$")
-DocsHave = Callable[[str], bool]  # whether the indexed docs use a word (in any of its forms)
 
 # Questions no product's docs answer: they keep calibration working when the model writes no usable negative.
 OFF_TOPIC = (
@@ -74,13 +72,6 @@ OFF_TOPIC = (
     "How do I change a flat tyre on a bicycle?",
     "Can you recommend a good science fiction novel?",
 )
-# Words in every support question: a negative is not "about" these, so they are no evidence of an answer.
-_GENERIC_TEXT = (
-    "use using used get set make way ways feature features support supported possible product docs"
-    " documentation work works working need want able there option options say says tell know details detail"
-    " given explain describe described mean means happen happens user users"
-)
-_GENERIC = frozenset(_GENERIC_TEXT.split())
 
 
 class Searcher(Protocol):
@@ -303,24 +294,6 @@ def why_not_a_negative(
     if all(docs_have(term) for term in terms):
         return "the docs use every key term"
     return None
-
-
-def key_terms(question: str, product: str) -> set[str]:
-    """The words of a question that say what it is about."""
-    words = content_words(question) - content_words(product) - _GENERIC
-    return {word for word in words if len(word) > 2}
-
-
-def docs_vocabulary(store: Store) -> DocsHave:
-    """Whether the index's text (titles, headings, chunks; stemmed by FTS5) holds a word."""
-    from finetune_kit.retrieval.search import fts_query
-
-    @functools.cache
-    def docs_have(word: str) -> bool:
-        query = "SELECT 1 FROM chunks_fts WHERE chunks_fts MATCH ? LIMIT 1"
-        return store.scalar(query, (fts_query([word]),)) is not None
-
-    return docs_have
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Protocol
 from finetune_kit.config import Settings
 from finetune_kit.llm.client import ChatRequest, LLMClient
 from finetune_kit.prompts import PromptTemplate, load_prompt
-from finetune_kit.retrieval.search import STOP_WORDS
+from finetune_kit.retrieval.terms import content_words
 from finetune_kit.store import Store
 
 STAGE = "condense-question"
@@ -27,7 +27,6 @@ _LIST_MARKER = re.compile(r"^\s*(?:\d{1,2}\s*[.):]|[-*•+])\s+")
 _DECORATION = re.compile(r"^[\s\"'“”*_`>#-]+|[\s\"'“”*_`]+$")
 _WORD = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _PROMPT_ECHO = ("conversation with a user", "follow-up message", "standalone question", "reply with")
-_STOP_WORDS = STOP_WORDS | {"ok", "okay", "yes", "no"}  # search's stop words, and the replies of a chat
 
 
 class Message(Protocol):
@@ -141,12 +140,6 @@ def _cut(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     return text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + "…"
-
-
-def content_words(text: str) -> set[str]:
-    """The lower-cased words of `text` that carry meaning (no stop words)."""
-    words = (word.strip(".-") for word in _WORD.findall(text.lower()))
-    return {word for word in words if word and word not in _STOP_WORDS}
 
 
 def _normalised(text: str) -> str:

@@ -23,6 +23,14 @@ from finetune_kit.retrieval.index import (
     heading_text,
     index_state,
 )
+from finetune_kit.retrieval.terms import (
+    STOP_WORDS,
+    KnownWords,
+    common_english,
+    docs_vocabulary,
+    docs_words,
+    unknown_terms,
+)
 from finetune_kit.retrieval.types import Embedder, Hit, Vectors
 from finetune_kit.store import Store
 
@@ -33,15 +41,6 @@ BM25_WEIGHTS = (0.0, 2.0, 3.0, 1.0)
 MAX_TERMS = 64  # distinct words of a query that are searched; a pasted log adds nothing past these
 SNIPPET_CHARS = 240
 _WORD = re.compile(r"\w+")
-_STOP_WORDS = """a about above after again against all am an and any are aren as at be because been before being below
-    between both but by can cannot could did do does doing don down during each either else ever every few for
-    from further get got had has have having he her here hers herself him himself his how i if in into is isn it
-    its itself just let me might more most much must my myself need no nor not now of off on once one only or
-    other ought our ours ourselves out over own please same shall she should so some such tell than thank thanks
-    that the their theirs them themselves then there these they this those through to too under until up upon
-    us use using very want was way we were what whats when where whether which while who whom whose why will with
-    without would yes yet you your yours yourself yourselves"""
-STOP_WORDS = frozenset(_STOP_WORDS.split())  # English words too common to search for
 
 
 def query_terms(query: str) -> list[str]:
@@ -92,6 +91,8 @@ class Retriever:
         self.store, self.settings, self.embedder, self.state = store, settings, embedder, state
         self._dense: _Dense | None = None
         self._generation = -1
+        self._known: KnownWords | None = None
+        self._docs_have = docs_vocabulary(store)
 
     @classmethod
     def open(
@@ -117,6 +118,20 @@ class Retriever:
         return float(value) if value is not None else None
 
     relevance = staticmethod(relevance)
+
+    def unknown_terms(self, query: str) -> list[str]:
+        """The specific terms of `query` that the indexed docs never use (retrieval/terms.py); [] when off."""
+        if not self.settings.retrieval.refuse_unknown_terms:
+            return []
+        self._refresh()
+        if self._known is None:
+            self._known = KnownWords(common_english(), lambda: docs_words(self.store))
+        return unknown_terms(
+            query[: self.settings.retrieval.max_query_chars],
+            self.settings.product,
+            self._docs_have,
+            self._known,
+        )
 
     def search(self, query: str, k: int | None = None, mmr: bool | None = None) -> list[Hit]:
         """The k best chunks for `query`, best first (VagueQueryError when it has only stop words)."""
@@ -157,6 +172,7 @@ class Retriever:
         ):  # rebuilt with another model
             raise _built_with_another(state.embedder_key, self.embedder.key)
         self.state, self._generation = state, current
+        self._known, self._docs_have = None, docs_vocabulary(self.store)  # the docs' words may have changed
         self._dense = _load_dense(self.store, self.embedder) if self.embedder else None
 
     def _lexical(self, terms: list[str], limit: int) -> dict[str, float]:
