@@ -115,6 +115,7 @@ def test_off_topic_is_refused_without_asking_the_model(
 ) -> None:
     settings = indexed_workspace(runner)
     monkeypatch.setenv("FTKIT_RETRIEVAL_THRESHOLD", "1.0")  # on the BM25 scale of a lexical-only index
+    monkeypatch.setenv("FTKIT_RETRIEVAL_REFUSE_UNKNOWN_TERMS", "false")  # the threshold alone
     asked = len(fake.requests)
 
     code, out, err = chat(runner, "What will the weather be like in Paris tomorrow?\n")

@@ -636,7 +636,7 @@ def test_feedback_on_a_grounded_answer_joins_to_its_chunks(
 def test_an_off_topic_question_is_refused_without_asking_the_model(
     start_bot: Callable[..., RunningBot], model: FakeOpenAI, indexed: Path
 ) -> None:
-    running = start_bot(docs=True, retrieval_threshold=0.99)
+    running = start_bot(docs=True, retrieval_threshold=0.99, retrieval_refuse_unknown_terms=False)
     running.deliver(mention(running.slack, "What is the best recipe for sourdough bread?"))
     running.settle()
     assert model.requests == []
