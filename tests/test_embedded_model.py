@@ -21,6 +21,14 @@ pytestmark = pytest.mark.slow
 RUN = ["--workspace", "ws", "run", str(TINY_DOCS), "--product", "Quillstack", "--min-examples", "1"]
 
 
+@pytest.fixture(autouse=True)
+def _no_grounding_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the pipeline on the real model; the 135M model's answers to the two-file corpus
+    name things its chunks do not, so the grounding check (tested with a fake in test_grounding.py) keeps none."""
+    monkeypatch.setenv("FTKIT_GROUNDING_PRECHECK", "false")
+    monkeypatch.setenv("FTKIT_GROUNDING_JUDGE", "false")
+
+
 def llm_calls(db: Path) -> int:
     with sqlite3.connect(db) as conn:
         return int(conn.execute("SELECT count(*) FROM llm_calls").fetchone()[0])
@@ -45,7 +53,7 @@ def test_run_on_the_embedded_model_writes_valid_jsonl_and_reruns_for_free(runner
 
 def test_kill_9_mid_run_then_rerun_completes_without_repeating_calls(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "finetune_kit", *RUN]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "FTKIT_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "FTKIT_")) or "GROUNDING" in k}
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and (
