@@ -48,7 +48,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune_kit.llm.local_server import bundled_model_path
+    from finetune_kit.llm.local_server import bundled_model_path, llama_options
     from finetune_kit.training.gguf_lora import write_gguf_adapter
 
     checkpoint = materialise(resolve_base_model(LOCAL_MODEL_ALIAS), args.cache)
@@ -61,9 +61,16 @@ def main() -> None:
         peft_model.save_pretrained(Path(out) / "adapter")
         config = json.loads((checkpoint / "config.json").read_text())
         adapter = write_gguf_adapter(Path(out) / "adapter", config, Path(out) / "adapter.gguf")
-        base_llama = Llama(str(bundled_model_path()), n_ctx=512, logits_all=True, verbose=False)
+        base_llama = Llama(
+            str(bundled_model_path()), n_ctx=512, logits_all=True, verbose=False, **llama_options()
+        )
         tuned_llama = Llama(
-            str(bundled_model_path()), n_ctx=512, logits_all=True, verbose=False, lora_path=str(adapter)
+            str(bundled_model_path()),
+            n_ctx=512,
+            logits_all=True,
+            verbose=False,
+            lora_path=str(adapter),
+            **llama_options(),
         )
         same = base_same = 0
         for prompt in PROMPTS[: args.prompts]:

@@ -427,7 +427,7 @@ def test_llama_cpp_serves_the_adapter_as_transformers_peft_computes_it(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune_kit.llm.local_server import bundled_model_path
+    from finetune_kit.llm.local_server import bundled_model_path, llama_options
     from finetune_kit.training import gguf_lora
 
     if not rotary_order:
@@ -452,7 +452,9 @@ def test_llama_cpp_serves_the_adapter_as_transformers_peft_computes_it(
             base = peft_model(ids).logits[0].numpy()
 
     def llama_logits(**kwargs: str) -> np.ndarray:
-        llama = Llama(str(bundled_model_path()), n_ctx=512, logits_all=True, verbose=False, **kwargs)
+        llama = Llama(
+            str(bundled_model_path()), n_ctx=512, logits_all=True, verbose=False, **llama_options(), **kwargs
+        )
         llama.eval(ids[0].tolist())
         return np.array(llama.scores[: ids.shape[1]])
 

@@ -240,3 +240,16 @@ def test_ingest_indexes_with_the_local_embedder_and_search_finds_the_answer(
         "Error: the search index was built with all-MiniLM-L6-v2@254, the settings say all-MiniLM-L6-v2@128"
         " — run `ftkit index --rebuild`\n"
     )
+
+
+def test_the_dense_top_is_the_stable_sort_of_every_score_cut_to_n() -> None:
+    """The partition that replaces a full sort keeps its order: best first, ties in index order."""
+    import numpy as np
+
+    from finetune_kit.retrieval.search import _top
+
+    rng = np.random.default_rng(1)
+    for n in (1, 4, 100):
+        for size in (3, 50, 2000):
+            scores = rng.integers(0, 20, size).astype(np.float32)  # many ties
+            assert list(_top(scores, n)) == list(np.argsort(-scores, kind="stable")[:n])

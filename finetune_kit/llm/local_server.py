@@ -117,9 +117,12 @@ def server_config(settings: Settings, model_path: Path) -> dict[str, Any]:
     """llama_cpp.server's config file: the base model first, then each fine-tuned adapter over its base GGUF."""
     # llama.cpp collapses when its threads outnumber free cores; half the cores stays fast under load
     threads = settings.local_threads or max(1, (os.cpu_count() or 2) // 2)
-    common: dict[str, Any] = {"n_ctx": settings.local_context_tokens, "n_threads": threads, "verbose": False}
-    if cpu_has_amx():
-        common["n_ubatch"] = 1  # llama.cpp's AMX kernels crash on batches of 2+ tokens: see cpu_has_amx
+    common: dict[str, Any] = {
+        "n_ctx": settings.local_context_tokens,
+        "n_threads": threads,
+        "verbose": False,
+        **llama_options(),
+    }
     models = [{"model": str(model_path), "model_alias": LOCAL_MODEL_ALIAS, **common}]
     for adapter in _served_adapters(settings):
         models.append(
@@ -133,12 +136,17 @@ def server_config(settings: Settings, model_path: Path) -> dict[str, Any]:
     return {"host": "127.0.0.1", "models": models}
 
 
+def llama_options() -> dict[str, Any]:
+    """What every llama.cpp model this process or its server loads needs on this CPU (see cpu_has_amx)."""
+    return {"n_ubatch": 1} if cpu_has_amx() else {}
+
+
 def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether the CPU has Intel AMX, where llama-cpp-python 0.3.35–0.3.36 built from source segfaults.
 
     Measured on such a machine (Xeon with amx_tile, amx_int8): a prompt of one token evaluates, any prompt of two
-    or more crashes the process (n_ubatch 2 to 32 alike), so the embedded server's micro-batch is one token
-    there: slower prompts, but answers. Elsewhere nothing changes.
+    or more crashes the process (n_ubatch 2 to 32 alike), so every model llama.cpp loads, in the embedded
+    server or in process, takes one-token micro-batches there: slower prompts, but answers. Elsewhere nothing changes.
     """
     try:
         return "amx_tile" in cpuinfo.read_text(encoding="utf-8", errors="replace")

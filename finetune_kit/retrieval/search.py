@@ -256,7 +256,7 @@ class _Scores:
             return
         self._windows = dense.windows @ query_vector
         self._best = np.maximum.reduceat(self._windows, dense.starts)
-        top = np.argsort(-self._best, kind="stable")[:fetch]
+        top = _top(self._best, fetch)
         self.dense = [dense.chunk_ids[i] for i in top]
 
     def best_window(self, chunk_id: str) -> tuple[float | None, tuple[int, int] | None]:
@@ -268,6 +268,17 @@ class _Scores:
         end = int(d.starts[i + 1]) if i + 1 < len(d.starts) else len(self._windows)
         window = int(d.starts[i]) + int(np.argmax(self._windows[int(d.starts[i]) : end]))
         return float(self._best[i]), d.spans[window]
+
+
+def _top(scores: Vectors, n: int) -> npt.NDArray[np.intp]:
+    """The indices of the n best scores, best first, ties in index order: a partition, then a sort of n, not of all."""
+    if n < len(scores):
+        part = np.argpartition(-scores, n - 1)[:n]
+        cut = scores[part].min()
+        part = np.flatnonzero(scores >= cut)  # every tie at the cut, so that index order decides among them
+    else:
+        part = np.arange(len(scores))
+    return part[np.lexsort((part, -scores[part]))][:n]
 
 
 def _built_with_another(built_with: str, settings_say: str) -> RetrievalIndexError:
