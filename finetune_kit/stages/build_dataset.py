@@ -23,7 +23,7 @@ from finetune_kit.stages import Prefill, gather_all
 from finetune_kit.stages.dataset import (
     Example,
     ValidationReport,
-    split_by_chunk,
+    held_out_chunks,
     to_record,
     validate_jsonl,
     write_jsonl,
@@ -54,6 +54,8 @@ class DatasetReport:
     grounding: Counter[str] = field(default_factory=Counter)  # what each grounding gate did
     curation: Counter[str] = field(default_factory=Counter)  # near duplicates dropped, paraphrases written
     paraphrases: list[Example] = field(default_factory=list)  # other phrasings of training questions
+    negatives: list[Example] = field(default_factory=list)  # "I don't know" examples
+    notes: list[str] = field(default_factory=list)  # what the run could not do as set, and why
     train: ValidationReport | None = None
     validation: ValidationReport | None = None
     estimated_training_tokens: int = 0
@@ -226,9 +228,7 @@ def write_dataset(
     examples: list[Example], settings: Settings, out_dir: Path, report: DatasetReport
 ) -> DatasetReport:
     """Split by chunk, write train/validation JSONL, validate both and estimate training cost."""
-    held_out = split_by_chunk(
-        [e.chunk_id for e in examples], settings.validation_fraction, settings.split_seed
-    )
+    held_out = held_out_chunks(examples, settings.validation_fraction, settings.split_seed)
     system = default_system_prompt(settings) if settings.dataset_format == "chat" else None
     limit = settings.example_token_limits.get(settings.fine_tune_base_model, 65_536)
     for name, part in (

@@ -1,0 +1,195 @@
+"""Datasets that teach a model to stay grounded: "I don't know" examples and retrieval-style (RAFT) examples.
+
+Over real HTTP against the fake OpenAI server, on the sample docs with a search index (the fake's embeddings).
+"""
+
+import json
+import re
+import sqlite3
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from finetune_kit.config import Settings, load_settings
+from finetune_kit.pipeline import RunSummary, run_build_dataset, run_generate_questions, run_index, run_ingest
+from finetune_kit.retrieval.answer import refusal_text
+from finetune_kit.stages.negatives import JUDGE_STAGE, NO_INDEX, STAGE, parse_verdict
+from finetune_kit.status import workspace_status
+from finetune_kit.store import Store
+from tests.conftest import SAMPLE_DOCS, TEST_KEY
+from tests.fake_openai import FakeOpenAI, Reply, docs_responder
+
+CONTACT = "#quillstack-help"
+PER_ROUND = 5  # questions the fake writes per negatives round
+# What the fake's negatives name: none of these is in the sample docs, so each is a true "I don't know".
+FOREIGN = (
+    "Salesforce", "Zapier", "Jira", "Terraform", "SAML", "Android", "Shopify", "HubSpot", "Tableau", "Okta",
+    "Airtable", "Notion", "Trello", "Asana", "Figma", "Dropbox", "Zendesk", "Twilio", "Stripe", "Mailchimp",
+    "Snowflake", "BigQuery", "Datadog", "PagerDuty", "Heroku", "Netlify", "Vercel", "Cloudflare", "Auth0", "Segment",
+    "Intercom", "Freshdesk", "Monday", "Basecamp", "Confluence", "Bitbucket", "Gitea", "Jenkins", "CircleCI",
+    "Travis",
+)  # fmt: skip
+JUDGED_ANSWERED = "Zapier"  # the fake judge says the docs answer a question naming it
+ANSWERABLE = "How do I create a flag key with the Python SDK?"  # every key term is in the docs: dropped
+_NEGATIVES_PROMPT = 'must say "I don\'t know"'
+_NEGATIVES_JUDGE = "Verdict: answered or not answered"
+
+
+SHAPES = (  # one of each a round: the negatives parser drops near copies within one list
+    "Can Quillstack sync feature flags with {}?",
+    "Is there a {} integration I can turn on?",
+    "How do I log in with my {} account?",
+    "Where is the export to {} button?",
+    "Does the SDK run inside {} workers?",
+)
+
+
+def negatives_of_round(seed: int) -> list[str]:
+    names = FOREIGN[seed * PER_ROUND : (seed + 1) * PER_ROUND]
+    questions = [shape.format(name) for shape, name in zip(SHAPES, names, strict=True)]
+    return [ANSWERABLE, *questions] if seed == 0 else questions
+
+
+def foreign_name(question: str) -> str:
+    return next(name for name in FOREIGN if name in question)
+
+
+def grounded_responder(body: dict[str, Any]) -> Reply:
+    """docs_responder, plus negatives (PER_ROUND a round, differing by seed) and their judge."""
+    prompt = body["messages"][-1]["content"]
+    if _NEGATIVES_PROMPT in prompt:
+        lines = negatives_of_round(int(body.get("seed") or 0))
+        return Reply(content="\n".join(f"{i}. {q}" for i, q in enumerate(lines, 1)))
+    if _NEGATIVES_JUDGE in prompt:
+        question = re.search(r"^Question: (.*)$", prompt, re.M)
+        said = "answered" if question and JUDGED_ANSWERED in question.group(1) else "not answered"
+        return Reply(content=f"Verdict: {said}")
+    return docs_responder(body)
+
+
+@pytest.fixture
+def grounded_llm(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAI]:
+    with FakeOpenAI(grounded_responder, api_key=TEST_KEY) as fake:
+        monkeypatch.setenv("OPENAI_BASE_URL", fake.url)
+        monkeypatch.setenv("OPENAI_API_KEY", TEST_KEY)
+        yield fake
+
+
+def settings_for(tmp_path: Path, **flags: object) -> Settings:
+    flags = {"grounding_judge": False, "dedupe_across_chunks": False, "support_contact": CONTACT, **flags}
+    return load_settings(
+        workspace=tmp_path / "ws",
+        product="Quillstack",
+        model="gpt-4o-mini",
+        retrieval_embedding_model="text-embedding-3-small",
+        **flags,
+    )
+
+
+def built(settings: Settings, index: bool = True) -> RunSummary:
+    run_ingest(settings, [str(SAMPLE_DOCS)])
+    if index:
+        run_index(settings)
+    run_generate_questions(settings)
+    return run_build_dataset(settings)
+
+
+def records(settings: Settings, name: str) -> list[dict[str, Any]]:
+    lines = (settings.dataset_path / f"{name}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def is_refusal(record: dict[str, Any]) -> bool:
+    return "so I won't guess" in record["messages"][-1]["content"]
+
+
+def calls_by_stage(settings: Settings) -> Counter[str]:
+    """The paid calls of the last run, by stage."""
+    with Store(settings.db_path) as store:
+        run_id = store.scalar("SELECT max(id) FROM runs")
+        rows: list[sqlite3.Row] = store.db.execute(
+            "SELECT stage, count(*) FROM llm_calls WHERE run_id = ? GROUP BY stage", (run_id,)
+        ).fetchall()
+    return Counter({row[0]: row[1] for row in rows})
+
+
+def accepted_answers(settings: Settings) -> int:
+    train, validation = records(settings, "train"), records(settings, "validation")
+    return sum(not is_refusal(r) for r in train + validation)
+
+
+# --- "I don't know" examples ----------------------------------------------------------------------------
+
+
+def test_negatives_are_questions_the_docs_do_not_answer_with_the_bots_refusal(
+    tmp_path: Path, grounded_llm: FakeOpenAI
+) -> None:
+    settings = settings_for(tmp_path, grounding_judge=True)
+    summary = built(settings)
+
+    train, validation = records(settings, "train"), records(settings, "validation")
+    negatives = [r for r in train + validation if is_refusal(r)]
+    asked = [r["messages"][-2]["content"] for r in negatives]
+    n_answered = len(train) + len(validation) - len(negatives)
+    assert len(negatives) == -(
+        -n_answered // 10
+    )  # negatives_fraction 0.1 of the answered examples, rounded up
+    assert ANSWERABLE not in asked and not any(JUDGED_ANSWERED in q for q in asked)
+    for record in negatives:
+        question, answer = record["messages"][-2]["content"], record["messages"][-1]["content"]
+        name = foreign_name(question)
+        # the bot's refusal: naming the term when its unknown-terms gate knows the word is foreign, else plain
+        bots = {refusal_text(settings, question, (name.lower(),)), refusal_text(settings, question)}
+        assert answer in bots and CONTACT in answer
+    assert any(is_refusal(r) for r in train) and any(is_refusal(r) for r in validation)
+    assert summary.dataset is not None
+    assert summary.dataset.curation["negatives"] == len(negatives)
+    assert summary.dataset.curation["negatives dropped: the docs use every key term"] == 1
+    assert summary.dataset.curation["negatives dropped: the judge finds the docs answer it"] == 1
+    status = workspace_status(settings)
+    assert status.dataset is not None and status.dataset.negatives == len(negatives)
+
+
+def test_without_an_index_there_are_no_negatives_and_the_summary_says_why(
+    tmp_path: Path, grounded_llm: FakeOpenAI
+) -> None:
+    settings = settings_for(tmp_path)
+    summary = built(settings, index=False)
+
+    assert summary.dataset is not None and any(note.startswith(NO_INDEX) for note in summary.dataset.notes)
+    assert not any(is_refusal(r) for r in records(settings, "train") + records(settings, "validation"))
+    assert not calls_by_stage(settings)[STAGE]
+
+
+def test_the_refusal_names_the_support_contact_only_when_one_is_set(tmp_path: Path) -> None:
+    plain = load_settings(workspace=tmp_path, product="Quillstack")
+    assert refusal_text(plain, "sso?").endswith("or ask a person.")
+    assert refusal_text(plain.model_copy(update={"support_contact": CONTACT}), "sso?").endswith(
+        f"or ask a person: {CONTACT}."
+    )
+
+
+@pytest.mark.parametrize(
+    ("reply", "verdict"),
+    [
+        ("Verdict: not answered", True),
+        ("Verdict: answered", False),
+        ("verdict - Unanswered.", True),
+        ("not answered", True),
+        ("Answered, in part.", False),
+        ("I think so", None),
+    ],
+)
+def test_parse_verdict(reply: str, verdict: bool | None) -> None:
+    assert parse_verdict(reply) is verdict
+
+
+def test_negatives_fraction_zero_asks_nothing_for_negatives(tmp_path: Path, grounded_llm: FakeOpenAI) -> None:
+    settings = settings_for(tmp_path, negatives_fraction=0)
+    built(settings)
+    assert not any(is_refusal(r) for r in records(settings, "train") + records(settings, "validation"))
+    with Store(settings.db_path) as store:
+        assert not store.scalar("SELECT count(*) FROM llm_calls WHERE stage IN (?, ?)", (STAGE, JUDGE_STAGE))
