@@ -28,6 +28,7 @@ from finetune_kit.stages.generate_questions import QuestionReport, generate_ques
 from finetune_kit.stages.ingest import IngestReport, ingest
 from finetune_kit.stages.negatives import make_negatives
 from finetune_kit.stages.refresh import RefreshReport, refresh_sources
+from finetune_kit.stages.with_context import ContextExamples
 from finetune_kit.status import answer_redo, current_keys, question_redo
 from finetune_kit.store import Store, utc_now
 from finetune_kit.workspace_lock import writer_lock
@@ -256,7 +257,13 @@ def _write(store: Store, settings: Settings, summary: RunSummary) -> None:
     examples = (
         curated_examples(store, settings, identity, model, report.paraphrases, report) + report.negatives
     )
-    summary.dataset = write_dataset(examples, settings, settings.dataset_path, report)
+    context = None
+    if settings.dataset_style == "with-context":  # the question among retrieved chunks, as the bot serves it
+        context = ContextExamples(store, settings, report.curation, report.notes)
+    record = context.record if context else None
+    summary.dataset = write_dataset(examples, settings, settings.dataset_path, report, record)
+    if context:
+        context.finish()
     summary.files = [
         *summary.dataset.files,
         report_dataset(store, settings, identity, model, examples, report),

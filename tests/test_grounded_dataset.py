@@ -14,12 +14,23 @@ from typing import Any
 import pytest
 
 from finetune_kit.config import Settings, load_settings
+from finetune_kit.errors import ConfigError
 from finetune_kit.pipeline import RunSummary, run_build_dataset, run_generate_questions, run_index, run_ingest
-from finetune_kit.retrieval.answer import refusal_text
+from finetune_kit.retrieval.answer import (
+    Retrieval,
+    answer_from_retrieval,
+    format_context,
+    grounded_system_prompt,
+    refusal_text,
+)
+from finetune_kit.retrieval.search import Retriever
+from finetune_kit.retrieval.types import Hit
+from finetune_kit.slack.answerer import fit_to_context, prompt_budget
 from finetune_kit.stages.negatives import JUDGE_STAGE, NO_INDEX, STAGE, parse_verdict
+from finetune_kit.stages.with_context import DISTRACTORS_ONLY, cite
 from finetune_kit.status import workspace_status
 from finetune_kit.store import Store
-from tests.conftest import SAMPLE_DOCS, TEST_KEY
+from tests.conftest import SAMPLE_DOCS, TEST_KEY, TINY_DOCS
 from tests.fake_openai import FakeOpenAI, Reply, docs_responder
 
 CONTACT = "#quillstack-help"
@@ -193,3 +204,135 @@ def test_negatives_fraction_zero_asks_nothing_for_negatives(tmp_path: Path, grou
     assert not any(is_refusal(r) for r in records(settings, "train") + records(settings, "validation"))
     with Store(settings.db_path) as store:
         assert not store.scalar("SELECT count(*) FROM llm_calls WHERE stage IN (?, ?)", (STAGE, JUDGE_STAGE))
+
+
+# --- retrieval-style examples (RAFT) ---------------------------------------------------------------------
+
+
+class RecordingAnswerer:
+    """The bot's Answerer seam: records the system prompt and turns it is sent, replies with a set text."""
+
+    model = "recorder"
+
+    def __init__(self, settings: Settings, reply: str) -> None:
+        self.prompt_budget = prompt_budget(settings)
+        self.reply, self.sent = reply, []  # type: ignore[var-annotated]
+
+    def answer(self, turns: Any, on_text: Any = None, system: str | None = None) -> str:
+        self.sent.append(fit_to_context(system or "", list(turns), self.prompt_budget))
+        return self.reply
+
+
+def gold_chunks(settings: Settings) -> dict[str, set[str]]:
+    """Each question's own chunk texts (one question text may come from several chunks)."""
+    golds: dict[str, set[str]] = {}
+    with Store(settings.db_path) as store:
+        for row in store.db.execute(
+            "SELECT q.text, c.text FROM questions q JOIN chunks c ON c.id = q.chunk_id"
+        ):
+            golds.setdefault(row[0], set()).add(row[1].strip())
+    return golds
+
+
+def shown_sources(settings: Settings, system: str) -> list[Hit]:
+    """The indexed chunks a with-context system prompt shows, in its order."""
+    with Store(settings.db_path) as store:
+        retriever = Retriever.open(store, settings)
+        ids = [row[0] for row in store.db.execute("SELECT chunk_id FROM index_chunks")]
+        hits = [hit for cid in ids if (hit := retriever.chunk_hit(cid)) is not None]
+    blocks = re.split(r"\n\n(?=\[\d+\] )", system.split("\n\nSources:\n\n", 1)[1])
+    found = []
+    for n, block in enumerate(blocks, 1):
+        found.append(
+            next(h for h in hits if format_context([h]).split("\n", 1)[1] == block.split("\n", 1)[1])
+        )
+        assert block.startswith(f"[{n}] ")
+    return found
+
+
+def test_with_context_examples_are_what_the_bot_sends_and_cite_their_own_chunk(
+    tmp_path: Path, grounded_llm: FakeOpenAI
+) -> None:
+    settings = settings_for(tmp_path, dataset_style="with-context", negatives_fraction=0)
+    summary = built(settings)
+    assert summary.dataset is not None and summary.dataset.problems == []
+
+    gold = gold_chunks(settings)
+    answered = refused = 0
+    for record in records(settings, "train") + records(settings, "validation"):
+        system, question, target = (m["content"] for m in record["messages"])
+        assert [m["role"] for m in record["messages"]] == ["system", "user", "assistant"]
+        sources = shown_sources(settings, system)
+        # the prompt is the bot's: its system prompt over these sources, fitted as the bot fits them
+        assert system == grounded_system_prompt(settings, sources)
+        bot = RecordingAnswerer(settings, target)
+        retrieval = Retrieval(question, sources, 1.0, None)
+        served = answer_from_retrieval(settings, bot, retrieval, question)
+        assert bot.sent == [record["messages"][:2]]
+        texts = [hit.text.strip() for hit in sources]
+        if is_refusal(record):
+            refused += 1
+            assert target == refusal_text(settings, question) == served.answer
+            assert len(gold[question]) > 1 or not gold[question] & set(texts)  # distractors only
+        else:
+            answered += 1
+            cited = [s.n for s in served.sources]
+            assert len(cited) == 1 and f"[{cited[0]}]" in target  # the answer cites one source...
+            assert texts[cited[0] - 1] in gold[question]  # ...its own chunk
+            assert len(sources) == settings.retrieval.k  # with k - 1 distractors
+    share = refused / (answered + refused)
+    assert answered + refused >= 40 and 0.1 <= share <= 0.3  # distractor_only_fraction 0.2
+    assert summary.dataset.curation[DISTRACTORS_ONLY] == refused
+
+
+@pytest.mark.parametrize("style", ["closed-book", "with-context"])
+def test_both_styles_validate_and_load_in_datasets_and_trl(
+    tmp_path: Path, grounded_llm: FakeOpenAI, style: str
+) -> None:
+    datasets = pytest.importorskip("datasets")
+    data_utils = pytest.importorskip("trl.data_utils")
+    settings = settings_for(tmp_path, dataset_style=style)
+    summary = built(settings)
+
+    assert summary.dataset is not None and summary.dataset.train is not None
+    assert summary.dataset.train.errors == [] and summary.dataset.problems == []
+    for name in ("train", "validation"):
+        path = settings.dataset_path / f"{name}.jsonl"
+        loaded = datasets.load_dataset("json", data_files=str(path), split="train")
+        assert len(loaded) == len(records(settings, name)) > 0
+        assert all(data_utils.is_conversational(row) for row in loaded)
+        assert loaded.column_names == ["messages"]
+
+
+def test_a_corpus_too_small_for_distractors_uses_what_it_has_and_says_so(
+    tmp_path: Path, grounded_llm: FakeOpenAI
+) -> None:
+    settings = settings_for(tmp_path, dataset_style="with-context", retrieval_k=8, min_examples=1)
+    run_ingest(settings, [str(TINY_DOCS)])
+    run_index(settings)
+    run_generate_questions(settings)
+    summary = run_build_dataset(settings)
+
+    assert summary.dataset is not None and summary.dataset.problems == []
+    assert any("fewer than retrieval.k = 8 chunks" in note for note in summary.dataset.notes)
+    for record in records(settings, "train"):
+        assert 1 <= len(shown_sources(settings, record["messages"][0]["content"])) < 8
+
+
+def test_with_context_needs_chat_messages(tmp_path: Path, grounded_llm: FakeOpenAI) -> None:
+    settings = settings_for(tmp_path, dataset_style="with-context", dataset_format="prompt-completion")
+    with pytest.raises(ConfigError, match="dataset_format = chat"):
+        built(settings)
+
+
+@pytest.mark.parametrize(
+    ("answer", "cited"),
+    [
+        ("Run the command.", "Run the command [2]."),
+        ("First this.\n\nThen that!", "First this [2].\n\nThen that [2]!"),
+        ("Do this:\n\n```\nftkit run\n```", "Do this:\n\n```\nftkit run\n```\n\n[2]"),
+        ("It works\n\n```\na\n\nb\n```\n\nDone.", "It works [2]\n\n```\na\n\nb\n```\n\nDone [2]."),
+    ],
+)
+def test_cite_closes_each_prose_paragraph(answer: str, cited: str) -> None:
+    assert cite(answer, 2) == cited

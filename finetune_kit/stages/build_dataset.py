@@ -5,8 +5,10 @@ import json
 import re
 import sqlite3
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from finetune_kit.config import Settings
 from finetune_kit.errors import RequestRejectedError
@@ -225,18 +227,26 @@ def accepted_examples(store: Store, settings: Settings, identity: str, model: st
 
 
 def write_dataset(
-    examples: list[Example], settings: Settings, out_dir: Path, report: DatasetReport
+    examples: list[Example],
+    settings: Settings,
+    out_dir: Path,
+    report: DatasetReport,
+    record: Callable[[Example], dict[str, Any]] | None = None,
 ) -> DatasetReport:
-    """Split by chunk, write train/validation JSONL, validate both and estimate training cost."""
+    """Split by chunk, write train/validation JSONL, validate both and estimate training cost.
+
+    `record` writes one line (with-context examples); default: the closed-book record of settings.dataset_format.
+    """
     held_out = held_out_chunks(examples, settings.validation_fraction, settings.split_seed)
     system = default_system_prompt(settings) if settings.dataset_format == "chat" else None
+    record = record or (lambda e: to_record(e, settings.dataset_format, system))
     limit = settings.example_token_limits.get(settings.fine_tune_base_model, 65_536)
     for name, part in (
         ("train", [e for e in examples if e.chunk_id not in held_out]),
         ("validation", [e for e in examples if e.chunk_id in held_out and not e.paraphrase]),
     ):
         path = out_dir / f"{name}.jsonl"
-        write_jsonl(path, [to_record(e, settings.dataset_format, system) for e in part])
+        write_jsonl(path, [record(e) for e in part])
         setattr(report, name, validate_jsonl(path, limit))
         report.files.append(path)
     assert report.train is not None
