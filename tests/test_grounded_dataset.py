@@ -336,3 +336,41 @@ def test_with_context_needs_chat_messages(tmp_path: Path, grounded_llm: FakeOpen
 )
 def test_cite_closes_each_prose_paragraph(answer: str, cited: str) -> None:
     assert cite(answer, 2) == cited
+
+
+# --- never pay twice --------------------------------------------------------------------------------------
+
+
+def test_every_option_on_reruns_free_and_each_switch_asks_only_what_it_affects(
+    tmp_path: Path, grounded_llm: FakeOpenAI
+) -> None:
+    every = {"grounding_judge": True, "paraphrases_per_question": 1, "dedupe_across_chunks": True}
+    settings = settings_for(tmp_path, dataset_style="with-context", **every)
+    first = built(settings).dataset
+    assert first is not None
+    first_negatives = [r["messages"][1]["content"] for r in records(settings, "train") if is_refusal(r)]
+    sent = len(grounded_llm.requests)
+
+    rerun = run_build_dataset(settings)
+    assert len(grounded_llm.requests) == sent and rerun.llm_calls == 0
+
+    closed = settings.model_copy(update={"dataset_style": "closed-book"})  # only rebuilds the files
+    assert run_build_dataset(closed).llm_calls == 0 and len(grounded_llm.requests) == sent
+    assert "messages" in records(closed, "train")[0] and len(records(closed, "train")[0]["messages"]) == 3
+
+    more = settings.model_copy(update={"negatives_fraction": 0.3})  # asks only for the negatives it adds
+    summary = run_build_dataset(more)
+    stages = calls_by_stage(more)
+    assert summary.llm_calls > 0 and set(stages) <= {STAGE, JUDGE_STAGE}
+    assert summary.dataset is not None and summary.dataset.curation["negatives"] > 0
+    negatives = [r for r in records(more, "train") + records(more, "validation") if is_refusal(r)]
+    n_answered = len(records(more, "train")) + len(records(more, "validation")) - len(negatives)
+    # with-context: a distractors-only example is a refusal too, so count the negatives by the summary
+    assert summary.dataset.curation["negatives"] > len(first_negatives) or n_answered == 0
+    kept = [r["messages"][1]["content"] for r in records(more, "train") if is_refusal(r)]
+    assert set(first_negatives) <= set(kept)  # the earlier ones stay, unasked
+    judged = "negatives dropped: the judge finds the docs answer it"
+    new_candidates = (summary.dataset.curation["negatives"] + summary.dataset.curation[judged]) - (
+        first.curation["negatives"] + first.curation[judged]
+    )
+    assert stages[JUDGE_STAGE] == new_candidates > 0  # one judge call per candidate never judged before
