@@ -293,6 +293,14 @@ class Settings(BaseSettings):
     # extra phrasings of each training question with its answer (stages/curate.py; never in validation)
     paraphrases_per_question: int = Field(0, ge=0, le=10)
     paraphrase_temperature: float = Field(0.9, ge=0, le=2)
+    # "I don't know" examples (stages/negatives.py): this share of the answered examples again as questions the
+    # docs do not answer, each with the bot's refusal; made only where the search index exists (`ftkit index`)
+    negatives_fraction: float = Field(0.1, ge=0, le=1)
+    support_contact: str | None = None  # where a refusal sends people: a support channel or URL
+    # closed-book: question -> answer; with-context: the question among retrieved chunks, as `ask --rag` and the
+    # Slack bot send it, answered from its chunk with a citation (stages/with_context.py; needs the index)
+    dataset_style: Literal["closed-book", "with-context"] = "closed-book"
+    distractor_only_fraction: float = Field(0.2, ge=0, lt=1)  # with-context examples whose chunk is left out
 
     # dataset
     dataset_format: Literal["chat", "prompt-completion"] = "chat"

@@ -19,7 +19,7 @@ from finetune_kit.config import Settings
 from finetune_kit.disk_space import written_whole
 from finetune_kit.prompts import load_prompt
 from finetune_kit.stages.build_dataset import CHUNK_ANSWER_KEY, DatasetReport, answer_keys
-from finetune_kit.stages.dataset import Example, split_by_chunk
+from finetune_kit.stages.dataset import Example, held_out_chunks
 from finetune_kit.stages.generate_questions import generation_key
 from finetune_kit.stages.grounding import REASON_CATEGORY
 from finetune_kit.store import Store
@@ -52,7 +52,7 @@ class DatasetSummary:
     train: int = 0
     validation: int = 0
     paraphrases: int = 0
-    negatives: int = 0  # "I don't know" examples (not built yet)
+    negatives: int = 0  # "I don't know" examples, train and validation
     question_words: list[int] = field(default_factory=list)
     answer_words: list[int] = field(default_factory=list)
     sources: list[SourceCoverage] = field(default_factory=list)
@@ -76,14 +76,13 @@ def summarise_dataset(
     store: Store, settings: Settings, identity: str, model: str, examples: list[Example]
 ) -> DatasetSummary:
     """Read the gates' counts from the answers ledger and describe `examples` as write_dataset splits them."""
-    held_out = split_by_chunk(
-        [e.chunk_id for e in examples], settings.validation_fraction, settings.split_seed
-    )
+    held_out = held_out_chunks(examples, settings.validation_fraction, settings.split_seed)
     summary = DatasetSummary(
         answers=_answer_outcomes(store, answer_keys(settings, identity, model)),
         train=sum(e.chunk_id not in held_out for e in examples),
         validation=sum(e.chunk_id in held_out and not e.paraphrase for e in examples),
         paraphrases=sum(e.paraphrase and e.chunk_id not in held_out for e in examples),
+        negatives=sum(e.negative for e in examples),
         question_words=[len(e.question.split()) for e in examples],
         answer_words=[len(e.answer.split()) for e in examples if not e.paraphrase],
         sources=_coverage(store, {e.chunk_id for e in examples}),
@@ -96,7 +95,7 @@ def summarise_dataset(
 
 def _sample(example: Example, held_out: set[str]) -> dict[str, str]:
     split = "validation" if example.chunk_id in held_out else "train"
-    kind = "paraphrase" if example.paraphrase else "question"
+    kind = "paraphrase" if example.paraphrase else "I don't know" if example.negative else "question"
     return {"split": split, "kind": kind, "question": example.question, "answer": example.answer}
 
 

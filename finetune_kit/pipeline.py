@@ -16,12 +16,19 @@ from finetune_kit.llm.endpoint import endpoint_identity, open_endpoint
 from finetune_kit.progress import NoProgress, Progress
 from finetune_kit.retrieval.index import IndexReport, update_index
 from finetune_kit.stages import Prefill
-from finetune_kit.stages.build_dataset import DatasetReport, answer_questions, write_dataset
+from finetune_kit.stages.build_dataset import (
+    DatasetReport,
+    accepted_examples,
+    answer_questions,
+    write_dataset,
+)
 from finetune_kit.stages.curate import curated_examples, paraphrase_training_questions
 from finetune_kit.stages.estimate import StageEstimate, estimate_generation
 from finetune_kit.stages.generate_questions import QuestionReport, generate_questions
 from finetune_kit.stages.ingest import IngestReport, ingest
+from finetune_kit.stages.negatives import make_negatives
 from finetune_kit.stages.refresh import RefreshReport, refresh_sources
+from finetune_kit.stages.with_context import ContextExamples
 from finetune_kit.status import answer_redo, current_keys, question_redo
 from finetune_kit.store import Store, utc_now
 from finetune_kit.workspace_lock import writer_lock
@@ -179,6 +186,14 @@ async def _generation(
                 summary.dataset.paraphrases = await paraphrase_training_questions(
                     store, client, settings, summary.dataset, progress
                 )
+                summary.dataset.negatives = await make_negatives(
+                    store,
+                    client,
+                    settings,
+                    len(accepted_examples(store, settings, endpoint.identity, endpoint.model)),
+                    summary.dataset.curation,
+                    summary.dataset.notes,
+                )
         finally:
             await client.close()
             _account(store, run_id, client, summary)
@@ -239,8 +254,16 @@ def _account(store: Store, run_id: int, client: LLMClient, summary: RunSummary) 
 def _write(store: Store, settings: Settings, summary: RunSummary) -> None:
     report = summary.dataset or DatasetReport()
     identity, model = summary.endpoint_identity, summary.model
-    examples = curated_examples(store, settings, identity, model, report.paraphrases, report)
-    summary.dataset = write_dataset(examples, settings, settings.dataset_path, report)
+    examples = (
+        curated_examples(store, settings, identity, model, report.paraphrases, report) + report.negatives
+    )
+    context = None
+    if settings.dataset_style == "with-context":  # the question among retrieved chunks, as the bot serves it
+        context = ContextExamples(store, settings, report.curation, report.notes)
+    record = context.record if context else None
+    summary.dataset = write_dataset(examples, settings, settings.dataset_path, report, record)
+    if context:
+        context.finish()
     summary.files = [
         *summary.dataset.files,
         report_dataset(store, settings, identity, model, examples, report),

@@ -24,6 +24,8 @@ REQUIRED_PLACEHOLDERS = {
     "grounding_judge": {"product", "chunk", "question", "answer"},  # does the chunk support the answer?
     "grounding_reask": {"claim"},  # asks again, after the judge found a claim the chunk does not state
     "paraphrases": {"product", "question", "n"},  # other phrasings of a training question
+    "negatives": {"product", "n", "headings"},  # "I don't know" training questions the docs do not answer
+    "negatives_judge": {"product", "sources", "question"},  # do the retrieved passages answer it?
 }
 # A prompts_dir written before these templates existed lacks them; the bundled one is used then.
 BUNDLED_WHEN_MISSING = {
@@ -36,6 +38,8 @@ BUNDLED_WHEN_MISSING = {
     "grounding_judge",
     "grounding_reask",
     "paraphrases",
+    "negatives",
+    "negatives_judge",
 }
 
 logger = logging.getLogger(__name__)

@@ -141,6 +141,8 @@ def summary_table(summary: RunSummary) -> Table:
             table.add_row("grounding check", _reasons(d.grounding))
         if d.curation:
             table.add_row("dataset curation", _reasons(d.curation))
+        for note in d.notes:
+            table.add_row("dataset note", note)
         if d.train and d.validation:
             table.add_row("examples (train / validation)", f"{d.train.examples} / {d.validation.examples}")
         table.add_row(

@@ -14,7 +14,7 @@ from finetune_kit.eval.questions import EvalQuestion
 from finetune_kit.llm.client import ChatRequest, ChatResult, LLMClient, request_hash
 from finetune_kit.llm.endpoint import is_local_model
 from finetune_kit.prompts import default_system_prompt
-from finetune_kit.slack.answerer import CONTEXT_SAFETY, Turn, context_tokens, fit_to_context
+from finetune_kit.slack.answerer import Turn, fit_to_context, prompt_budget
 from finetune_kit.store import Store
 
 log = logging.getLogger(__name__)
@@ -88,12 +88,6 @@ def arm_settings(settings: Settings, model: str) -> Settings:
     """Settings that select the endpoint answering as `model`, as `open_model_endpoint` picks it."""
     local = model == LOCAL_MODEL_ALIAS or is_local_model(settings, model)
     return settings.model_copy(update={"model": model, "provider": "local" if local else settings.provider})
-
-
-def prompt_budget(settings: Settings, embedded: bool) -> int:
-    """The prompt tokens the bot's answerer allows: the context window, less a margin and the answer."""
-    window = context_tokens(settings, embedded=embedded)
-    return max(int(window * CONTEXT_SAFETY) - settings.slack.max_answer_tokens, 128)
 
 
 def closed_book_request(settings: Settings, question: EvalQuestion, embedded: bool) -> ChatRequest:

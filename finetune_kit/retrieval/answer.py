@@ -201,18 +201,19 @@ def says_docs_silent(text: str, cited: set[int]) -> bool:
 
 def refusal_text(settings: Settings, query: str, unknown: Sequence[str] = ()) -> str:
     """The one sentence of "I don't know": what was searched for (or what the docs never mention), what to try."""
+    ask = f"ask a person: {settings.support_contact}" if settings.support_contact else "ask a person"
     if unknown:
         named = ", ".join(f"“{term}”" for term in unknown[:3])
         return (
             f"The documentation of {settings.product} never mentions {named}, so I won't guess"
-            " — if it goes by another name there, ask with that word, or ask a person."
+            f" — if it goes by another name there, ask with that word, or {ask}."
         )
     shown = " ".join(query.split())
     if len(shown) > MAX_QUERY_SHOWN:
         shown = shown[: MAX_QUERY_SHOWN - 1].rstrip() + "…"
     return (
         f"I found nothing in the documentation of {settings.product} that answers “{shown}”, so I won't guess"
-        " — try the words the docs would use, or ask a person."
+        f" — try the words the docs would use, or {ask}."
     )
 
 

@@ -148,6 +148,27 @@ class Retriever:
         order = self._mmr(candidates, fused, k, rs.mmr_lambda) if use_mmr and self._dense else candidates[:k]
         return self._hits(order, fused, scores, terms)
 
+    def chunk_hit(self, chunk_id: str) -> Hit | None:
+        """An indexed chunk as a hit that no search ranked (no scores), or None when it is not in the index."""
+        row = _chunk_rows(self.store, [chunk_id]).get(chunk_id)
+        if row is None:
+            return None
+        return Hit(
+            rank=0,
+            score=0.0,
+            chunk_id=chunk_id,
+            path=row["path"],
+            heading=heading_text(row["heading_path"]),
+            url=row["source_url"],
+            title=row["title"],
+            text=row["text"],
+            snippet=snippet(row["text"], []),
+            dense_score=None,
+            lexical_score=None,
+            dense_rank=None,
+            lexical_rank=None,
+        )
+
     def _bounded(self, query: str) -> str:
         limit = self.settings.retrieval.max_query_chars
         if len(query) > limit:

@@ -135,6 +135,12 @@ def context_tokens(settings: Settings, embedded: bool | None = None) -> int:
     return settings.local_context_tokens if embedded else API_CONTEXT_TOKENS
 
 
+def prompt_budget(settings: Settings, embedded: bool | None = None) -> int:
+    """The prompt tokens the bot's answerer allows: the context window, less a margin and the answer."""
+    window = context_tokens(settings, embedded=embedded)
+    return max(int(window * CONTEXT_SAFETY) - settings.slack.max_answer_tokens, 128)
+
+
 def fit_to_context(system: str, turns: Sequence[Turn], budget_tokens: int) -> list[dict[str, str]]:
     """Chat messages: the system prompt, then the newest turns that fit in `budget_tokens` (the question always)."""
     used = count_tokens(system) + MESSAGE_OVERHEAD_TOKENS

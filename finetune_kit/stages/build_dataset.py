@@ -5,8 +5,10 @@ import json
 import re
 import sqlite3
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from finetune_kit.config import Settings
 from finetune_kit.errors import RequestRejectedError
@@ -23,7 +25,7 @@ from finetune_kit.stages import Prefill, gather_all
 from finetune_kit.stages.dataset import (
     Example,
     ValidationReport,
-    split_by_chunk,
+    held_out_chunks,
     to_record,
     validate_jsonl,
     write_jsonl,
@@ -54,6 +56,8 @@ class DatasetReport:
     grounding: Counter[str] = field(default_factory=Counter)  # what each grounding gate did
     curation: Counter[str] = field(default_factory=Counter)  # near duplicates dropped, paraphrases written
     paraphrases: list[Example] = field(default_factory=list)  # other phrasings of training questions
+    negatives: list[Example] = field(default_factory=list)  # "I don't know" examples
+    notes: list[str] = field(default_factory=list)  # what the run could not do as set, and why
     train: ValidationReport | None = None
     validation: ValidationReport | None = None
     estimated_training_tokens: int = 0
@@ -223,20 +227,26 @@ def accepted_examples(store: Store, settings: Settings, identity: str, model: st
 
 
 def write_dataset(
-    examples: list[Example], settings: Settings, out_dir: Path, report: DatasetReport
+    examples: list[Example],
+    settings: Settings,
+    out_dir: Path,
+    report: DatasetReport,
+    record: Callable[[Example], dict[str, Any]] | None = None,
 ) -> DatasetReport:
-    """Split by chunk, write train/validation JSONL, validate both and estimate training cost."""
-    held_out = split_by_chunk(
-        [e.chunk_id for e in examples], settings.validation_fraction, settings.split_seed
-    )
+    """Split by chunk, write train/validation JSONL, validate both and estimate training cost.
+
+    `record` writes one line (with-context examples); default: the closed-book record of settings.dataset_format.
+    """
+    held_out = held_out_chunks(examples, settings.validation_fraction, settings.split_seed)
     system = default_system_prompt(settings) if settings.dataset_format == "chat" else None
+    record = record or (lambda e: to_record(e, settings.dataset_format, system))
     limit = settings.example_token_limits.get(settings.fine_tune_base_model, 65_536)
     for name, part in (
         ("train", [e for e in examples if e.chunk_id not in held_out]),
         ("validation", [e for e in examples if e.chunk_id in held_out and not e.paraphrase]),
     ):
         path = out_dir / f"{name}.jsonl"
-        write_jsonl(path, [to_record(e, settings.dataset_format, system) for e in part])
+        write_jsonl(path, [record(e) for e in part])
         setattr(report, name, validate_jsonl(path, limit))
         report.files.append(path)
     assert report.train is not None

@@ -25,6 +25,7 @@ class Example:
     question: str
     answer: str
     paraphrase: bool = False  # another phrasing of a training question: never held out for validation
+    negative: bool = False  # a question the docs do not answer, with the bot's refusal (stages/negatives.py)
 
 
 @dataclass
@@ -48,6 +49,16 @@ def split_by_chunk(chunk_ids: list[str], fraction: float, seed: int) -> set[str]
     ranked = sorted(unique, key=lambda cid: hashlib.sha256(f"{seed}\0{cid}".encode()).hexdigest())
     n_validation = min(len(unique) - 1, max(1, round(len(unique) * fraction)))
     return set(ranked[:n_validation])
+
+
+def held_out_chunks(examples: list[Example], fraction: float, seed: int) -> set[str]:
+    """The chunk ids held out for validation: answered examples and "I don't know" ones each split alike.
+
+    Split apart, so that adding negatives never moves an answered chunk from one side to the other.
+    """
+    answered = [e.chunk_id for e in examples if not e.negative]
+    negatives = [e.chunk_id for e in examples if e.negative]
+    return split_by_chunk(answered, fraction, seed) | split_by_chunk(negatives, fraction, seed)
 
 
 def to_record(
