@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetune_kit.config import Settings
-from finetune_kit.errors import ConfigError
+from finetune_kit.errors import ConfigError, RequestRejectedError
+from finetune_kit.eval import unanswerable
 from finetune_kit.eval.arms import (
     Arm,
     ArmAnswer,
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 REFUSED = "refused (the docs were not found to cover it): no call to the judge"
 TYPICAL_ANSWER_WORDS = 120  # a dry run sizes the judging of answers not yet written with this many words
+UNWRITTEN_UNANSWERABLE = "The unanswerable questions are not written yet: their call is counted, answering and judging them is not."
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class EvalOptions:
     held_out: bool | None = None  # None: the held-out questions unless a file is given
     run_name: str | None = None
     dry_run: bool = False
+    unanswerable: bool | None = None  # None: generated unanswerable questions join the held-out ones
 
 
 @dataclass
@@ -75,12 +78,24 @@ def run_eval(settings: Settings, options: EvalOptions, progress: Progress | None
     with recorded_run(settings, "eval" + DRY * options.dry_run) as (store, run_id):
         questions = collect_questions(store, settings, options)
         plan = _plan(store, settings, options)
+        unchecked = unanswerable.unchecked_because(store) if _wants_unanswerable(options) else None
         if options.dry_run:
-            estimates = estimate_eval(store, settings, options, plan, questions)
-            return EvalOutcome(estimates=estimates, skipped=plan.skipped, notes=_dry_notes(estimates))
+            notes, extra = [], []
+            if _wants_unanswerable(options) and unchecked is None:
+                found = unanswerable.cached(store, settings, planning_endpoint(settings), questions)
+                questions += found[0] if found else []
+                extra = [] if found else [unanswerable.request(store, settings)]
+                notes = [] if found else [UNWRITTEN_UNANSWERABLE]
+            estimates = estimate_eval(store, settings, options, plan, questions, extra)
+            notes = _dry_notes(estimates) + notes
+            return EvalOutcome(estimates=estimates, skipped=plan.skipped, notes=notes)
         evaluation = _Evaluation(
             store, settings, options, run_id, progress, Budget(limit_usd=settings.max_cost_usd)
         )
+        if unchecked is not None:
+            evaluation.notes.append(f"no generated unanswerable questions: {unchecked}")
+        elif _wants_unanswerable(options):
+            questions += asyncio.run(evaluation.unanswerable(questions))
         answers, judgements = asyncio.run(evaluation.run(plan.arms, questions))
         run_dir = settings.workspace / "eval" / (options.run_name or _run_name())
         summary = summarize(run_dir.name, questions, plan, answers, judgements, evaluation.context(plan))
@@ -99,6 +114,13 @@ def _dry_notes(estimates: list[StageEstimate]) -> list[str]:
         f"The judge's calls for answers not yet written are sized at {TYPICAL_ANSWER_WORDS} words an answer;"
         " a reply without a verdict costs one more call."
     ]
+
+
+def _wants_unanswerable(options: EvalOptions) -> bool:
+    """--unanswerable, or by default whenever the held-out questions are asked."""
+    if options.unanswerable is not None:
+        return options.unanswerable
+    return options.held_out if options.held_out is not None else options.questions_file is None
 
 
 def _run_name() -> str:
@@ -152,6 +174,7 @@ class _Evaluation:
         self.latencies = LatencyLog(settings.workspace / "eval" / "latency.jsonl")
         self.calls_paid = self.cache_hits = 0
         self.judge_model = ""
+        self.notes: list[str] = []  # for the report: what the run could not do, or how it chose
         self._grounded: GroundedArm | None = None
 
     async def run(
@@ -171,7 +194,22 @@ class _Evaluation:
             "arm_models": models,
             "judged": self.options.judge,
             "k": self.settings.retrieval.k,
+            "notes": self.notes,
         }
+
+    async def unanswerable(self, asked: list[EvalQuestion]) -> list[EvalQuestion]:
+        """The generated unanswerable questions, written by the generation model (calibration's cached call)."""
+        with open_endpoint(self.settings) as endpoint:
+            async with self._client(self.settings, endpoint) as (client, _):
+                try:
+                    found, note = await unanswerable.generate(client, self.store, self.settings, asked)
+                except RequestRejectedError as exc:
+                    found, note = (
+                        [],
+                        f"no generated unanswerable questions: the endpoint rejected the request ({exc})",
+                    )
+        self.notes.append(note)
+        return found
 
     @contextlib.asynccontextmanager
     async def _client(self, settings: Settings, endpoint: Endpoint) -> AsyncIterator[tuple[LLMClient, int]]:
@@ -284,10 +322,26 @@ class _Evaluation:
 
 
 def estimate_eval(
-    store: Store, settings: Settings, options: EvalOptions, plan: ArmPlan, questions: list[EvalQuestion]
+    store: Store,
+    settings: Settings,
+    options: EvalOptions,
+    plan: ArmPlan,
+    questions: list[EvalQuestion],
+    writing: list[ChatRequest] | None = None,
 ) -> list[StageEstimate]:
-    """What the eval would spend now, per arm and for the judge; cached calls cost nothing and are left out."""
+    """What the eval would spend now: writing the unanswerable questions, each arm, the judge; cached calls cost
+    nothing and are left out."""
     estimates, judged = [], []
+    if writing:
+        endpoint = planning_endpoint(settings)
+        estimates.append(
+            estimate_stage(
+                f"eval unanswerable ({endpoint.model})",
+                _uncached(store, endpoint, writing),
+                endpoint,
+                1.0,
+            )
+        )
     grounded = None
     for arm in plan.arms:
         endpoint = planning_endpoint(arm_settings(settings, arm.model))

@@ -178,6 +178,7 @@ def _pairs(
 
 def _notes(summary: EvalSummary, questions: list[EvalQuestion], context: dict[str, Any]) -> list[str]:
     notes = [f"{name} skipped: {why}" for name, why in summary.skipped.items()]
+    notes += [str(note) for note in context.get("notes", [])]
     if summary.n_questions < FEW_QUESTIONS:
         notes.append(
             f"only {summary.n_questions} questions (fewer than {FEW_QUESTIONS}): the intervals are too wide to decide"
@@ -197,7 +198,7 @@ def _notes(summary: EvalSummary, questions: list[EvalQuestion], context: dict[st
     if not any(not q.answerable for q in questions):
         notes.append(
             "no unanswerable questions: refusal accuracy measures only that answerable ones were answered"
-            " (add answerable:false lines to --questions)"
+            " (add answerable:false lines to --questions, or --unanswerable with an index)"
         )
     return notes
 
@@ -235,13 +236,16 @@ def verdict_line(summary: EvalSummary) -> str:
     return line + "."
 
 
+_OWN_ORIGINS = ("held-out", "generated unanswerable")  # said as they are; a file's name is "from FILE"
+
+
 def _where(summary: EvalSummary) -> str:
     n, origins = summary.n_questions, summary.origins
     questions = "question" if n == 1 else "questions"
     if len(origins) == 1:
         (origin,) = origins
-        return f"{n} held-out {questions}" if origin == "held-out" else f"{n} {questions} from {origin}"
-    parts = ", ".join(f"{k} {'held-out' if o == 'held-out' else 'from ' + o}" for o, k in origins.items())
+        return f"{n} {origin} {questions}" if origin in _OWN_ORIGINS else f"{n} {questions} from {origin}"
+    parts = ", ".join(f"{k} {o if o in _OWN_ORIGINS else 'from ' + o}" for o, k in origins.items())
     return f"{n} {questions} ({parts})"
 
 
