@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from finetune_kit.cli import app
 from finetune_kit.errors import ConfigError
 from finetune_kit.eval.arms import parse_arm_names, plan_arms
+from finetune_kit.eval.faithfulness import ClaimCheck, parse_claims
 from finetune_kit.eval.judge import parse_verdict
 from finetune_kit.eval.metrics import bootstrap, key_term_recall, retrieval_scores, sign_test, token_f1
 from finetune_kit.eval.questions import load_questions_file
@@ -58,6 +59,8 @@ class EvalModels:
             reply = Reply("\n".join(f"{i}. {q}" for i, q in enumerate(WRITTEN_UNANSWERABLE, 1)))
         elif model != "judge-model" and "Sources:\n\n[1] " in system:
             reply = self.grounded(model, prompt, system)
+        elif model == "judge-model" and "Answer to check:" in prompt:
+            reply = self.claims(prompt)
         elif model == "judge-model":
             reply = self.judge(prompt)
         elif model == "ft-model":
@@ -82,12 +85,34 @@ class EvalModels:
         sentence = re.split(r"(?<=[.!?])\s", " ".join(source.split()), maxsplit=1)[0]
         return Reply(f"{sentence} [1]" + (" See also [7]." if self.base_knows(question) else ""))
 
+    def claims(self, prompt: str) -> Reply:
+        """Each sentence of 3+ words a claim, supported when the sources hold all its words; no claim lines for
+        the ft+rag answers `claims_garbled` picks."""
+        sources = prompt.split("<sources>", 1)[1].split("</sources>", 1)[0]
+        answer = prompt.split("<answer>\n", 1)[1].split("\n</answer>", 1)[0]
+        if claims_garbled(answer):
+            return Reply("The answer looks grounded to me.")
+        known = set(re.findall(r"\w+", sources.lower()))
+        lines = [
+            f"CLAIM: {sentence} | {'SUPPORTED' if set(said) <= known else 'UNSUPPORTED'}"
+            for sentence in re.split(r"(?<=[.!?])\s+", re.sub(r"\[\d+\]", "", answer))
+            if len(said := re.findall(r"\w+", sentence.lower())) >= 3
+        ]
+        return Reply("\n".join(lines) or "NO CLAIMS")
+
     def judge(self, prompt: str) -> Reply:
         question, reference, answer = _GRADED.search(prompt).groups()  # type: ignore[union-attr]
         if question in self.garbage:
             return Reply("Looks fine to me!")
         verdict = "correct" if answer.strip() == reference.strip() else "incorrect"
         return Reply(f"VERDICT: {verdict}\nREASON: compared with the reference.")
+
+
+def claims_garbled(answer: str) -> bool:
+    """The ft+rag answers (the references, which start so) whose claim check never parses: a third of them."""
+    return (
+        answer.startswith("The documentation says") and hashlib.sha256(answer.encode()).digest()[0] % 3 == 0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +270,27 @@ def test_retrieval_arms_answer_from_the_index_with_checked_sources(
         assert shown <= {h["url"] for h in r["retrieved"]}  # every source shown is a retrieved chunk
         assert "[7]" not in r["answer"]  # the number it was never given is dropped
     # base quotes source 1 (faithful) and cites a [7] for a third of the questions: precision below 1
-    assert rag["metrics"]["faithfulness"]["value"] == 1.0
+    assert rag["metrics"]["faithfulness"]["value"] == rag["metrics"]["lexical_support"]["value"] == 1.0
+    assert all(r["claims"] and all(c["supported"] for c in r["claims"]) for r in answered)
+    # faithfulness is the judge's share of supported claims; a check that never parses is left out, never a 0
+    ft_checked = [r for r in lines if r["arm"] == "ft+rag" and r["claims_attempts"]]
+    garbled = [r for r in ft_checked if claims_garbled(r["answer"])]
+    assert garbled and all(r["claims"] is None and r["claims_attempts"] == 2 for r in garbled), [
+        (r["answer"], r["claims"], r["claims_attempts"]) for r in garbled
+    ]
+    assert all(r["scores"]["faithfulness"] is None and r["claims_unjudged"] for r in garbled)
+    judged_claims = [r for r in ft_checked if r not in garbled]
+    assert ft_rag["metrics"]["faithfulness"]["n"] == len(judged_claims)
+    shares = [sum(c["supported"] for c in r["claims"]) / len(r["claims"]) for r in judged_claims]
+    assert ft_rag["metrics"]["faithfulness"]["value"] == pytest.approx(sum(shares) / len(shares))
+    retried = [
+        b
+        for b in new
+        if "Answer to check:" in b["messages"][0]["content"]
+        and f"<answer>\n{garbled[0]['answer']}\n</answer>" in b["messages"][0]["content"]
+    ]
+    assert [b["seed"] for b in retried] == [0, 1] and {b["temperature"] for b in retried} == {0}
+    assert any(f"{len(garbled)} answers' claims unjudged" in note for note in summary["notes"])
     cited_7 = sum(models.base_knows(r["question"]) for r in answered)
     assert (
         cited_7 and rag["metrics"]["citation_precision"]["value"] <= 1 - cited_7 / (2 * len(answered)) + 1e-9
@@ -563,6 +608,16 @@ def test_verdict_parsing() -> None:
     assert parse_verdict("verdict - incorrect") == ("incorrect", "")
     assert parse_verdict("The answer is correct.") is None
     assert parse_verdict("") is None
+
+
+def test_claim_parsing() -> None:
+    reply = "CLAIM: Run quill-flag create | SUPPORTED\n**Claim 2:** The port is 8080 | unsupported\nThanks!"
+    assert parse_claims(reply) == [("Run quill-flag create", True), ("The port is 8080", False)]
+    assert parse_claims("- claim: it needs 50 MB — NOT SUPPORTED") == [("it needs 50 MB", False)]
+    assert parse_claims("NO CLAIMS") == []
+    assert parse_claims("The answer looks grounded to me.") is None
+    assert ClaimCheck([("a", True), ("b", False)]).score == 0.5
+    assert ClaimCheck(unjudged=True).score is None and ClaimCheck([]).score is None
 
 
 def test_judge_free_scores() -> None:

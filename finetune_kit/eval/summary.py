@@ -14,9 +14,9 @@ from finetune_kit.eval.metrics import (
     Paired,
     bootstrap,
     citation_precision,
-    faithfulness,
     is_refusal,
     key_term_recall,
+    lexical_support,
     paired,
     retrieval_scores,
     token_f1,
@@ -96,8 +96,9 @@ def score_answer(question: EvalQuestion, answer: ArmAnswer, judgement: Judgement
         "cost": answer.cost_usd,
     }
     if answer.grounded:
-        scores["faithfulness"] = (
-            None if refused or answer.error else faithfulness(answer.answer, answer.context)
+        scores["faithfulness"] = answer.support.score if answer.support else None  # the judge's claim check
+        scores["lexical_support"] = (
+            None if refused or answer.error else lexical_support(answer.answer, answer.context)
         )
         scores["citation_precision"] = citation_precision(answer.cited, answer.given, question.gold_paths)
         if question.gold_paths and question.answerable:
@@ -140,6 +141,10 @@ def summarize(
         scores=scores,
     )
     summary.notes = _notes(summary, questions, context)
+    if unchecked := sum(1 for a in answers if a.support is not None and a.support.unjudged):
+        summary.notes.append(
+            f"{unchecked} answers' claims unjudged (no claim lines after a retry): left out of 'faithfulness'"
+        )
     summary.verdict = verdict_line(summary)
     return summary
 
