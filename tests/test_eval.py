@@ -382,6 +382,16 @@ def test_no_index_skips_the_retrieval_arms_and_the_unanswerable_questions_with_a
     assert not any("do NOT describe" in b["messages"][-1]["content"] for b in fake.requests[start:])
 
 
+def test_a_judge_that_is_a_model_under_test_is_allowed_but_flagged(ws: Path) -> None:
+    code, out, err = ftkit(
+        "eval", "--model", "base-model", "--judge-model", "base-model", *PRODUCT, "--arms", "base", "--json"
+    )
+    assert code == 0, err
+    flagged = "the judge (base-model) is also a model under test"
+    assert any(note.startswith(flagged) for note in json.loads(out)["notes"])
+    assert not any("also a model under test" in note for note in eval_json("--arms", "base")["notes"])
+
+
 def test_arms_without_a_model_or_retrieval_are_skipped_with_why() -> None:
     plan = plan_arms(parse_arm_names("base,ft,rag,ft+rag"), "base-model", None, "no index: run `ftkit index`")
     assert [a.name for a in plan.arms] == ["base"]
