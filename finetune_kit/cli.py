@@ -1194,6 +1194,14 @@ def eval_command(
             "--held-out/--no-held-out", help="Ask the held-out questions (default: unless --questions)."
         ),
     ] = None,
+    unanswerable: Annotated[
+        bool | None,
+        typer.Option(
+            "--unanswerable/--no-unanswerable",
+            help="Add questions the docs cannot answer, written by the model and checked against the index"
+            " (default: with the held-out ones).",
+        ),
+    ] = None,
     run_name: Annotated[
         str | None, typer.Option("--name", metavar="RUN", help="Run folder name (default: the UTC time).")
     ] = None,
@@ -1210,7 +1218,10 @@ def eval_command(
     The questions are the accepted ones of the validation split's chunks (never trained on), each with its answer
     as the reference and its document as the gold source; --questions FILE.jsonl asks a team's own (one object a
     line: question, reference, gold_paths, answerable, history, id; a bad line is one error naming it, and nothing
-    runs). Arms without a model or an index are skipped with a note. Every answer and verdict goes through the
+    runs). Unless --no-unanswerable, questions the docs cannot answer join the held-out ones: the model writes
+    them as `ftkit index --calibrate` does (the same cached call) and any that the index's words or the
+    workspace's questions may answer is dropped; refusal accuracy counts them. Arms without a model or an index
+    are skipped with a note. Every answer and verdict goes through the
     request cache: a re-run pays nothing and a new arm pays only for itself; --dry-run and --max-cost as for
     generate-questions. The judge grades with the rubric in prompts/eval_judge.txt at temperature 0; a reply
     without a verdict is asked once more, then counted as unjudged. It prints one row per arm with 95 %
@@ -1239,6 +1250,7 @@ def eval_command(
         held_out,
         run_name,
         dry_run,
+        unanswerable,
     )
     with _progress() as bar:
         outcome = run_eval(settings, options, RichProgress(bar))

@@ -21,6 +21,7 @@ REQUIRED_PLACEHOLDERS = {
     "condense": {"product", "history", "message"},  # a follow-up as one standalone question (retrieval)
     "unanswerable": {"product", "n", "headings"},  # questions the docs cannot answer (IDK calibration)
     "eval_judge": {"product", "question", "reference", "answer"},  # `ftkit eval`'s grading rubric
+    "eval_faithfulness": {"product", "sources", "answer"},  # eval: which claims the retrieved chunks support
     "grounding_judge": {"product", "chunk", "question", "answer"},  # does the chunk support the answer?
     "grounding_reask": {"claim"},  # asks again, after the judge found a claim the chunk does not state
     "paraphrases": {"product", "question", "n"},  # other phrasings of a training question
@@ -35,6 +36,7 @@ BUNDLED_WHEN_MISSING = {
     "condense",
     "unanswerable",
     "eval_judge",
+    "eval_faithfulness",
     "grounding_judge",
     "grounding_reask",
     "paraphrases",

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from finetune_kit.cli import app
 from finetune_kit.errors import ConfigError
 from finetune_kit.eval.arms import parse_arm_names, plan_arms
+from finetune_kit.eval.faithfulness import ClaimCheck, parse_claims
 from finetune_kit.eval.judge import parse_verdict
 from finetune_kit.eval.metrics import bootstrap, key_term_recall, retrieval_scores, sign_test, token_f1
 from finetune_kit.eval.questions import load_questions_file
@@ -30,6 +31,12 @@ from tests.fake_openai import FakeOpenAI, Reply, docs_responder
 
 MODELS = ["--model", "base-model", "--ft-model", "ft-model", "--judge-model", "judge-model"]
 PRODUCT = ["--product", "Quillstack"]
+# what the model writes when asked for questions the docs do not describe: the second one the docs do answer
+WRITTEN_UNANSWERABLE = [
+    "Does Quillstack have an official Android app for managing flags?",
+    "How do I archive a flag with the quill CLI?",
+    "Can I log in to Quillstack with Okta?",
+]
 _GRADED = re.compile(r"Question: (.*?)\n\nReference answer: (.*?)\n\nAnswer to grade: (.*?)\n\nReply", re.S)
 
 
@@ -48,8 +55,12 @@ class EvalModels:
     def __call__(self, body: dict) -> Reply:
         model, prompt = body["model"], body["messages"][-1]["content"]
         system = body["messages"][0]["content"]
-        if model != "judge-model" and "Sources:\n\n[1] " in system:
+        if "do NOT describe" in prompt:  # calibration's (and eval's) request for unanswerable questions
+            reply = Reply("\n".join(f"{i}. {q}" for i, q in enumerate(WRITTEN_UNANSWERABLE, 1)))
+        elif model != "judge-model" and "Sources:\n\n[1] " in system:
             reply = self.grounded(model, prompt, system)
+        elif model == "judge-model" and "Answer to check:" in prompt:
+            reply = self.claims(prompt)
         elif model == "judge-model":
             reply = self.judge(prompt)
         elif model == "ft-model":
@@ -74,12 +85,34 @@ class EvalModels:
         sentence = re.split(r"(?<=[.!?])\s", " ".join(source.split()), maxsplit=1)[0]
         return Reply(f"{sentence} [1]" + (" See also [7]." if self.base_knows(question) else ""))
 
+    def claims(self, prompt: str) -> Reply:
+        """Each sentence of 3+ words a claim, supported when the sources hold all its words; no claim lines for
+        the ft+rag answers `claims_garbled` picks."""
+        sources = prompt.split("<sources>", 1)[1].split("</sources>", 1)[0]
+        answer = prompt.split("<answer>\n", 1)[1].split("\n</answer>", 1)[0]
+        if claims_garbled(answer):
+            return Reply("The answer looks grounded to me.")
+        known = set(re.findall(r"\w+", sources.lower()))
+        lines = [
+            f"CLAIM: {sentence} | {'SUPPORTED' if set(said) <= known else 'UNSUPPORTED'}"
+            for sentence in re.split(r"(?<=[.!?])\s+", re.sub(r"\[\d+\]", "", answer))
+            if len(said := re.findall(r"\w+", sentence.lower())) >= 3
+        ]
+        return Reply("\n".join(lines) or "NO CLAIMS")
+
     def judge(self, prompt: str) -> Reply:
         question, reference, answer = _GRADED.search(prompt).groups()  # type: ignore[union-attr]
         if question in self.garbage:
             return Reply("Looks fine to me!")
         verdict = "correct" if answer.strip() == reference.strip() else "incorrect"
         return Reply(f"VERDICT: {verdict}\nREASON: compared with the reference.")
+
+
+def claims_garbled(answer: str) -> bool:
+    """The ft+rag answers (the references, which start so) whose claim check never parses: a third of them."""
+    return (
+        answer.startswith("The documentation says") and hashlib.sha256(answer.encode()).digest()[0] % 3 == 0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +180,7 @@ def arm(summary: dict, name: str) -> dict:
 
 
 def test_eval_scores_each_arm_with_intervals_and_a_computed_verdict(ws: Path, models: EvalModels) -> None:
-    summary = eval_json("--name", "first", "--arms", "base,ft")
+    summary = eval_json("--name", "first", "--arms", "base,ft", "--no-unanswerable")
     assert [a["name"] for a in summary["arms"]] == ["base", "ft"] and not summary["skipped"]
     n = len(models.references)
     assert summary["n_questions"] == n and summary["origins"] == {"held-out": n}
@@ -237,12 +270,32 @@ def test_retrieval_arms_answer_from_the_index_with_checked_sources(
         assert shown <= {h["url"] for h in r["retrieved"]}  # every source shown is a retrieved chunk
         assert "[7]" not in r["answer"]  # the number it was never given is dropped
     # base quotes source 1 (faithful) and cites a [7] for a third of the questions: precision below 1
-    assert rag["metrics"]["faithfulness"]["value"] == 1.0
+    assert rag["metrics"]["faithfulness"]["value"] == rag["metrics"]["lexical_support"]["value"] == 1.0
+    assert all(r["claims"] and all(c["supported"] for c in r["claims"]) for r in answered)
+    # faithfulness is the judge's share of supported claims; a check that never parses is left out, never a 0
+    ft_checked = [r for r in lines if r["arm"] == "ft+rag" and r["claims_attempts"]]
+    garbled = [r for r in ft_checked if claims_garbled(r["answer"])]
+    assert garbled and all(r["claims"] is None and r["claims_attempts"] == 2 for r in garbled), [
+        (r["answer"], r["claims"], r["claims_attempts"]) for r in garbled
+    ]
+    assert all(r["scores"]["faithfulness"] is None and r["claims_unjudged"] for r in garbled)
+    judged_claims = [r for r in ft_checked if r not in garbled]
+    assert ft_rag["metrics"]["faithfulness"]["n"] == len(judged_claims)
+    shares = [sum(c["supported"] for c in r["claims"]) / len(r["claims"]) for r in judged_claims]
+    assert ft_rag["metrics"]["faithfulness"]["value"] == pytest.approx(sum(shares) / len(shares))
+    retried = [
+        b
+        for b in new
+        if "Answer to check:" in b["messages"][0]["content"]
+        and f"<answer>\n{garbled[0]['answer']}\n</answer>" in b["messages"][0]["content"]
+    ]
+    assert [b["seed"] for b in retried] == [0, 1] and {b["temperature"] for b in retried} == {0}
+    assert any(f"{len(garbled)} answers' claims unjudged" in note for note in summary["notes"])
     cited_7 = sum(models.base_knows(r["question"]) for r in answered)
     assert (
         cited_7 and rag["metrics"]["citation_precision"]["value"] <= 1 - cited_7 / (2 * len(answered)) + 1e-9
     )
-    gold_1 = [r["scores"]["recall_at_k"] for r in rag_lines]
+    gold_1 = [r["scores"]["recall_at_k"] for r in rag_lines if r["answerable"]]
     assert (
         ft_rag["metrics"]["recall_at_k"]["value"] == rag["metrics"]["recall_at_k"]["value"] == sum(gold_1) / n
     )
@@ -281,6 +334,64 @@ def test_an_index_built_with_another_embedder_skips_the_retrieval_arms_with_a_no
     assert "ftkit index --rebuild" in summary["skipped"]["rag"]
 
 
+def test_unanswerable_questions_are_generated_checked_against_the_index_and_refusals_counted(
+    ws: Path, fake: FakeOpenAI, models: EvalModels
+) -> None:
+    pytest.importorskip("finetune_kit.retrieval.answer", reason="the check needs the index")
+    summary = eval_json("--arms", "base,ft", "--name", "u")
+    n = len(models.references)
+    assert summary["origins"] == {"held-out": n, "generated unanswerable": 2}
+    assert summary["n_questions"] == n + 2
+    assert any(
+        note.startswith("2 generated unanswerable questions (2 of 3 the model wrote kept;")
+        and "the docs use every key term: 1" in note
+        for note in summary["notes"]
+    ), summary["notes"]
+    lines = [r for r in results(ws, "u") if not r["answerable"]]
+    kept = [WRITTEN_UNANSWERABLE[0], WRITTEN_UNANSWERABLE[2]]
+    assert sorted({r["question"] for r in lines}) == sorted(kept)  # the archive question is answerable
+    assert all(r["question_id"].startswith("u:") and r["verdict"] is None for r in lines)
+    by_arm = {(r["arm"], r["question"]): r["scores"]["refusal_accuracy"] for r in lines}
+    assert all(by_arm[("ft", q)] == 1.0 for q in kept)  # ft says "I don't know."
+    assert all(by_arm[("base", q)] == float(models.base_knows(q)) for q in kept)  # base refuses only those
+    base = arm(summary, "base")["metrics"]["refusal_accuracy"]
+    assert base["n"] == n + 2
+    assert "generated unanswerable" in summary["verdict"]
+
+    before = len(fake.requests)
+    again = eval_json("--arms", "base,ft", "--name", "u2")
+    assert len(fake.requests) == before and again["calls_paid"] == 0
+    assert again["origins"] == summary["origins"]
+    off = eval_json("--arms", "base,ft", "--no-unanswerable", "--name", "off")
+    assert off["origins"] == {"held-out": n}
+
+
+def test_no_index_skips_the_retrieval_arms_and_the_unanswerable_questions_with_a_note(
+    ws: Path, fake: FakeOpenAI
+) -> None:
+    with sqlite3.connect(ws / "state.db") as db:
+        db.execute("DELETE FROM index_meta")  # as if `ftkit index` never ran
+    start = len(fake.requests)
+    code, out, err = ftkit("eval", *MODELS, *PRODUCT, "--arms", "base,rag,ft+rag", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert [a["name"] for a in summary["arms"]] == ["base"]
+    assert set(summary["skipped"]) == {"rag", "ft+rag"}
+    assert "run `ftkit index`" in summary["skipped"]["rag"] and "rag skipped: no retrieval" in err
+    assert any("no generated unanswerable questions: no index" in note for note in summary["notes"])
+    assert not any("do NOT describe" in b["messages"][-1]["content"] for b in fake.requests[start:])
+
+
+def test_a_judge_that_is_a_model_under_test_is_allowed_but_flagged(ws: Path) -> None:
+    code, out, err = ftkit(
+        "eval", "--model", "base-model", "--judge-model", "base-model", *PRODUCT, "--arms", "base", "--json"
+    )
+    assert code == 0, err
+    flagged = "the judge (base-model) is also a model under test"
+    assert any(note.startswith(flagged) for note in json.loads(out)["notes"])
+    assert not any("also a model under test" in note for note in eval_json("--arms", "base")["notes"])
+
+
 def test_arms_without_a_model_or_retrieval_are_skipped_with_why() -> None:
     plan = plan_arms(parse_arm_names("base,ft,rag,ft+rag"), "base-model", None, "no index: run `ftkit index`")
     assert [a.name for a in plan.arms] == ["base"]
@@ -306,14 +417,13 @@ def test_a_rerun_makes_no_requests_and_reports_the_same_figures(ws: Path, fake: 
 def test_adding_an_arm_pays_only_for_that_arm(ws: Path, fake: FakeOpenAI, models: EvalModels) -> None:
     eval_json("--arms", "base")
     before = len(fake.requests)
-    eval_json("--arms", "base,ft")
+    asked = eval_json("--arms", "base,ft")["n_questions"]  # the held-out ones and the unanswerable ones
     new = fake.requests[before:]
-    n = len(models.references)
     # a judgement base's answer already got (the same question, reference and answer) is not paid again
     judged_before = {q for q in models.references if models.base_knows(q)}
     fresh = [q for q in models.references if q not in judged_before]
     judge_calls = len(fresh) + len(models.garbage & set(fresh))  # the garbage reply is asked twice
-    assert Counter(b["model"] for b in new) == {"ft-model": n, "judge-model": judge_calls}
+    assert Counter(b["model"] for b in new) == {"ft-model": asked, "judge-model": judge_calls}
     assert judged_before  # the cache really was used across arms
 
 
@@ -328,6 +438,8 @@ def test_dry_run_prints_calls_and_dollars_and_sends_nothing(
     assert re.search(rf"eval base[^│]*│\s+{n}\s", out), out
     assert re.search(rf"eval judge[^│]*│\s+{2 * n}\s", out), out
     assert "answers not yet written" in out
+    assert re.search(r"eval unanswerable[^│]*│\s+1\s", out), out  # written by one call
+    assert "The unanswerable questions are not written yet" in out
     assert "Dry run: nothing was sent" in out
     eval_json("--arms", "base,ft")
     code, out, _ = ftkit("eval", *MODELS, *PRODUCT, "--arms", "base,ft", "--dry-run")
@@ -343,7 +455,8 @@ def test_max_cost_stops_cleanly_and_the_rerun_pays_only_the_rest(
     start = len(fake.requests)
     code, _, err = ftkit("eval", *MODELS, *PRODUCT, "--arms", "base", "--max-cost", "1")
     assert code == 1 and "--max-cost" in err
-    assert len(fake.requests) - start == 1  # one answer's worst case fits in $1, a second does not
+    answers = [b for b in fake.requests[start:] if b["model"] == "base-model"]
+    assert len(answers) == 1  # one answer's worst case fits in $1, a second does not
     monkeypatch.delenv("FTKIT_PRICES")
     eval_json("--arms", "base")
     seen = Counter(json.dumps(b, sort_keys=True) for b in fake.requests[start:])
@@ -505,6 +618,16 @@ def test_verdict_parsing() -> None:
     assert parse_verdict("verdict - incorrect") == ("incorrect", "")
     assert parse_verdict("The answer is correct.") is None
     assert parse_verdict("") is None
+
+
+def test_claim_parsing() -> None:
+    reply = "CLAIM: Run quill-flag create | SUPPORTED\n**Claim 2:** The port is 8080 | unsupported\nThanks!"
+    assert parse_claims(reply) == [("Run quill-flag create", True), ("The port is 8080", False)]
+    assert parse_claims("- claim: it needs 50 MB — NOT SUPPORTED") == [("it needs 50 MB", False)]
+    assert parse_claims("NO CLAIMS") == []
+    assert parse_claims("The answer looks grounded to me.") is None
+    assert ClaimCheck([("a", True), ("b", False)]).score == 0.5
+    assert ClaimCheck(unjudged=True).score is None and ClaimCheck([]).score is None
 
 
 def test_judge_free_scores() -> None:

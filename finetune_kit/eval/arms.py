@@ -10,6 +10,7 @@ from pathlib import Path
 
 from finetune_kit.config import LOCAL_MODEL_ALIAS, Settings
 from finetune_kit.errors import ConfigError, RequestRejectedError
+from finetune_kit.eval.faithfulness import ClaimCheck
 from finetune_kit.eval.questions import EvalQuestion
 from finetune_kit.llm.client import ChatRequest, ChatResult, LLMClient, request_hash
 from finetune_kit.llm.endpoint import is_local_model
@@ -123,6 +124,7 @@ class ArmAnswer:
     cited: list[int] = field(default_factory=list)  # the citation numbers in the model's own text
     context: list[str] = field(default_factory=list)  # the chunk texts the model saw (not written out)
     refused_before_model: bool = False  # the retrieval gate said "I don't know" without a call
+    support: "ClaimCheck | None" = None  # the judge's check of its claims against `context` (retrieval arms)
 
     @property
     def grounded(self) -> bool:

@@ -42,6 +42,7 @@ METRICS: dict[str, tuple[str, bool, str]] = {
     "key_terms": ("key-term recall", True, "pct"),
     "refusal_accuracy": ("refusal accuracy", True, "pct"),
     "faithfulness": ("faithfulness", True, "pct"),
+    "lexical_support": ("lexical support", True, "pct"),
     "citation_precision": ("citation precision", True, "pct"),
     "recall_at_k": ("recall@k", True, "pct"),
     "mrr": ("MRR@10", True, "num"),
@@ -96,11 +97,11 @@ def citations(answer: str) -> list[int]:
     )
 
 
-def faithfulness(answer: str, context: Sequence[str]) -> float | None:
-    """The share of the answer's claims (sentences of 3+ content words) whose words the retrieved chunks hold.
+def lexical_support(answer: str, context: Sequence[str]) -> float | None:
+    """The share of the answer's sentences of 3+ content words whose words the retrieved chunks hold.
 
-    A lexical check, so it needs no judge: a claim counts as supported when SUPPORTED_SHARE of its content words
-    appear in the chunks the model was given.
+    Faithfulness without a judge (the judge's claim check is eval/faithfulness.py): a sentence counts as supported
+    when SUPPORTED_SHARE of its content words appear in the chunks the model was given.
     """
     seen = set(words(" ".join(context)))
     claims = [

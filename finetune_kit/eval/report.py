@@ -103,11 +103,21 @@ def result_lines(
                 "cached": a.cached,
                 "error": a.error,
                 "refused_before_model": a.refused_before_model,  # the relevance gate answered, no call
+                "claims": _claims(a),
+                "claims_unjudged": a.support.reason if a.support and a.support.unjudged else None,
+                "claims_attempts": a.support.attempts if a.support else 0,
                 "sources": a.sources,
                 "retrieved": a.retrieved,
             }
         )
     return records
+
+
+def _claims(answer: ArmAnswer) -> list[dict[str, Any]] | None:
+    """The judge's claims and whether the sources support each; None when not checked or unjudged."""
+    if answer.support is None or answer.support.unjudged:
+        return None
+    return [{"claim": claim, "supported": ok} for claim, ok in answer.support.claims]
 
 
 def disagreements(summary: EvalSummary, questions: list[EvalQuestion], n: int = DISAGREEMENTS) -> list[str]:

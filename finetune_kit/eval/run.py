@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetune_kit.config import Settings
-from finetune_kit.errors import ConfigError
+from finetune_kit.errors import ConfigError, RequestRejectedError
+from finetune_kit.eval import faithfulness, unanswerable
 from finetune_kit.eval.arms import (
     Arm,
     ArmAnswer,
@@ -26,7 +27,14 @@ from finetune_kit.eval.judge import Judgement, judge, judge_request, load_rubric
 from finetune_kit.eval.questions import EvalQuestion, held_out_questions, load_questions_file
 from finetune_kit.eval.summary import EvalSummary, summarize
 from finetune_kit.llm.budget import Budget
-from finetune_kit.llm.client import ChatRequest, Endpoint, LLMClient, cached_result, request_hash
+from finetune_kit.llm.client import (
+    ChatRequest,
+    ChatResult,
+    Endpoint,
+    LLMClient,
+    cached_result,
+    request_hash,
+)
 from finetune_kit.llm.endpoint import open_endpoint, open_model_endpoint
 from finetune_kit.pipeline import DRY, recorded_run
 from finetune_kit.progress import NoProgress, Progress
@@ -41,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 REFUSED = "refused (the docs were not found to cover it): no call to the judge"
 TYPICAL_ANSWER_WORDS = 120  # a dry run sizes the judging of answers not yet written with this many words
+UNWRITTEN_UNANSWERABLE = "The unanswerable questions are not written yet: their call is counted, answering and judging them is not."
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class EvalOptions:
     held_out: bool | None = None  # None: the held-out questions unless a file is given
     run_name: str | None = None
     dry_run: bool = False
+    unanswerable: bool | None = None  # None: generated unanswerable questions join the held-out ones
 
 
 @dataclass
@@ -75,12 +85,24 @@ def run_eval(settings: Settings, options: EvalOptions, progress: Progress | None
     with recorded_run(settings, "eval" + DRY * options.dry_run) as (store, run_id):
         questions = collect_questions(store, settings, options)
         plan = _plan(store, settings, options)
+        unchecked = unanswerable.unchecked_because(store) if _wants_unanswerable(options) else None
         if options.dry_run:
-            estimates = estimate_eval(store, settings, options, plan, questions)
-            return EvalOutcome(estimates=estimates, skipped=plan.skipped, notes=_dry_notes(estimates))
+            notes, extra = [], []
+            if _wants_unanswerable(options) and unchecked is None:
+                found = unanswerable.cached(store, settings, planning_endpoint(settings), questions)
+                questions += found[0] if found else []
+                extra = [] if found else [unanswerable.request(store, settings)]
+                notes = [] if found else [UNWRITTEN_UNANSWERABLE]
+            estimates = estimate_eval(store, settings, options, plan, questions, extra)
+            notes = _dry_notes(estimates) + notes
+            return EvalOutcome(estimates=estimates, skipped=plan.skipped, notes=notes)
         evaluation = _Evaluation(
             store, settings, options, run_id, progress, Budget(limit_usd=settings.max_cost_usd)
         )
+        if unchecked is not None:
+            evaluation.notes.append(f"no generated unanswerable questions: {unchecked}")
+        elif _wants_unanswerable(options):
+            questions += asyncio.run(evaluation.unanswerable(questions))
         answers, judgements = asyncio.run(evaluation.run(plan.arms, questions))
         run_dir = settings.workspace / "eval" / (options.run_name or _run_name())
         summary = summarize(run_dir.name, questions, plan, answers, judgements, evaluation.context(plan))
@@ -99,6 +121,13 @@ def _dry_notes(estimates: list[StageEstimate]) -> list[str]:
         f"The judge's calls for answers not yet written are sized at {TYPICAL_ANSWER_WORDS} words an answer;"
         " a reply without a verdict costs one more call."
     ]
+
+
+def _wants_unanswerable(options: EvalOptions) -> bool:
+    """--unanswerable, or by default whenever the held-out questions are asked."""
+    if options.unanswerable is not None:
+        return options.unanswerable
+    return options.held_out if options.held_out is not None else options.questions_file is None
 
 
 def _run_name() -> str:
@@ -130,6 +159,11 @@ def _judge_settings(settings: Settings, options: EvalOptions) -> Settings:
     return arm_settings(settings, options.judge_model) if options.judge_model else settings
 
 
+def claims_checked(answer: ArmAnswer) -> bool:
+    """True if the judge checks the answer's claims against its sources: a retrieval arm's, not a refusal."""
+    return bool(answer.context) and not answer.refused and not answer.error and bool(answer.answer.strip())
+
+
 def gradable(question: EvalQuestion) -> bool:
     """True if the judge can grade answers to `question`: answerable, with a reference answer."""
     return question.answerable and bool(question.reference)
@@ -152,6 +186,7 @@ class _Evaluation:
         self.latencies = LatencyLog(settings.workspace / "eval" / "latency.jsonl")
         self.calls_paid = self.cache_hits = 0
         self.judge_model = ""
+        self.notes: list[str] = []  # for the report: what the run could not do, or how it chose
         self._grounded: GroundedArm | None = None
 
     async def run(
@@ -171,7 +206,22 @@ class _Evaluation:
             "arm_models": models,
             "judged": self.options.judge,
             "k": self.settings.retrieval.k,
+            "notes": self.notes,
         }
+
+    async def unanswerable(self, asked: list[EvalQuestion]) -> list[EvalQuestion]:
+        """The generated unanswerable questions, written by the generation model (calibration's cached call)."""
+        with open_endpoint(self.settings) as endpoint:
+            async with self._client(self.settings, endpoint) as (client, _):
+                try:
+                    found, note = await unanswerable.generate(client, self.store, self.settings, asked)
+                except RequestRejectedError as exc:
+                    found, note = (
+                        [],
+                        f"no generated unanswerable questions: the endpoint rejected the request ({exc})",
+                    )
+        self.notes.append(note)
+        return found
 
     @contextlib.asynccontextmanager
     async def _client(self, settings: Settings, endpoint: Endpoint) -> AsyncIterator[tuple[LLMClient, int]]:
@@ -251,11 +301,12 @@ class _Evaluation:
         """The judge's verdict on every answer to a gradable question."""
         by_id = {q.id: q for q in questions}
         todo = [a for a in answers if gradable(by_id[a.question_id]) and not a.error]
+        checked = [a for a in answers if claims_checked(a)]
         judgements: dict[tuple[str, str], Judgement] = {}
-        if not todo:
+        if not todo and not checked:
             return judgements
         settings = _judge_settings(self.settings, self.options)
-        rubric = load_rubric(self.settings)
+        rubric, claims_rubric = load_rubric(self.settings), faithfulness.load_rubric(self.settings)
         opened = (
             open_model_endpoint(self.settings, self.options.judge_model)
             if self.options.judge_model
@@ -264,7 +315,13 @@ class _Evaluation:
         with opened as endpoint:
             self.judge_model = endpoint.model
             async with self._client(settings, endpoint) as (client, _):
-                self.progress.start("eval judge", len(todo))
+                self.progress.start("eval judge", len(todo) + len(checked))
+
+                async def claims(answer: ArmAnswer) -> None:
+                    answer.support = await faithfulness.check_claims(
+                        client, self.settings, claims_rubric, answer.context, answer.answer
+                    )
+                    self.progress.advance()
 
                 async def one(answer: ArmAnswer) -> None:
                     q = by_id[answer.question_id]
@@ -277,18 +334,36 @@ class _Evaluation:
                     self.progress.advance()
 
                 try:
-                    await gather_all([one(a) for a in todo])
+                    await gather_all([*(one(a) for a in todo), *(claims(a) for a in checked)])
                 finally:
                     self.progress.finish()
         return judgements
 
 
 def estimate_eval(
-    store: Store, settings: Settings, options: EvalOptions, plan: ArmPlan, questions: list[EvalQuestion]
+    store: Store,
+    settings: Settings,
+    options: EvalOptions,
+    plan: ArmPlan,
+    questions: list[EvalQuestion],
+    writing: list[ChatRequest] | None = None,
 ) -> list[StageEstimate]:
-    """What the eval would spend now, per arm and for the judge; cached calls cost nothing and are left out."""
-    estimates, judged = [], []
+    """What the eval would spend now: writing the unanswerable questions, each arm, the judge; cached calls cost
+    nothing and are left out."""
+    estimates: list[StageEstimate] = []
+    if writing:
+        endpoint = planning_endpoint(settings)
+        estimates.append(
+            estimate_stage(
+                f"eval unanswerable ({endpoint.model})",
+                _uncached(store, endpoint, writing),
+                endpoint,
+                1.0,
+            )
+        )
     grounded = None
+    judged: list[tuple[EvalQuestion, str | None]] = []  # (question, answer text; None: not written yet)
+    checked: list[tuple[list[str], str | None]] = []  # (the sources a retrieval answer saw, its text)
     for arm in plan.arms:
         endpoint = planning_endpoint(arm_settings(settings, arm.model))
         embedded = endpoint.identity.startswith("local:")
@@ -297,43 +372,69 @@ def estimate_eval(
 
             grounded = grounded or GroundedArm(store, settings)
             # a follow-up is sized with its raw question: condensing it would be a call, and a dry run makes none
-            prepared = [(q, grounded.prepare(q, embedded).request) for q in questions]
-            asked = [(q, r) for q, r in prepared if r is not None]  # the gate refuses the others uncalled
+            prompts = [(q, grounded.prepare(q, embedded)) for q in questions]
+            prompts = [(q, p) for q, p in prompts if p.request is not None]  # the gate refuses the others
+            requests = [p.request for _, p in prompts if p.request is not None]
+            for q, prompt in prompts:
+                assert prompt.request is not None
+                answer = _cached_answer(store, endpoint, prompt.request)
+                text = None
+                if answer is not None:  # the answer as the bot checks it (citations), as the judge reads it
+                    written = grounded.answer(arm, q, prompt, (answer, None, None))
+                    if written.refused:
+                        continue  # a refusal is neither judged nor checked: no call
+                    text = written.answer
+                judged += [(q, text)] if gradable(q) else []
+                checked.append(([hit.text for hit in prompt.sources], text))
         else:
             asked = [(q, closed_book_request(settings, q, embedded)) for q in questions]
-        requests = [r for _, r in asked]
+            requests = [r for _, r in asked]
+            for q, r in asked:
+                answer = _cached_answer(store, endpoint, r)
+                judged += [(q, answer.content.strip() if answer else None)] if gradable(q) else []
         estimates.append(
             estimate_stage(
                 f"eval {arm.name} ({arm.model})", _uncached(store, endpoint, requests), endpoint, 1.0
             )
         )
-        judged += [(q, _answer_text(store, endpoint, r)) for q, r in asked if gradable(q)]
-    if judged and options.judge:
-        judge_endpoint = planning_endpoint(_judge_settings(settings, options))
-        rubric = load_rubric(settings)
-        filler = " ".join(["word"] * TYPICAL_ANSWER_WORDS)  # the length of an answer not written yet
-        requests = [
-            judge_request(settings, rubric, q.question, q.reference or "", text or filler, 0)
-            for q, text in judged
-        ]
-        unwritten = any(text is None for _, text in judged)
-        estimates.append(
-            estimate_stage(
-                f"eval judge ({judge_endpoint.model})",
-                _uncached(store, judge_endpoint, requests),
-                judge_endpoint,
-                1.0,
-                extrapolated=unwritten,
-            )
-        )
+    if options.judge and (judged or checked):
+        estimates.append(_judge_estimate(store, settings, options, judged, checked))
     return estimates
+
+
+def _judge_estimate(
+    store: Store,
+    settings: Settings,
+    options: EvalOptions,
+    judged: list[tuple[EvalQuestion, str | None]],
+    checked: list[tuple[list[str], str | None]],
+) -> StageEstimate:
+    """The judge's calls: grading each gradable answer, and checking each retrieval answer's claims."""
+    judge_endpoint = planning_endpoint(_judge_settings(settings, options))
+    rubric, claims_rubric = load_rubric(settings), faithfulness.load_rubric(settings)
+    filler = " ".join(["word"] * TYPICAL_ANSWER_WORDS)  # the length of an answer not written yet
+    requests = [
+        judge_request(settings, rubric, q.question, q.reference or "", text or filler, 0)
+        for q, text in judged
+    ]
+    requests += [
+        faithfulness.claims_request(settings, claims_rubric, sources, text or filler, 0)
+        for sources, text in checked
+    ]
+    unwritten = any(text is None for _, text in [*judged, *checked])
+    return estimate_stage(
+        f"eval judge ({judge_endpoint.model})",
+        _uncached(store, judge_endpoint, requests),
+        judge_endpoint,
+        1.0,
+        extrapolated=unwritten,
+    )
 
 
 def _uncached(store: Store, endpoint: Endpoint, requests: list[ChatRequest]) -> list[ChatRequest]:
     return [r for r in requests if cached_result(store, request_hash(endpoint, r)) is None]
 
 
-def _answer_text(store: Store, endpoint: Endpoint, request: ChatRequest) -> str | None:
+def _cached_answer(store: Store, endpoint: Endpoint, request: ChatRequest) -> ChatResult | None:
     """The cached answer to `request`, or None when it is not written yet."""
-    cached = cached_result(store, request_hash(endpoint, request))
-    return cached.content.strip() if cached else None
+    return cached_result(store, request_hash(endpoint, request))

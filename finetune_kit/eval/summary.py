@@ -14,9 +14,9 @@ from finetune_kit.eval.metrics import (
     Paired,
     bootstrap,
     citation_precision,
-    faithfulness,
     is_refusal,
     key_term_recall,
+    lexical_support,
     paired,
     retrieval_scores,
     token_f1,
@@ -96,8 +96,9 @@ def score_answer(question: EvalQuestion, answer: ArmAnswer, judgement: Judgement
         "cost": answer.cost_usd,
     }
     if answer.grounded:
-        scores["faithfulness"] = (
-            None if refused or answer.error else faithfulness(answer.answer, answer.context)
+        scores["faithfulness"] = answer.support.score if answer.support else None  # the judge's claim check
+        scores["lexical_support"] = (
+            None if refused or answer.error else lexical_support(answer.answer, answer.context)
         )
         scores["citation_precision"] = citation_precision(answer.cited, answer.given, question.gold_paths)
         if question.gold_paths and question.answerable:
@@ -140,6 +141,10 @@ def summarize(
         scores=scores,
     )
     summary.notes = _notes(summary, questions, context)
+    if unchecked := sum(1 for a in answers if a.support is not None and a.support.unjudged):
+        summary.notes.append(
+            f"{unchecked} answers' claims unjudged (no claim lines after a retry): left out of 'faithfulness'"
+        )
     summary.verdict = verdict_line(summary)
     return summary
 
@@ -178,6 +183,7 @@ def _pairs(
 
 def _notes(summary: EvalSummary, questions: list[EvalQuestion], context: dict[str, Any]) -> list[str]:
     notes = [f"{name} skipped: {why}" for name, why in summary.skipped.items()]
+    notes += [str(note) for note in context.get("notes", [])]
     if summary.n_questions < FEW_QUESTIONS:
         notes.append(
             f"only {summary.n_questions} questions (fewer than {FEW_QUESTIONS}): the intervals are too wide to decide"
@@ -197,7 +203,7 @@ def _notes(summary: EvalSummary, questions: list[EvalQuestion], context: dict[st
     if not any(not q.answerable for q in questions):
         notes.append(
             "no unanswerable questions: refusal accuracy measures only that answerable ones were answered"
-            " (add answerable:false lines to --questions)"
+            " (add answerable:false lines to --questions, or --unanswerable with an index)"
         )
     return notes
 
@@ -235,13 +241,16 @@ def verdict_line(summary: EvalSummary) -> str:
     return line + "."
 
 
+_OWN_ORIGINS = ("held-out", "generated unanswerable")  # said as they are; a file's name is "from FILE"
+
+
 def _where(summary: EvalSummary) -> str:
     n, origins = summary.n_questions, summary.origins
     questions = "question" if n == 1 else "questions"
     if len(origins) == 1:
         (origin,) = origins
-        return f"{n} held-out {questions}" if origin == "held-out" else f"{n} {questions} from {origin}"
-    parts = ", ".join(f"{k} {'held-out' if o == 'held-out' else 'from ' + o}" for o, k in origins.items())
+        return f"{n} {origin} {questions}" if origin in _OWN_ORIGINS else f"{n} {questions} from {origin}"
+    parts = ", ".join(f"{k} {o if o in _OWN_ORIGINS else 'from ' + o}" for o, k in origins.items())
     return f"{n} {questions} ({parts})"
 
 

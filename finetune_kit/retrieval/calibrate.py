@@ -30,6 +30,7 @@ from finetune_kit.store import Store, utc_now
 from finetune_kit.workspace_lock import writer_lock
 
 if TYPE_CHECKING:
+    from finetune_kit.llm.client import LLMClient
     from finetune_kit.retrieval.index import EmbedderFactory
 
 log = logging.getLogger(__name__)
@@ -175,12 +176,13 @@ def calibrate_with(
     if len(positives) < MIN_POSITIVES:
         return _too_few_positives(len(positives))
     generated = _generated_negatives(store, settings, report)
+    kept, report.dropped = checked_negatives(store, settings, generated, [p.text for p in positives])
     progress = on_progress or NoProgress()
-    progress.start("calibrate", len(positives) + len(OFF_TOPIC) + len(generated))
+    progress.start("calibrate", len(positives) + len(OFF_TOPIC) + len(kept))
     try:
         scored = _Scorer(retriever, progress)
         positive_scores = scored.positives(positives, report)
-        negative_scores = scored.negatives(settings, positives, generated, docs_vocabulary(store), report)
+        negative_scores = scored.negatives([*OFF_TOPIC, *kept], report)
     finally:
         progress.finish()
     report.n_positives, report.n_negatives = len(positive_scores), len(negative_scores)
@@ -360,34 +362,36 @@ class _Scorer:
                 scores.append(score)
         return scores
 
-    def negatives(
-        self,
-        settings: Settings,
-        positives: Sequence[Labelled],
-        generated: Sequence[str],
-        docs_have: DocsHave,
-        report: Calibration,
-    ) -> list[float]:
-        """The relevance of each unanswerable question; generated ones that may be answerable are dropped."""
-        dropped: Counter[str] = Counter()
+    def negatives(self, questions: Sequence[str], report: Calibration) -> list[float]:
+        """The relevance of each unanswerable question (built-in, or generated and checked)."""
         scores = []
-        texts = [p.text for p in positives]
-        for question in [*OFF_TOPIC, *generated]:
-            built_in = question in OFF_TOPIC
-            reason = None if built_in else why_not_a_negative(question, texts, settings, docs_have)
-            if reason is not None:
-                self.progress.advance()
-                dropped[reason] += 1
-                continue
+        for question in questions:
             score = self.score(question)[1]
             if score is None:
-                dropped["too vague to search"] += 1
+                report.dropped["too vague to search"] = report.dropped.get("too vague to search", 0) + 1
                 continue
+            built_in = question in OFF_TOPIC
             report.n_off_topic += built_in
             report.n_generated_kept += not built_in
             scores.append(score)
-        report.dropped = dict(dropped)
         return scores
+
+
+def checked_negatives(
+    store: Store, settings: Settings, generated: Sequence[str], positives: Sequence[str]
+) -> tuple[list[str], dict[str, int]]:
+    """The generated questions that may stand as unanswerable (checked against the index's words and the
+    workspace's questions by `why_not_a_negative`), and why the others were dropped, with how many."""
+    docs_have = docs_vocabulary(store)
+    kept: list[str] = []
+    dropped: Counter[str] = Counter()
+    for question in generated:
+        reason = why_not_a_negative(question, positives, settings, docs_have)
+        if reason is None:
+            kept.append(question)
+        else:
+            dropped[reason] += 1
+    return kept, dict(dropped)
 
 
 def _generated_negatives(store: Store, settings: Settings, report: Calibration) -> list[str]:
@@ -408,7 +412,12 @@ async def _ask_for_negatives(store: Store, settings: Settings, headings: list[st
     from finetune_kit.llm.endpoint import one_call_client
 
     async with one_call_client(store, settings) as client:
-        result = await client.chat(negatives_request(settings, headings))
+        return await ask_for_negatives(client, settings, headings)
+
+
+async def ask_for_negatives(client: "LLMClient", settings: Settings, headings: Sequence[str]) -> list[str]:
+    """The questions the model writes about what `headings` do not describe (one cached call), parsed."""
+    result = await client.chat(negatives_request(settings, headings))
     return parse_negatives(result.content, settings)
 
 
