@@ -145,6 +145,9 @@ def test_array_indexes_and_markdown_links_are_not_citations() -> None:
         "There is no information about that in the sources.",
         "I cannot find that. Bread needs flour and water and an oven and time and patience.",
         "Bread is great. Anyway, I don't know how to bake it.",
+        # the bot's own refusals, which a model trained on with-context examples learns to say
+        "I found nothing in the documentation of Quillstack that answers “bread”, so I won't guess — ask a person.",
+        "The documentation of Quillstack never mentions “salesforce”, so I won't guess.",
     ],
 )
 def test_the_model_saying_the_docs_are_silent_is_recognised(answer: str) -> None:

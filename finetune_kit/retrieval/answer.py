@@ -50,7 +50,9 @@ _DOCS_SILENT = re.compile(
     rf"|included|found)\s+(?:in|by)\s+(?:the|these|any)\s+{_DOCS}"
     rf"|\bno (?:information|mention|details?|answer)\b[^.!?\n]{{0,40}}?\b(?:in|from) (?:the|these|any) {_DOCS}"
     r"|\bi (?:cannot|can't|could not|couldn't|am unable to|was unable to) (?:find|answer|locate|tell)\b"
-    r"|\bnot (?:able|possible) to answer\b",
+    r"|\bnot (?:able|possible) to answer\b"
+    # the bot's own refusal (refusal_text), which a model trained on with-context examples learns to say
+    rf"|\bi found nothing in (?:the|these|any) {_DOCS}\b",
     re.IGNORECASE,
 )
 
