@@ -35,11 +35,52 @@ from finetune_kit.cli import app  # noqa: E402
 from tests.fake_openai import FakeOpenAI, Faults, Reply, docs_responder  # noqa: E402
 
 KEY = "bench-key"
-WORDS = (
-    "server port config flag token cache index queue worker deploy bucket region proxy timeout retry schema"
-    " webhook plugin widget cluster shard replica backup restore upload export import report billing invoice"
-    " account tenant project branch release build artifact pipeline runner agent secret vault policy quota"
-).split()
+WORDS = [
+    "server",
+    "port",
+    "config",
+    "flag",
+    "token",
+    "cache",
+    "index",
+    "queue",
+    "worker",
+    "deploy",
+    "bucket",
+    "region",
+    "proxy",
+    "timeout",
+    "retry",
+    "schema",
+    "webhook",
+    "plugin",
+    "widget",
+    "cluster",
+    "shard",
+    "replica",
+    "backup",
+    "restore",
+    "upload",
+    "export",
+    "import",
+    "report",
+    "billing",
+    "invoice",
+    "account",
+    "tenant",
+    "project",
+    "branch",
+    "release",
+    "build",
+    "artifact",
+    "pipeline",
+    "runner",
+    "agent",
+    "secret",
+    "vault",
+    "policy",
+    "quota",
+]
 
 
 @dataclass(frozen=True)
@@ -61,7 +102,9 @@ REGIMES = {
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--chunks", type=int, default=300)
     parser.add_argument("--regime", action="append", choices=sorted(REGIMES), help="default: all")
@@ -77,7 +120,9 @@ def write_corpus(folder: Path, chunks: int, words: int, seed: int) -> None:
         topic = f"Module{i}"
         sentences, count = [f"# {topic}\n"], 0
         while count < words:
-            sentence = f"The {topic} {' '.join(rng.choices(WORDS, k=9))} option defaults to {rng.randint(1, 99)}."
+            sentence = (
+                f"The {topic} {' '.join(rng.choices(WORDS, k=9))} option defaults to {rng.randint(1, 99)}."
+            )
             sentences.append(sentence)
             count += len(sentence.split())
         (folder / f"m{i:04}.md").write_text(" ".join(sentences) + "\n")
@@ -139,10 +184,7 @@ def run_once(regime: Regime, args: argparse.Namespace, seed: int) -> dict[str, f
             wall_s = time.perf_counter() - start
         assert result.exit_code == 0, result.output
         admitted = len(fake.requests) - fake.rate_limited
-        if regime.tpm:
-            bound_s = fake.tokens_charged / (regime.tpm / 60)
-        else:
-            bound_s = admitted / (regime.rpm / 60)
+        bound_s = fake.tokens_charged / (regime.tpm / 60) if regime.tpm else admitted / (regime.rpm / 60)
         return {
             "wall_s": wall_s,
             "fraction": bound_s / wall_s,
@@ -172,7 +214,9 @@ def main() -> None:
     if "faults" in medians and "fast-rpm" in medians:
         ratio = medians["faults"]["wall_s"] / medians["fast-rpm"]["wall_s"]
         print(f"fault mix: {ratio:.2f}x the fault-free time; throughput {1 / ratio:.2f} of fault-free")
-    print(f"({args.chunks} chunks, median of {args.runs} runs, request timeout {args.timeout_s:g} s, no tuning)")
+    print(
+        f"({args.chunks} chunks, median of {args.runs} runs, request timeout {args.timeout_s:g} s, no tuning)"
+    )
 
 
 if __name__ == "__main__":
