@@ -1,6 +1,6 @@
 """Throughput at the limit with no tuning settings: `ftkit generate-questions` against slow, rate-limited fakes.
 
-Usage: python bench/throughput.py [--runs 3] [--chunks 300] [--regime NAME ...] [--timeout-s 1.0]
+Usage: python bench/throughput.py [--runs 3] [--chunks 300] [--regime NAME ...] [--timeout-s 5.0]
 
 Regimes (no max_concurrency, requests_per_minute or tokens_per_minute is set; the client learns everything):
   fast-rpm   200 ms latency, 3,000 RPM cap
@@ -108,7 +108,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--chunks", type=int, default=300)
     parser.add_argument("--regime", action="append", choices=sorted(REGIMES), help="default: all")
-    parser.add_argument("--timeout-s", type=float, default=1.0, help="the client's request timeout")
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=5.0,
+        help="the client's request timeout (above the slowest latency)",
+    )
     return parser.parse_args()
 
 
