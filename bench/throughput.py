@@ -1,116 +1,226 @@
-"""Throughput at the limit: LLMClient against a rate-limited, slow, optionally faulty fake OpenAI server.
+"""Throughput at the limit with no tuning settings: `ftkit generate-questions` against slow, rate-limited fakes.
 
-Usage: python bench/throughput.py [--requests 1000] [--latency-ms 200] [--server-rpm 3000] [--concurrency 16]
-                                  [--learn] [--rate-limited 0.2 --server-errors 0.05 --timeouts 0.02 --malformed 0.05]
-Prints the achieved requests/s as a fraction of the ideal bound, min(concurrency / latency, RPM / 60).
-By default the client is told the server's RPM; --learn leaves it unset, so it learns it from the headers.
+Usage: python bench/throughput.py [--runs 3] [--chunks 300] [--regime NAME ...] [--timeout-s 5.0]
+
+Regimes (no max_concurrency, requests_per_minute or tokens_per_minute is set; the client learns everything):
+  fast-rpm   200 ms latency, 3,000 RPM cap
+  slow-rpm   1.5 s latency, 6,000 RPM cap (a high usage tier: seconds of latency, thousands of requests a minute)
+  tpm        500 ms latency, 6,000 RPM and a tokens-per-minute cap that binds first, fed ~400-word chunks
+  faults     fast-rpm plus 20 % 429 with Retry-After, 5 % 500, 2 % timeouts, 5 % malformed; printed as the ratio
+             of its time to fast-rpm's (the fault-free time)
+For each regime: the median over --runs of the fraction of the bound, where the bound is the server's cap (the
+requests, or the tokens it charged, divided by its rate per second) and the run's time is the whole stage's.
+"pipelined" also grants the one latency no client can avoid (the last response's). The request timeout is
+--timeout-s (the injected timeouts hold their reply for twice that).
 """
 
 import argparse
-import asyncio
-import dataclasses
+import os
+import random
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from finetune_kit.llm.client import ChatRequest, Endpoint, LLMClient  # noqa: E402
-from finetune_kit.store import Store  # noqa: E402
-from tests.fake_openai import FakeOpenAI, Faults, Reply  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from finetune_kit.cli import app  # noqa: E402
+from tests.fake_openai import FakeOpenAI, Faults, Reply, docs_responder  # noqa: E402
 
 KEY = "bench-key"
+WORDS = [
+    "server",
+    "port",
+    "config",
+    "flag",
+    "token",
+    "cache",
+    "index",
+    "queue",
+    "worker",
+    "deploy",
+    "bucket",
+    "region",
+    "proxy",
+    "timeout",
+    "retry",
+    "schema",
+    "webhook",
+    "plugin",
+    "widget",
+    "cluster",
+    "shard",
+    "replica",
+    "backup",
+    "restore",
+    "upload",
+    "export",
+    "import",
+    "report",
+    "billing",
+    "invoice",
+    "account",
+    "tenant",
+    "project",
+    "branch",
+    "release",
+    "build",
+    "artifact",
+    "pipeline",
+    "runner",
+    "agent",
+    "secret",
+    "vault",
+    "policy",
+    "quota",
+]
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str
+    latency_s: float
+    rpm: int
+    tpm: int | None = None
+    words_per_chunk: int = 80
+    faults: bool = False
+
+
+REGIMES = {
+    "fast-rpm": Regime("fast-rpm", 0.2, 3000),
+    "slow-rpm": Regime("slow-rpm", 1.5, 6000),
+    "tpm": Regime("tpm", 0.5, 6000, tpm=600_000, words_per_chunk=380),
+    "faults": Regime("faults", 0.2, 3000, faults=True),
+}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--latency-ms", type=float, default=200.0)
-    parser.add_argument("--server-rpm", type=int, default=3000)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--learn", action="store_true", help="do not configure requests_per_minute")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--chunks", type=int, default=300)
+    parser.add_argument("--regime", action="append", choices=sorted(REGIMES), help="default: all")
     parser.add_argument(
-        "--timeout-s", type=float, default=5.0, help="client timeout; injected timeouts wait 2x"
+        "--timeout-s",
+        type=float,
+        default=5.0,
+        help="the client's request timeout (above the slowest latency)",
     )
-    parser.add_argument("--max-retries", type=int, default=10)
-    for fault in ("rate-limited", "server-errors", "timeouts", "malformed"):
-        parser.add_argument(f"--{fault}", type=float, default=0.0, metavar="FRACTION")
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 
-def distinct_requests(n: int) -> list[ChatRequest]:
-    """n requests that differ only in their seed, so none is a cache hit."""
-    base = ChatRequest(
-        stage="bench",
-        messages=(("user", "Write three questions about the Acme CLI's --port flag."),),
-        temperature=0.7,
-        max_tokens=64,
-        template_version="bench",
-    )
-    return [dataclasses.replace(base, attempt=i + 1) for i in range(n)]
+def write_corpus(folder: Path, chunks: int, words: int, seed: int) -> None:
+    """One Markdown file a chunk, each about its own made-up topic, so no two chunks share their questions."""
+    rng = random.Random(seed)
+    folder.mkdir()
+    for i in range(chunks):
+        topic = f"Module{i}"
+        sentences, count = [f"# {topic}\n"], 0
+        while count < words:
+            sentence = (
+                f"The {topic} {' '.join(rng.choices(WORDS, k=9))} option defaults to {rng.randint(1, 99)}."
+            )
+            sentences.append(sentence)
+            count += len(sentence.split())
+        (folder / f"m{i:04}.md").write_text(" ".join(sentences) + "\n")
 
 
-async def run_requests(url: str, store: Store, args: argparse.Namespace) -> LLMClient:
-    """Send every request through one client and wait for all of them."""
-    endpoint = Endpoint(base_url=url, api_key=KEY, model="gpt-4o-mini", identity="bench")
-    client = LLMClient(
-        endpoint,
-        store,
-        max_concurrency=args.concurrency,
-        max_retries=args.max_retries,
-        timeout_s=args.timeout_s,
-        requests_per_minute=None if args.learn else args.server_rpm,
-    )
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
-        await asyncio.gather(*(client.chat(r) for r in distinct_requests(args.requests)))
+        yield
     finally:
-        await client.close()
-    return client
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def run_once(regime: Regime, args: argparse.Namespace, seed: int) -> dict[str, float]:
+    """Ingest a corpus (untimed), then time `ftkit generate-questions` against a fake with the regime's caps."""
+    faults = (
+        Faults(
+            rate_limited=0.2,
+            server_error=0.05,
+            timeout=0.02,
+            malformed=0.05,
+            seed=seed,
+            retry_after_s=1.0,
+            timeout_s=2 * args.timeout_s,
+        )
+        if regime.faults
+        else None
+    )
+
+    def slow(body: dict) -> Reply:
+        reply = docs_responder(body)
+        return Reply(reply.content, delay_s=regime.latency_s)
+
+    runner = CliRunner()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        FakeOpenAI(slow, api_key=KEY, rpm=regime.rpm, tpm=regime.tpm, faults=faults) as fake,
+    ):
+        workspace, docs = Path(tmp) / "ws", Path(tmp) / "docs"
+        write_corpus(docs, args.chunks, regime.words_per_chunk, seed)
+        env = {
+            "OPENAI_BASE_URL": fake.url,
+            "OPENAI_API_KEY": KEY,
+            "FTKIT_REQUEST_TIMEOUT_S": str(args.timeout_s),
+            "FTKIT_MAX_RETRIES": "10",
+            "FTKIT_RETRIEVAL_INDEX_ON_INGEST": "false",
+        }
+        with environment(env):
+            ingested = runner.invoke(app, ["--workspace", str(workspace), "ingest", str(docs)])
+            assert ingested.exit_code == 0, ingested.output
+            start = time.perf_counter()
+            result = runner.invoke(app, ["--workspace", str(workspace), "generate-questions"])
+            wall_s = time.perf_counter() - start
+        assert result.exit_code == 0, result.output
+        admitted = len(fake.requests) - fake.rate_limited
+        bound_s = fake.tokens_charged / (regime.tpm / 60) if regime.tpm else admitted / (regime.rpm / 60)
+        return {
+            "wall_s": wall_s,
+            "fraction": bound_s / wall_s,
+            "pipelined": (bound_s + regime.latency_s) / wall_s,
+            "requests": len(fake.requests),
+            "cap_429": fake.rate_limited,
+            "injected": sum(fake.faults_injected.values()),
+        }
 
 
 def main() -> None:
     args = parse_args()
-    latency_s = args.latency_ms / 1000
-    faults = Faults(
-        rate_limited=args.rate_limited,
-        server_error=args.server_errors,
-        timeout=args.timeouts,
-        malformed=args.malformed,
-        seed=args.seed,
-        timeout_s=2 * args.timeout_s,
-    )
-
-    def slow_answer(body: dict) -> Reply:
-        return Reply(
-            "1. What does --port do?\n2. What is its default?\n3. Can it be set in a file?", delay_s=latency_s
+    names = args.regime or list(REGIMES)
+    medians: dict[str, dict[str, float]] = {}
+    for name in names:
+        regime = REGIMES[name]
+        runs = [run_once(regime, args, seed) for seed in range(args.runs)]
+        medians[name] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        m = medians[name]
+        each = ", ".join(f"{run['fraction']:.3f}" for run in runs)
+        print(
+            f"{name:9} generate-questions: fraction of bound {m['fraction']:.3f} (pipelined {m['pipelined']:.3f});"
+            f" wall {m['wall_s']:.2f} s; requests {m['requests']:.0f}; 429s from the cap {m['cap_429']:.0f};"
+            f" injected faults {m['injected']:.0f}  [runs: {each}]",
+            flush=True,
         )
-
-    with (
-        tempfile.TemporaryDirectory() as workspace,
-        Store(Path(workspace) / "state.db") as store,
-        FakeOpenAI(slow_answer, api_key=KEY, rpm=args.server_rpm, faults=faults) as fake,
-    ):
-        start = time.perf_counter()
-        client = asyncio.run(run_requests(fake.url, store, args))
-        wall_s = time.perf_counter() - start
-    ideal = min(args.concurrency / latency_s, args.server_rpm / 60)
-    achieved = args.requests / wall_s
+    if "faults" in medians and "fast-rpm" in medians:
+        ratio = medians["faults"]["wall_s"] / medians["fast-rpm"]["wall_s"]
+        print(f"fault mix: {ratio:.2f}x the fault-free time; throughput {1 / ratio:.2f} of fault-free")
     print(
-        f"config: {args.requests} requests, {args.latency_ms:g} ms latency, server cap {args.server_rpm} RPM,"
-        f" max_concurrency {args.concurrency},"
-        f" requests_per_minute {'learned from headers' if args.learn else args.server_rpm}, faults {faults}"
-    )
-    print(f"wall time: {wall_s:.2f} s; achieved {achieved:.1f} req/s; ideal bound {ideal:.1f} req/s")
-    print(f"fraction of ideal: {achieved / ideal:.3f}")
-    print(
-        f"HTTP requests: {len(fake.requests)}; 429 from the RPM cap: {fake.rate_limited};"
-        f" faults injected: {dict(fake.faults_injected)}; limits paced for: {client.limiter.limits};"
-        f" final share: {client.limiter.share:.2f}"
+        f"({args.chunks} chunks, median of {args.runs} runs, request timeout {args.timeout_s:g} s, no tuning)"
     )
 
 

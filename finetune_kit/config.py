@@ -253,7 +253,7 @@ class Settings(BaseSettings):
     # LLM endpoint
     provider: Literal["auto", "local", "openai"] = "auto"
     model: str | None = None
-    max_concurrency: int = Field(8, ge=1)
+    max_concurrency: int = Field(256, ge=1)  # an upper bound: the window (llm/window.py) follows the server
     requests_per_minute: int | None = Field(
         None, ge=1
     )  # unset: learned from the server's x-ratelimit headers

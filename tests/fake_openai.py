@@ -353,11 +353,15 @@ class FakeOpenAI:
         *,
         rpm: int | None = None,
         rpm_burst_s: float = 1.0,
+        tpm: int | None = None,
         faults: Faults | None = None,
     ) -> None:
         self.responder: Responder = responder or docs_responder
         self.api_key = api_key
         self.rpm, self.rpm_burst_s = rpm, rpm_burst_s  # a server-side token bucket of requests per minute
+        self.tpm = tpm  # a token bucket too, charged prompt + max_tokens on admission as OpenAI does
+        self.tokens_charged = 0
+        self._tokens, self._tokens_at = math.inf, time.monotonic()
         self.rate_limited = 0  # requests answered 429 because the bucket was empty
         self.faults = faults
         self.faults_injected: Counter[str] = Counter()
@@ -465,27 +469,47 @@ class FakeOpenAI:
                 self.responder_errors.append(exc)
             return Reply(status=500, content=f"The fake's responder raised {exc!r}")
 
-    def _take_from_bucket(self) -> tuple[bool, dict[str, str]]:
-        """Take one request from the rpm bucket: (admitted, the x-ratelimit headers OpenAI sends)."""
-        if self.rpm is None:
-            return True, {}
-        per_s = self.rpm / 60
-        capacity = max(1.0, per_s * self.rpm_burst_s)
+    def _take_from_bucket(self, body: dict) -> tuple[bool, dict[str, str]]:
+        """Take one request from the rpm bucket and its tokens from the tpm one: (admitted, x-ratelimit headers)."""
+        cost = _usage(body, "")["prompt_tokens"] + int(body.get("max_tokens") or 0)
+        kinds = [
+            (kind, cap, n) for kind, cap, n in (("requests", self.rpm, 1), ("tokens", self.tpm, cost)) if cap
+        ]
+        headers: dict[str, str] = {}
         with self._lock:
             now = time.monotonic()
-            self._bucket = min(capacity, self._bucket + (now - self._bucket_at) * per_s)
-            self._bucket_at = now
-            admitted = self._bucket >= 1
-            self._bucket -= admitted
+            levels = {}
+            for kind, cap, _ in kinds:
+                per_s, capacity = cap / 60, max(1.0, cap / 60 * self.rpm_burst_s)
+                level, at = (
+                    (self._bucket, self._bucket_at) if kind == "requests" else (self._tokens, self._tokens_at)
+                )
+                levels[kind] = (min(capacity, level + (now - at) * per_s), per_s, capacity)
+            admitted = all(levels[kind][0] >= min(n, levels[kind][2]) for kind, _, n in kinds)
+            for kind, _, n in kinds:
+                level, per_s, capacity = levels[kind]
+                level -= n if admitted else 0
+                levels[kind] = (level, per_s, capacity)
+                if kind == "requests":
+                    self._bucket, self._bucket_at = level, now
+                else:
+                    self._tokens, self._tokens_at = level, now
             self.rate_limited += not admitted
-            level = self._bucket
-        headers = {
-            "x-ratelimit-limit-requests": str(self.rpm),
-            "x-ratelimit-remaining-requests": str(math.floor(level)),
-            "x-ratelimit-reset-requests": openai_duration((capacity - level) / per_s),
-        }
+            self.tokens_charged += cost if admitted else 0
+        wait_s = 0.0
+        for kind, cap, n in kinds:
+            level, per_s, capacity = levels[kind]
+            headers |= {
+                f"x-ratelimit-limit-{kind}": str(cap),
+                f"x-ratelimit-remaining-{kind}": str(max(0, math.floor(level))),
+                f"x-ratelimit-reset-{kind}": openai_duration(max(0.0, capacity - level) / per_s),
+            }
+            wait_s = max(wait_s, (min(n, capacity) - level) / per_s)
         if not admitted:
-            wait_s = (1 - level) / per_s
+            for kind, _, n in kinds:  # OpenAI reports the budget that ran out as spent
+                level, _, capacity = levels[kind]
+                if level < min(n, capacity):
+                    headers[f"x-ratelimit-remaining-{kind}"] = "0"
             headers |= {
                 "retry-after": str(math.ceil(wait_s)),
                 "retry-after-ms": str(math.ceil(wait_s * 1000)),
@@ -513,7 +537,7 @@ class FakeOpenAI:
         return None
 
     def _complete(self, handler: _Handler, body: dict, request_id: dict[str, str]) -> None:
-        admitted, limits = self._take_from_bucket()
+        admitted, limits = self._take_from_bucket(body)
         reply = (self._injected_fault(body) or self._next_reply(body)) if admitted else Reply(status=429)
         if reply.delay_s > 0:
             self._stopping.wait(reply.delay_s)

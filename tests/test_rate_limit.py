@@ -485,7 +485,7 @@ def test_an_unconfigured_budget_is_learned_from_headers_and_every_request_comple
 
     assert [r.content for r in results] == ["Done."] * 60
     assert client.limiter.limits == ServerLimits(600, None)
-    assert 0 < fake.rate_limited < 16  # only requests sent before the limit was known were refused
+    assert fake.rate_limited < 4  # at most the slow start's first requests, sent before the limit was known
     assert (client.limiter.rate_limited, len(fake.requests)) == (fake.rate_limited, 60 + fake.rate_limited)
     assert fake.invalid_requests == []
 

@@ -33,7 +33,7 @@ from finetune_kit.errors import (
     RequestRejectedError,
     ResourceNotFoundError,
 )
-from finetune_kit.llm.rate_limit import RateLimiter, cool_down_s, retry_after_s
+from finetune_kit.llm.rate_limit import RateLimiter, cool_down_s, pauses_everyone, retry_after_s
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,9 @@ class _WaitRetryAfter(wait_base):
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         headers = _headers(exc)
         rate_limited = isinstance(exc, openai.RateLimitError)
-        if self.policy.limiter_cools_down and rate_limited and cool_down_s(headers) is not None:
-            return 0.0
+        shared = rate_limited and pauses_everyone(headers)
+        if self.policy.limiter_cools_down and shared and cool_down_s(headers) is not None:
+            return 0.0  # the limiter's shared cool-down is the wait
         hinted = retry_after_s(headers)
         return hinted if hinted is not None else float(self.fallback(retry_state))
 
@@ -289,6 +290,7 @@ class ChatAPI:
             if self.refused is not None:  # seen while this request waited for its turn: do not send it
                 raise AuthenticationError(str(self.refused))
             body = (payload | {"stream": True}) if stream else payload
+            sent_at = self.limiter.sent(tokens)
             raw = await self._sdk.chat.completions.with_raw_response.create(**body)
             completion = await _read(raw.parse(), on_text)
         except openai.RateLimitError as exc:
@@ -301,10 +303,15 @@ class ChatAPI:
             self.limiter.release()
         self.limiter.observe(raw.headers)
         self.limiter.on_success()
+        self.limiter.completed(sent_at)
         return completion
 
     def _on_rate_limited(self, headers: Mapping[str, str], permit: int) -> None:
         self.limiter.observe(headers)
+        if not pauses_everyone(headers):  # budget left, or only a Retry-After: this request waits, alone
+            self.limiter.rate_limited += 1
+            log.info("rate limited (429) with budget left: retrying this request after its Retry-After")
+            return
         self.limiter.on_rate_limited(cool_down_s(headers), permit)
         log.info(
             "rate limited (429): pausing all requests; now %d in flight at most", self.limiter.concurrency

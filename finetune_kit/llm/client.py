@@ -9,6 +9,7 @@ from typing import Any
 from finetune_kit.llm.api import ChatAPI, Endpoint, RetryPolicy, Wording
 from finetune_kit.llm.budget import Budget, prompt_tokens
 from finetune_kit.llm.rate_limit import RateLimiter
+from finetune_kit.llm.window import Window
 from finetune_kit.store import Store, utc_now
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "record_response",
     "request_hash",
 ]
+
+PROMPT_RATIO_WEIGHT = 0.2
 
 GENERATION_WORDING = Wording(
     refused_key="{url} rejected the API key (401) — check OPENAI_API_KEY",
@@ -101,8 +104,10 @@ class LLMClient:
             max_concurrency=max_concurrency,
             requests_per_minute=requests_per_minute,
             tokens_per_minute=tokens_per_minute,
+            window=Window(max_size=max_concurrency),
         )
         self._in_flight: dict[str, asyncio.Future[None]] = {}
+        self._prompt_ratio = 1.0  # the server's prompt tokens per offline-estimated one (EWMA)
         self.api = ChatAPI(endpoint, limiter, timeout_s=timeout_s, wording=GENERATION_WORDING)
         self.policy = RetryPolicy(max_retries, limiter_cools_down=True)
 
@@ -136,8 +141,15 @@ class LLMClient:
             self._in_flight.pop(key).set_result(None)
 
     async def _call_with_retries(self, request: ChatRequest) -> dict[str, Any]:
-        tokens = prompt_tokens(request) + request.max_tokens if self.limiter.counts_tokens else 0
-        return await self.api.complete(request.payload(self.endpoint.model), self.policy, tokens=tokens)
+        estimate = prompt_tokens(request)
+        tokens = (
+            round(estimate * self._prompt_ratio) + request.max_tokens if self.limiter.counts_tokens else 0
+        )
+        response = await self.api.complete(request.payload(self.endpoint.model), self.policy, tokens=tokens)
+        counted = int((response.get("usage") or {}).get("prompt_tokens") or 0)
+        if counted > 0 and estimate > 0:  # the server's own count paces the token budget from now on
+            self._prompt_ratio += PROMPT_RATIO_WEIGHT * (counted / estimate - self._prompt_ratio)
+        return response
 
 
 def cached_result(store: Store, key: str) -> ChatResult | None:

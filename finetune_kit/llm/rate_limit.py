@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
+from finetune_kit.llm.window import Window
+
 MAX_COOL_DOWN_S = 120.0  # a longer wait is a quota problem, and the retry budget will say so
 DEFAULT_COOL_DOWN_S = 1.0  # after a 429 that says nothing about when to come back
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|us|µs|ns|m|s)")
@@ -67,6 +69,21 @@ def rate_limit_reset_s(headers: Mapping[str, str]) -> float | None:
     waits = [resets[kind] for kind in exhausted or resets]
     known = [wait for wait in waits if wait is not None]
     return _bounded(max(known)) if known else None
+
+
+def pauses_everyone(headers: Mapping[str, str]) -> bool:
+    """True when a 429 means the shared budget is spent: a `x-ratelimit-remaining-*` of 0, or nothing said.
+
+    A 429 with budget left, or one that only says when to retry (`Retry-After`), is about that request (a
+    burst, a fault): it waits what it must, and the others go on.
+    """
+    lower = _lower(headers)
+    remaining = [lower.get(f"x-ratelimit-remaining-{kind}") for kind in ("requests", "tokens")]
+    if any(value is not None and value.strip() == "0" for value in remaining):
+        return True
+    if any(value is not None for value in remaining):
+        return False
+    return retry_after_s(headers) is None
 
 
 def cool_down_s(headers: Mapping[str, str], now: Clock = time.time) -> float | None:
@@ -159,8 +176,10 @@ class RateLimiter:
         burst_s: float = 0.5,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
+        window: Window | None = None,
     ) -> None:
         self.max_concurrency = max_concurrency
+        self.window = window  # None: `max_concurrency` × share alone bounds the requests in flight
         self.burst_s = burst_s  # below a server's usual second of burst, so network jitter cannot overdraw it
         self.share = 1.0
         self.cool_down_until = -math.inf
@@ -180,8 +199,26 @@ class RateLimiter:
 
     @property
     def concurrency(self) -> int:
-        """Requests allowed in flight now."""
-        return max(1, math.floor(self.max_concurrency * self.share + 1e-9))
+        """Requests allowed in flight now: the configured bound × share, and at most the window."""
+        bound = max(1, math.floor(self.max_concurrency * self.share + 1e-9))
+        if self.window is None:
+            return bound
+        return min(bound, self.window.size(self.requests_per_minute, self.tokens_per_minute))
+
+    @property
+    def in_flight(self) -> int:
+        """Requests holding a slot now."""
+        return self._in_use
+
+    def sent(self, tokens: int = 0) -> float:
+        """Note a request going out now (for the window's latency); returns its start time."""
+        return self.window.sent(tokens) if self.window else self._clock()
+
+    def completed(self, sent_at: float) -> None:
+        """A successful response to the request sent at `sent_at`: the window learns its latency."""
+        if self.window is not None:
+            self.window.completed(sent_at)
+            self._wake_slot_waiters()
 
     @property
     def limits(self) -> ServerLimits:
@@ -249,6 +286,8 @@ class RateLimiter:
         self.cool_down_until = max(self.cool_down_until, self._clock() + wait)
         if permit is None or permit > self._cut_after:
             self._cut_after = self._issued
+            if self.window is not None:
+                self.window.overloaded()
             self._set_share(self.share / 2)
 
     def observe(self, headers: Mapping[str, str]) -> None:

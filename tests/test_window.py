@@ -1,0 +1,154 @@
+"""The concurrency window: Little's law over the allowed rate and the observed latency, slow start before that."""
+
+import asyncio
+import dataclasses
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from finetune_kit.llm.client import ChatRequest, Endpoint, LLMClient
+from finetune_kit.llm.rate_limit import RateLimiter, pauses_everyone
+from finetune_kit.llm.window import Window
+from finetune_kit.store import Store
+from tests.conftest import TEST_KEY
+from tests.fake_openai import FakeOpenAI, Reply
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def complete(window: Window, clock: Clock, latency_s: float, n: int = 1, tokens: int = 0) -> None:
+    for _ in range(n):
+        sent = window.sent(tokens)
+        clock.now += latency_s
+        window.completed(sent)
+
+
+def test_slow_start_doubles_once_per_window_of_completions_up_to_the_bound() -> None:
+    clock = Clock()
+    window = Window(max_size=20, clock=clock)
+    sizes = [window.size()]
+    for _ in range(4):
+        complete(window, clock, 0.2, n=window.size())
+        sizes.append(window.size())
+
+    assert sizes == [4, 8, 16, 20, 20]
+
+
+def test_slow_start_stops_growing_when_the_latency_says_the_server_queues() -> None:
+    clock = Clock()
+    window = Window(max_size=256, clock=clock)
+    complete(window, clock, 0.1, n=4)  # 8 now
+    complete(window, clock, 1.0, n=8)  # the EWMA passes twice the fastest response
+
+    assert (window.queueing, window.size()) == (True, 8)
+
+
+def test_the_window_jumps_to_rate_times_latency_times_headroom_once_both_are_known() -> None:
+    clock = Clock()
+    window = Window(max_size=256, clock=clock)
+    assert window.size(requests_per_minute=6000) == 4  # no latency yet: slow start
+    complete(window, clock, 1.5)
+
+    assert window.size(requests_per_minute=6000) == 180  # 100/s × 1.5 s × 1.2
+    assert window.size(requests_per_minute=60000) == 256  # the bound a user may set
+    assert window.size() == 4  # no rate: still the slow start
+
+
+def test_the_token_budget_binds_when_requests_are_large() -> None:
+    clock = Clock()
+    window = Window(max_size=256, clock=clock)
+    complete(window, clock, 1.0, tokens=1000)
+
+    # 60,000 TPM / 1,000 tokens = 1 request/s; 6,000 RPM alone would allow 100/s
+    assert window.size(requests_per_minute=6000, tokens_per_minute=60_000) == 2  # ceil(1 × 1.0 × 1.2)
+
+
+def test_the_latency_is_an_ewma_of_successful_responses() -> None:
+    clock = Clock()
+    window = Window(max_size=256, clock=clock)
+    complete(window, clock, 1.0)
+    complete(window, clock, 2.0)
+
+    assert window.latency_s == pytest.approx(1.2)
+    assert window.size(requests_per_minute=600) == 15  # 10/s × 1.2 s × 1.2 = 14.4
+
+
+def test_an_overload_halves_the_slow_start() -> None:
+    clock = Clock()
+    window = Window(max_size=256, clock=clock)
+    complete(window, clock, 0.1, n=4 + 8)
+    assert window.size() == 16
+    window.overloaded()
+
+    assert window.size() == 8
+
+
+def test_the_limiter_allows_the_smaller_of_its_bound_and_the_window() -> None:
+    clock = Clock()
+    window = Window(max_size=64, clock=clock)
+    limiter = RateLimiter(max_concurrency=64, requests_per_minute=600, clock=clock, window=window)
+    assert limiter.concurrency == 4
+    complete(window, clock, 2.0)
+    assert limiter.concurrency == 24  # 10/s × 2 s × 1.2
+    limiter.on_rate_limited(0.0)  # the share halves the rate, so the window too
+
+    assert limiter.concurrency == 12
+
+
+@pytest.mark.parametrize(
+    ("headers", "shared"),
+    [
+        ({"x-ratelimit-remaining-requests": "0", "retry-after": "1"}, True),
+        ({"x-ratelimit-remaining-requests": "12", "x-ratelimit-remaining-tokens": "0"}, True),
+        ({"x-ratelimit-remaining-requests": "12", "retry-after": "1"}, False),
+        ({"retry-after": "1"}, False),
+        ({}, True),
+    ],
+)
+def test_only_a_429_that_spent_the_budget_pauses_everyone(headers: dict[str, str], shared: bool) -> None:
+    assert pauses_everyone(headers) is shared
+
+
+class Slow:
+    """Answers after `delay_s`, counting the requests in flight at once."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s, self.now, self.most = delay_s, 0, 0
+        self.lock = threading.Lock()
+
+    def __call__(self, body: dict) -> Reply:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(self.delay_s)
+        with self.lock:
+            self.now -= 1
+        return Reply("Done.")
+
+
+def test_with_no_settings_the_requests_in_flight_grow_to_what_the_server_allows(tmp_path: Path) -> None:
+    responder = Slow(0.5)
+    request = ChatRequest("bench", (("user", "Hi"),), 0.0, 16, "v1")
+    with Store(tmp_path / "s.db") as store, FakeOpenAI(responder, api_key=TEST_KEY, rpm=6000) as fake:
+        endpoint = Endpoint(base_url=fake.url, api_key=TEST_KEY, model="gpt-4o-mini", identity="t")
+
+        async def go() -> None:
+            client = LLMClient(endpoint, store, max_concurrency=256, max_retries=4, timeout_s=10)
+            try:
+                requests = [dataclasses.replace(request, attempt=i) for i in range(120)]
+                await asyncio.gather(*(client.chat(r) for r in requests))
+            finally:
+                await client.close()
+
+        asyncio.run(go())
+
+    assert responder.most > 16  # the old fixed default allowed 8
+    assert fake.rate_limited == 0
