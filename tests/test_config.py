@@ -16,7 +16,7 @@ def write_toml(path: Path, text: str) -> Path:
 def test_defaults_without_any_config() -> None:
     settings = load_settings()
 
-    assert (settings.product, settings.max_concurrency, settings.provider) == ("the product", 8, "auto")
+    assert (settings.product, settings.max_concurrency, settings.provider) == ("the product", 256, "auto")
     assert settings.workspace == Path(".ftkit")
     assert settings.db_path == Path(".ftkit/state.db")
 
