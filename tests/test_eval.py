@@ -289,7 +289,12 @@ def test_retrieval_arms_answer_from_the_index_with_checked_sources(
         if "Answer to check:" in b["messages"][0]["content"]
         and f"<answer>\n{garbled[0]['answer']}\n</answer>" in b["messages"][0]["content"]
     ]
-    assert [b["seed"] for b in retried] == [0, 1] and {b["temperature"] for b in retried} == {0}
+    # each claim check of that answer (several questions may get the same garbled answer) is asked twice: seed 0, 1
+    seeds: dict[str, list[int]] = {}
+    for b in retried:
+        seeds.setdefault(b["messages"][0]["content"], []).append(b["seed"])
+    assert seeds and all(sorted(s) == [0, 1] for s in seeds.values()), seeds
+    assert {b["temperature"] for b in retried} == {0}
     assert any(f"{len(garbled)} answers' claims unjudged" in note for note in summary["notes"])
     cited_7 = sum(models.base_knows(r["question"]) for r in answered)
     assert (
