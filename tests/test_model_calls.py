@@ -204,7 +204,9 @@ class RefusalOnceAllArrived:
 
 
 def test_a_wrong_key_stops_the_stage_at_the_first_401(monkeypatch: pytest.MonkeyPatch) -> None:
-    refusal = RefusalOnceAllArrived(hold=8)
+    from finetune_kit.llm.window import START_SIZE  # what is in flight before any response: the first round
+
+    refusal = RefusalOnceAllArrived(hold=START_SIZE)
     with FakeOpenAI(refusal) as server:
         url = server.url
         monkeypatch.setenv("OPENAI_BASE_URL", url)
@@ -217,5 +219,5 @@ def test_a_wrong_key_stops_the_stage_at_the_first_401(monkeypatch: pytest.Monkey
         1,
         f"Error: {url} rejected the API key (401) — check OPENAI_API_KEY\n",
     )
-    assert refusal.in_flight_at_first_refusal == 8
-    assert sent == 8
+    assert refusal.in_flight_at_first_refusal == START_SIZE
+    assert sent == START_SIZE  # nothing was sent after the first 401
