@@ -872,6 +872,9 @@ def ftkit_slack(tmp_path: Path, *args: str) -> Iterator[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C as in a terminal: a shell's background job (`cmd &`) passes SIGINT on ignored, and Python then
+        # never turns it into KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert process.stdout is not None
     try:
