@@ -238,20 +238,29 @@ def section_headings(store: Store, limit: int = MAX_HEADINGS) -> list[str]:
     return list(dict.fromkeys(spread))[:limit]
 
 
-def negatives_request(settings: Settings, headings: Sequence[str]) -> ChatRequest:
-    """The one request that asks for questions the docs cannot answer (its hash is the cache key)."""
-    template = load_prompt("unanswerable", settings.prompts_dir)
-    prompt = template.render(
+def negatives_request(
+    settings: Settings,
+    headings: Sequence[str],
+    *,
+    prompt: str = "unanswerable",
+    stage: str = STAGE,
+    attempt: int = 0,
+) -> ChatRequest:
+    """The request that asks for questions the docs cannot answer (its hash is the cache key); the dataset's
+    "I don't know" examples ask with their own prompt and stage, one attempt per round."""
+    template = load_prompt(prompt, settings.prompts_dir)
+    text = template.render(
         product=settings.product,
         n=GENERATED_NEGATIVES,
         headings="\n".join(f"- {heading}" for heading in headings),
     )
     return ChatRequest(
-        stage=STAGE,
-        messages=(("user", prompt),),
+        stage=stage,
+        messages=(("user", text),),
         temperature=settings.question_temperature,
         max_tokens=NEGATIVES_MAX_TOKENS,
         template_version=template.version,
+        attempt=attempt,
     )
 
 

@@ -20,10 +20,9 @@ from finetune_kit.config import Settings
 from finetune_kit.errors import RequestRejectedError, RetrievalIndexError, VagueQueryError
 from finetune_kit.llm.client import ChatRequest, LLMClient
 from finetune_kit.prompts import load_prompt
+from finetune_kit.retrieval import calibrate
 from finetune_kit.retrieval.answer import Retrieval, format_context, refusal_text, retrieve
 from finetune_kit.retrieval.calibrate import (
-    GENERATED_NEGATIVES,
-    NEGATIVES_MAX_TOKENS,
     parse_negatives,
     positive_questions,
     section_headings,
@@ -60,20 +59,7 @@ def wanted(settings: Settings, n_examples: int) -> int:
 
 def negatives_request(settings: Settings, headings: Sequence[str], round_: int) -> ChatRequest:
     """Generation round `round_` (its seed differs, so its sampled questions do too)."""
-    template = load_prompt("negatives", settings.prompts_dir)
-    prompt = template.render(
-        product=settings.product,
-        n=GENERATED_NEGATIVES,
-        headings="\n".join(f"- {heading}" for heading in headings),
-    )
-    return ChatRequest(
-        stage=STAGE,
-        messages=(("user", prompt),),
-        temperature=settings.question_temperature,
-        max_tokens=NEGATIVES_MAX_TOKENS,
-        template_version=template.version,
-        attempt=round_,
-    )
+    return calibrate.negatives_request(settings, headings, prompt="negatives", stage=STAGE, attempt=round_)
 
 
 def judge_request(settings: Settings, candidate: Candidate, attempt: int) -> ChatRequest:
