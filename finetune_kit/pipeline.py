@@ -15,8 +15,9 @@ from finetune_kit.llm.client import ChatRequest, Endpoint, LLMClient
 from finetune_kit.llm.endpoint import endpoint_identity, open_endpoint
 from finetune_kit.progress import NoProgress, Progress
 from finetune_kit.retrieval.index import IndexReport, update_index
-from finetune_kit.stages import Prefill
+from finetune_kit.stages import Prefill, gather_all
 from finetune_kit.stages.build_dataset import (
+    AnswerStream,
     DatasetReport,
     accepted_examples,
     answer_questions,
@@ -177,11 +178,15 @@ async def _generation(
         )
         prefill = _batch_prefill(store, settings, endpoint, run_id, summary) if settings.batch else None
         try:
-            if questions:
-                summary.questions = await generate_questions(store, client, settings, progress, prefill)
-            if answer:
+            if questions and answer and prefill is None:
                 _note(progress, answer_redo(store, settings, endpoint.identity, endpoint.model))
-                summary.dataset = await answer_questions(store, client, settings, progress, prefill)
+                summary.questions, summary.dataset = await _ask_and_answer(store, client, settings, progress)
+            else:  # one stage, or the Batch API's rounds: every question is stored before the answers' batch
+                if questions:
+                    summary.questions = await generate_questions(store, client, settings, progress, prefill)
+                if answer:
+                    _note(progress, answer_redo(store, settings, endpoint.identity, endpoint.model))
+                    summary.dataset = await answer_questions(store, client, settings, progress, prefill)
             if answer and summary.dataset is not None:
                 summary.dataset.paraphrases = await paraphrase_training_questions(
                     store, client, settings, summary.dataset, progress
@@ -198,6 +203,29 @@ async def _generation(
             await client.close()
             _account(store, run_id, client, summary)
         summary.endpoint_identity, summary.model = endpoint.identity, endpoint.model
+
+
+async def _ask_and_answer(
+    store: Store, client: LLMClient, settings: Settings, progress: Progress
+) -> tuple[QuestionReport, DatasetReport]:
+    """Questions and answers in one stream: a chunk's answers are asked as soon as its questions are stored.
+
+    Both stages share the one client, so its window and rate limiter pace them together, and a stop (a budget,
+    a failure) stops both. Each bar advances as its stage's work is done.
+    """
+    answers = AnswerStream(store, client, settings, progress.beside())
+    asked: list[QuestionReport] = []
+
+    async def ask() -> None:
+        asked.append(
+            await generate_questions(store, client, settings, progress, on_settled=answers.answer_chunk)
+        )
+
+    try:
+        await gather_all([ask(), answers.answer_left_over()])
+    finally:
+        answers.finish()
+    return asked[0], answers.report
 
 
 def _note(progress: Progress, line: str | None) -> None:

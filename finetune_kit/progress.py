@@ -12,8 +12,14 @@ class Progress(Protocol):
     def advance(self, n: int = 1) -> None:
         """`n` more units are done."""
 
+    def grow(self, n: int) -> None:
+        """`n` more units of work were found for the current stage (its questions arrive while it runs)."""
+
     def finish(self) -> None:
         """The current stage is over."""
+
+    def beside(self) -> "Progress":
+        """A reporter of its own for a stage that runs at the same time as this one (its own bar)."""
 
     def note(self, line: str) -> None:
         """A line to say before the work goes on (a stage about to make again work the workspace holds)."""
@@ -28,8 +34,15 @@ class NoProgress:
     def advance(self, n: int = 1) -> None:
         """Ignore progress."""
 
+    def grow(self, n: int) -> None:
+        """Ignore the growth."""
+
     def finish(self) -> None:
         """Ignore the end."""
+
+    def beside(self) -> "NoProgress":
+        """Another reporter that reports nothing."""
+        return NoProgress()
 
     def note(self, line: str) -> None:
         """Ignore the line (the library logs it)."""

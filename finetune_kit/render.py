@@ -66,9 +66,19 @@ class RichProgress:
         if self.task is not None:
             self.bar.advance(self.task, n)
 
+    def grow(self, n: int) -> None:
+        """Raise the current bar's total."""
+        if self.task is not None:
+            task = next(task for task in self.bar.tasks if task.id == self.task)
+            self.bar.update(self.task, total=(task.total or 0) + n)
+
     def finish(self) -> None:
         """Leave the finished bar on screen."""
         self.task = None
+
+    def beside(self) -> "RichProgress":
+        """Another bar on the same display, for a stage that runs alongside."""
+        return RichProgress(self.bar)
 
     def note(self, line: str) -> None:
         """One plain line above the bars, on the bars' console (stderr)."""

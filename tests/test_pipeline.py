@@ -230,3 +230,53 @@ def test_run_goes_on_to_fine_tune_and_registers_the_model(
     code, out, _ = ftkit(runner, "run", str(SAMPLE_DOCS), "--product", "Quillstack", "--no-train")
     assert code == 0 and "Job " not in out
     assert len(fake_llm.fine_tuning.jobs) == 1
+
+
+def request_kind(body: dict) -> str:
+    """Which stage a request to the fake belongs to, read from its prompt."""
+    prompt = body["messages"][-1]["content"]
+    if "\nQuestions:\n1." in prompt:
+        return "question"
+    return "answer" if "\nQuestion: " in prompt and prompt.rstrip().endswith("Answer:") else "other"
+
+
+def built_dataset(workspace: str) -> dict[str, str]:
+    return {name: Path(f"{workspace}/dataset/{name}.jsonl").read_text() for name in ("train", "validation")}
+
+
+def test_run_asks_a_chunks_answers_while_other_chunks_wait_for_questions(
+    runner: CliRunner, fake_llm: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FTKIT_MAX_CONCURRENCY", "2")  # a small window: most chunks wait their turn
+    assert ftkit(runner, "run", str(SAMPLE_DOCS), "--product", "Quillstack")[0] == 0
+    kinds = [request_kind(body) for body in fake_llm.requests]
+    last_question = max(i for i, kind in enumerate(kinds) if kind == "question")
+    assert kinds.index("answer") < last_question  # answers did not wait for every chunk's questions
+    overlapped, sent = built_dataset("ws"), sorted(map(json.dumps, fake_llm.requests))
+
+    stages = [["ingest", str(SAMPLE_DOCS)], ["generate-questions"], ["build-dataset"]]
+    for args in stages:  # the same work stage by stage: every question before any answer
+        result = runner.invoke(
+            app, ["--workspace", "staged", *args, *(["--product", "Quillstack"] * (args[0] != "ingest"))]
+        )
+        assert result.exit_code == 0, result.stderr
+    assert built_dataset("staged") == overlapped
+    assert sorted(map(json.dumps, fake_llm.requests[len(sent) :])) == sent  # the same requests, each once
+
+
+def test_run_answers_the_questions_an_earlier_command_stored(runner: CliRunner, fake_llm: FakeOpenAI) -> None:
+    assert ftkit(runner, "ingest", str(SAMPLE_DOCS))[0] == 0
+    assert ftkit(runner, "generate-questions", "--product", "Quillstack")[0] == 0
+    asked = len(fake_llm.requests)
+    assert ftkit(runner, "run", str(SAMPLE_DOCS), "--product", "Quillstack")[0] == 0
+    kinds = {request_kind(body) for body in fake_llm.requests[asked:]}
+    assert "question" not in kinds and "answer" in kinds
+    answered = len(fake_llm.requests)
+    assert ftkit(runner, "run", str(SAMPLE_DOCS), "--product", "Quillstack")[0] == 0
+    assert len(fake_llm.requests) == answered  # nothing left to ask: zero calls
+    with sqlite3.connect("ws/state.db") as db:
+        unanswered = db.execute(
+            "SELECT count(*) FROM questions q WHERE q.status = 'accepted'"
+            " AND NOT EXISTS (SELECT 1 FROM answers a WHERE a.question_id = q.id)"
+        ).fetchone()[0]
+    assert unanswered == 0

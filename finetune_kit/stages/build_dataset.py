@@ -124,16 +124,18 @@ def answer_request(
     )
 
 
-def unanswered_questions(store: Store, settings: Settings, identity: str, model: str) -> list[sqlite3.Row]:
-    """Accepted questions of the current question set with no answer under the current settings."""
+def unanswered_questions(
+    store: Store, settings: Settings, identity: str, model: str, chunk_id: str | None = None
+) -> list[sqlite3.Row]:
+    """Accepted questions of the current question set with no answer under the current settings (of one chunk)."""
     q_key = generation_key(settings, load_prompt("questions", settings.prompts_dir), identity, model)
     return store.db.execute(
         "SELECT q.id, q.text, c.text AS chunk, d.format FROM questions q JOIN chunks c ON c.id = q.chunk_id"
         " JOIN documents d ON d.id = c.document_id"
         " WHERE c.status = 'active' AND q.generation_key = :q_key AND q.status = 'accepted' AND NOT EXISTS"
         f" (SELECT 1 FROM answers a WHERE a.question_id = q.id AND a.answer_key = {CHUNK_ANSWER_KEY})"
-        " ORDER BY c.document_id, c.seq, q.seq",
-        {"q_key": q_key, **answer_keys(settings, identity, model)},
+        " AND (:chunk_id IS NULL OR c.id = :chunk_id) ORDER BY c.document_id, c.seq, q.seq",
+        {"q_key": q_key, "chunk_id": chunk_id, **answer_keys(settings, identity, model)},
     ).fetchall()
 
 
@@ -156,35 +158,96 @@ async def answer_questions(
 ) -> DatasetReport:
     """Answer every accepted question (of the current question set) that has no answer under these settings."""
     progress = progress or NoProgress()
-    report = DatasetReport()
-    templates = load_answer_templates(settings)
-    identity, model = client.endpoint.identity, client.endpoint.model
-    todo = unanswered_questions(store, settings, identity, model)
-    requests = {
-        row["id"]: answer_request(settings, templates.for_format(row["format"]), row["chunk"], row["text"])
-        for row in todo
-    }
-    failed = await prefill(list(requests.values())) if prefill and requests else {}
-    grounding = GroundingCheck(client, settings, judge_answer, report.grounding)
-    if prefill and requests:
-        await grounding.prefill_judges(
-            prefill, [(requests[r["id"]], r["chunk"], r["text"]) for r in todo], failed
-        )
+    answering = _Answering(store, client, settings, DatasetReport())
+    todo = unanswered_questions(store, settings, answering.identity, answering.model)
+    if prefill and todo:
+        await answering.prefill(prefill, todo)
     progress.start("answer questions", len(todo))
-
-    async def one(row: sqlite3.Row) -> None:
-        text, reason = await _answer(client, requests[row["id"]], failed)
-        if reason is None:
-            text, reason = await grounding.check(requests[row["id"]], row["chunk"], row["text"], text)
-        key = answer_key(settings, templates.for_format(row["format"]), identity, model)
-        _save_answer(store, row["id"], key, text, reason, report)
-        progress.advance()
-
     try:
-        await gather_all([one(row) for row in todo])
+        await gather_all([answering.answer(row, progress) for row in todo])
     finally:
         progress.finish()
-    return report
+    return answering.report
+
+
+class AnswerStream:
+    """`ftkit run`'s answers beside its questions: a chunk's questions are answered as soon as they are stored.
+
+    Live calls only: with the Batch API the answers wait for the question stage's last round (`answer_questions`).
+    """
+
+    def __init__(self, store: Store, client: LLMClient, settings: Settings, progress: Progress) -> None:
+        self._answering = _Answering(store, client, settings, DatasetReport())
+        self.report = self._answering.report
+        self._progress = progress
+        self._started = False
+        # taken before the question stage stores anything: questions an earlier run stored but did not answer
+        self._left_over = unanswered_questions(
+            store, settings, self._answering.identity, self._answering.model
+        )
+
+    async def answer_left_over(self) -> None:
+        """Answer the questions stored before this run that have no answer yet."""
+        await self._answer(self._left_over)
+
+    async def answer_chunk(self, chunk_id: str) -> None:
+        """Answer the questions of `chunk_id` that need an answer (just stored: the question stage settled it)."""
+        answering = self._answering
+        await self._answer(
+            unanswered_questions(
+                answering.store, answering.settings, answering.identity, answering.model, chunk_id
+            )
+        )
+
+    def finish(self) -> None:
+        """The answers are over (the bar stays on screen)."""
+        if self._started:
+            self._progress.finish()
+
+    async def _answer(self, rows: list[sqlite3.Row]) -> None:
+        if not self._started:
+            self._progress.start("answer questions", 0)
+            self._started = True
+        self._progress.grow(len(rows))
+        await gather_all([self._answering.answer(row, self._progress) for row in rows])
+
+
+@dataclass
+class _Answering:
+    """Answers questions one at a time, each checked and saved on its own; shared by a whole run."""
+
+    store: Store
+    client: LLMClient
+    settings: Settings
+    report: DatasetReport
+    failed: dict[str, str] = field(default_factory=dict)  # batch request hash -> why the batch gave no answer
+
+    def __post_init__(self) -> None:
+        self.templates = load_answer_templates(self.settings)
+        self.identity, self.model = self.client.endpoint.identity, self.client.endpoint.model
+        self.grounding = GroundingCheck(self.client, self.settings, judge_answer, self.report.grounding)
+
+    def request(self, row: sqlite3.Row) -> ChatRequest:
+        """The request that answers the question in `row` from its chunk."""
+        return answer_request(
+            self.settings, self.templates.for_format(row["format"]), row["chunk"], row["text"]
+        )
+
+    async def prefill(self, prefill: Prefill, rows: list[sqlite3.Row]) -> None:
+        """Fetch the answers, then their judges, of `rows` through `prefill` (the Batch API) into the cache."""
+        self.failed = await prefill([self.request(row) for row in rows])
+        pending = [(self.request(row), row["chunk"], row["text"]) for row in rows]
+        await self.grounding.prefill_judges(prefill, pending, self.failed)
+
+    async def answer(self, row: sqlite3.Row, progress: Progress) -> None:
+        """Answer, check and save one question."""
+        request = self.request(row)
+        text, reason = await _answer(self.client, request, self.failed)
+        if reason is None:
+            text, reason = await self.grounding.check(request, row["chunk"], row["text"], text)
+        key = answer_key(self.settings, self.templates.for_format(row["format"]), self.identity, self.model)
+        _save_answer(self.store, row["id"], key, text, reason, self.report)
+        progress.advance()
 
 
 async def _answer(client: LLMClient, request: ChatRequest, failed: dict[str, str]) -> tuple[str, str | None]:

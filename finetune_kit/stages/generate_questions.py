@@ -1,9 +1,11 @@
 """Generate questions: N per chunk, parsed robustly, with a coverage ledger saying why a chunk got none."""
 
+import contextlib
 import hashlib
 import json
 import sqlite3
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from finetune_kit.config import Settings
@@ -11,12 +13,14 @@ from finetune_kit.errors import LLMError, RequestRejectedError
 from finetune_kit.llm.client import ChatRequest, LLMClient, request_hash
 from finetune_kit.progress import NoProgress, Progress
 from finetune_kit.prompts import FormatTemplates, PromptTemplate, load_format_templates, load_prompt
-from finetune_kit.stages import Prefill, gather_all
+from finetune_kit.stages import Lookahead, Prefill, gather_all
 from finetune_kit.stages.questions import Candidate, select_questions
 from finetune_kit.store import Store, utc_now
 
 MAX_ATTEMPTS = 3  # asks per chunk while the model's output yields no usable question
 TOO_SMALL = "too small for questions"  # the coverage reason of a chunk that is never asked about
+LOOKAHEAD = 2  # chunks asking at once, in windows of the client's concurrency, while their answers follow
+Settled = Callable[[str], Awaitable[None]]  # run with a chunk's id once its question set is stored
 
 
 @dataclass
@@ -99,12 +103,17 @@ async def generate_questions(
     settings: Settings,
     progress: Progress | None = None,
     prefill: Prefill | None = None,
+    on_settled: Settled | None = None,
 ) -> QuestionReport:
     """Give every active chunk N accepted questions or a recorded reason; skips chunks already done.
 
-    Chunks are asked in rounds: a chunk whose answer held no usable question is asked again in the next round,
-    up to MAX_ATTEMPTS. `prefill` (the Batch API) fetches a whole round into the cache before it is read.
+    A chunk whose answer held no usable question is asked again at once, up to MAX_ATTEMPTS, and its question set
+    is saved as soon as it is settled; `on_settled` (`ftkit run`: its answers) then runs for it in the same stream.
+    `prefill` (the Batch API) asks in rounds instead, since a batch is one round: the whole round is fetched into
+    the cache before it is read and a re-ask waits for the next round; `on_settled` needs live calls.
     """
+    if prefill is not None and on_settled is not None:
+        raise ValueError("on_settled streams live calls; with a prefill, answer after the last round")
     progress = progress or NoProgress()
     templates = load_question_templates(settings)
     key = generation_key(settings, templates.docs, client.endpoint.identity, client.endpoint.model)
@@ -121,8 +130,11 @@ async def generate_questions(
     run = _QuestionRun(store, client, settings, templates, key, report, progress, prefill)
     progress.start("generate questions", len(todo))
     try:
-        for attempt in range(MAX_ATTEMPTS):
-            todo = await run.ask_round(todo, attempt)
+        if prefill is None:
+            await run.ask_each(todo, on_settled)
+        else:
+            for attempt in range(MAX_ATTEMPTS):
+                todo = await run.ask_round(todo, attempt)
     finally:
         progress.finish()
     _fail_if_nothing_usable(store, key, client.endpoint.model, report)
@@ -131,7 +143,7 @@ async def generate_questions(
 
 @dataclass
 class _QuestionRun:
-    """One generate-questions run: asks rounds of chunks and saves each chunk's question set once it is settled."""
+    """One generate-questions run: asks chunks and saves each chunk's question set once it is settled."""
 
     store: Store
     client: LLMClient
@@ -143,29 +155,54 @@ class _QuestionRun:
     prefill: Prefill | None
     judged: dict[str, list[Candidate]] = field(default_factory=dict)
 
+    def request(self, chunk: sqlite3.Row, attempt: int) -> ChatRequest:
+        """The request of `chunk`'s attempt number `attempt`."""
+        template = self.templates.for_format(chunk["format"])
+        return question_request(self.settings, template, chunk["text"], attempt)
+
+    async def ask_each(self, chunks: list[sqlite3.Row], on_settled: Settled | None) -> None:
+        """Ask every chunk until it is settled, then run `on_settled` for it (live calls: no rounds).
+
+        With `on_settled`, only about two windows of chunks ask at once, so the requests it makes wait behind
+        that many question requests rather than behind every chunk's.
+        """
+        gate = Lookahead(lambda: LOOKAHEAD * self.client.limiter.concurrency) if on_settled else None
+
+        async def settle(chunk: sqlite3.Row) -> None:
+            async with gate or contextlib.nullcontext():
+                for attempt in range(MAX_ATTEMPTS):
+                    if await self.ask(chunk, self.request(chunk, attempt), attempt, {}):
+                        break
+            if on_settled is not None:
+                await on_settled(chunk["id"])
+
+        await gather_all([settle(chunk) for chunk in chunks])
+
     async def ask_round(self, chunks: list[sqlite3.Row], attempt: int) -> list[sqlite3.Row]:
         """Ask every chunk once; returns the chunks to ask again (their output held no usable question)."""
-        requests = {
-            c["id"]: question_request(
-                self.settings, self.templates.for_format(c["format"]), c["text"], attempt
-            )
-            for c in chunks
-        }
+        requests = {chunk["id"]: self.request(chunk, attempt) for chunk in chunks}
         failed = await self.prefill(list(requests.values())) if self.prefill and requests else {}
         again: list[sqlite3.Row] = []
 
         async def ask(chunk: sqlite3.Row) -> None:
-            judged = self.judged.setdefault(chunk["id"], [])
-            reason = await _ask(self.client, self.settings, requests[chunk["id"]], judged, failed)
-            if reason is None and not any(c.accepted for c in judged) and attempt + 1 < MAX_ATTEMPTS:
+            if not await self.ask(chunk, requests[chunk["id"]], attempt, failed):
                 again.append(chunk)
-                return
-            wanted = self.settings.questions_per_chunk
-            _save_question_set(self.store, chunk["id"], self.key, wanted, judged, reason, self.report)
-            self.progress.advance()
 
         await gather_all([ask(chunk) for chunk in chunks])
         return again
+
+    async def ask(
+        self, chunk: sqlite3.Row, request: ChatRequest, attempt: int, failed: dict[str, str]
+    ) -> bool:
+        """Ask `chunk` once; True once its question set is saved, False to ask again (nothing usable yet)."""
+        judged = self.judged.setdefault(chunk["id"], [])
+        reason = await _ask(self.client, self.settings, request, judged, failed)
+        if reason is None and not any(c.accepted for c in judged) and attempt + 1 < MAX_ATTEMPTS:
+            return False
+        wanted = self.settings.questions_per_chunk
+        _save_question_set(self.store, chunk["id"], self.key, wanted, judged, reason, self.report)
+        self.progress.advance()
+        return True
 
 
 async def _ask(
