@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune_kit.cli import app
+from finetune_kit.stages.grounding import UNCHECKED
 from tests.conftest import SAMPLE_DOCS, TEST_KEY
 from tests.fake_openai import FakeOpenAI, Faults, docs_responder
 
@@ -62,10 +63,12 @@ def assert_question_sets_balance(db: sqlite3.Connection) -> None:
 
 
 def assert_rejects_have_reasons(db: sqlite3.Connection) -> None:
-    """A rejected question or answer says why; an accepted one has no reason."""
+    """A rejected question or answer says why; an accepted one has no reason, or says it was never checked."""
     for table in ("questions", "answers"):
-        mismatched = f"SELECT status, reason FROM {table} WHERE (reason IS NULL) = (status = 'rejected')"
-        assert rows(db, mismatched) == []
+        assert rows(db, f"SELECT reason FROM {table} WHERE status = 'rejected' AND reason IS NULL") == []
+        kept = rows(db, f"SELECT reason FROM {table} WHERE status = 'accepted' AND reason IS NOT NULL")
+        # only a judge that twice gave no verdict (two malformed replies) keeps an answer with a reason, saying so
+        assert [reason for (reason,) in kept if not reason.startswith(UNCHECKED)] == []
 
 
 def assert_one_answer_per_accepted_question(db: sqlite3.Connection) -> None:
