@@ -1,6 +1,6 @@
 """Throughput at the limit with no tuning settings: `ftkit generate-questions` against slow, rate-limited fakes.
 
-Usage: python bench/throughput.py [--runs 3] [--chunks 300] [--regime NAME ...] [--timeout-s 5.0]
+Usage: python bench/throughput.py [--runs 3] [--chunks 300] [--regime NAME ...] [--timeout-s 5.0] [--command run]
 
 Regimes (no max_concurrency, requests_per_minute or tokens_per_minute is set; the client learns everything):
   fast-rpm   200 ms latency, 3,000 RPM cap
@@ -11,7 +11,9 @@ Regimes (no max_concurrency, requests_per_minute or tokens_per_minute is set; th
 For each regime: the median over --runs of the fraction of the bound, where the bound is the server's cap (the
 requests, or the tokens it charged, divided by its rate per second) and the run's time is the whole stage's.
 "pipelined" also grants the one latency no client can avoid (the last response's). The request timeout is
---timeout-s (the injected timeouts hold their reply for twice that).
+--timeout-s (the injected timeouts hold their reply for twice that). `--command run` times `ftkit run` end to end
+instead (questions, answers, their grounding judges, paraphrases and negatives; no index, no training) on the
+ingested corpus.
 """
 
 import argparse
@@ -101,6 +103,12 @@ REGIMES = {
 }
 
 
+COMMANDS = {  # what is timed, on the ingested corpus in `docs`
+    "generate-questions": lambda docs: ["generate-questions"],
+    "run": lambda docs: ["run", str(docs), "--no-index", "--no-train"],
+}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -114,6 +122,7 @@ def parse_args() -> argparse.Namespace:
         default=5.0,
         help="the client's request timeout (above the slowest latency)",
     )
+    parser.add_argument("--command", choices=sorted(COMMANDS), default="generate-questions")
     return parser.parse_args()
 
 
@@ -185,7 +194,7 @@ def run_once(regime: Regime, args: argparse.Namespace, seed: int) -> dict[str, f
             ingested = runner.invoke(app, ["--workspace", str(workspace), "ingest", str(docs)])
             assert ingested.exit_code == 0, ingested.output
             start = time.perf_counter()
-            result = runner.invoke(app, ["--workspace", str(workspace), "generate-questions"])
+            result = runner.invoke(app, ["--workspace", str(workspace), *COMMANDS[args.command](docs)])
             wall_s = time.perf_counter() - start
         assert result.exit_code == 0, result.output
         admitted = len(fake.requests) - fake.rate_limited
@@ -211,7 +220,7 @@ def main() -> None:
         m = medians[name]
         each = ", ".join(f"{run['fraction']:.3f}" for run in runs)
         print(
-            f"{name:9} generate-questions: fraction of bound {m['fraction']:.3f} (pipelined {m['pipelined']:.3f});"
+            f"{name:9} {args.command}: fraction of bound {m['fraction']:.3f} (pipelined {m['pipelined']:.3f});"
             f" wall {m['wall_s']:.2f} s; requests {m['requests']:.0f}; 429s from the cap {m['cap_429']:.0f};"
             f" injected faults {m['injected']:.0f}  [runs: {each}]",
             flush=True,
