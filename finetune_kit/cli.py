@@ -498,9 +498,11 @@ def run(
     ] = None,
     dry_run: DryRun = False,
 ) -> None:
-    """Run every stage in order: ingest, generate-questions, build-dataset, then train and follow the job.
+    """Run every stage: ingest, generate-questions and build-dataset, then train and follow the job.
 
-    It takes every option of the three stages, shows progress bars and ends with a summary table (documents,
+    Questions and answers overlap: a chunk's answers are asked as soon as its questions are stored (with --batch,
+    every question comes first: a batch is one round). It takes every option of the three stages, shows progress
+    bars and ends with a summary table (documents,
     chunks, questions, answers, rejects by reason, tokens, cost, output files); with --dry-run it ingests (free),
     then prints the estimate. Then it fine-tunes on the dataset and follows the job like ftkit train --watch: by
     default only when the training backend is local (no key set) — a hosted job costs money and a self-hosted

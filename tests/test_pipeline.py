@@ -11,6 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune_kit.cli import app
+from finetune_kit.config import load_settings
+from finetune_kit.pipeline import run_all
 from tests.conftest import SAMPLE_DOCS, TEST_KEY
 from tests.fake_openai import FakeOpenAI, Reply, docs_responder
 
@@ -280,3 +282,47 @@ def test_run_answers_the_questions_an_earlier_command_stored(runner: CliRunner, 
             " AND NOT EXISTS (SELECT 1 FROM answers a WHERE a.question_id = q.id)"
         ).fetchone()[0]
     assert unanswered == 0
+
+
+class RecordedProgress:
+    """A Progress that writes every call, with the bar it is about, into one shared log."""
+
+    def __init__(self, log: list[tuple[str, str, int]]) -> None:
+        self.log, self.stage = log, ""
+
+    def start(self, stage: str, total: int) -> None:
+        self.stage = stage
+        self.log.append(("start", stage, total))
+
+    def advance(self, n: int = 1) -> None:
+        self.log.append(("advance", self.stage, n))
+
+    def grow(self, n: int) -> None:
+        self.log.append(("grow", self.stage, n))
+
+    def finish(self) -> None:
+        self.log.append(("finish", self.stage, 0))
+
+    def note(self, line: str) -> None:
+        pass
+
+    def beside(self) -> "RecordedProgress":
+        return RecordedProgress(self.log)
+
+
+def test_run_moves_a_questions_bar_and_an_answers_bar_together(fake_llm: FakeOpenAI) -> None:
+    settings = load_settings(workspace=Path("ws"), product="Quillstack", max_concurrency=2)
+    log: list[tuple[str, str, int]] = []
+    summary = run_all(settings, [str(SAMPLE_DOCS)], RecordedProgress(log))
+    assert summary.questions is not None and summary.dataset is not None
+    done = {stage: sum(n for call, s, n in log if call == "advance" and s == stage) for _, stage, _ in log}
+    total = {
+        stage: sum(n for call, s, n in log if call in ("start", "grow") and s == stage) for _, stage, _ in log
+    }
+    asked, answered = "generate questions", "answer questions"
+    assert done[asked] == total[asked] > 0
+    assert done[answered] == total[answered] == summary.dataset.answered > 0
+    advances = [stage for call, stage, _ in log if call == "advance"]
+    assert advances.index(answered) < len(advances) - 1 - advances[::-1].index(
+        asked
+    )  # both bars moved at once

@@ -214,7 +214,7 @@ class AnswerStream:
 
 @dataclass
 class _Answering:
-    """Answers questions one at a time, each checked and saved on its own; shared by a whole run."""
+    """Answers, checks and saves one question at a time; one per run, shared by all its answers in flight."""
 
     store: Store
     client: LLMClient
