@@ -15,6 +15,7 @@ requests, or the tokens it charged, divided by its rate per second) and the run'
 """
 
 import argparse
+import multiprocessing
 import os
 import random
 import statistics
@@ -24,6 +25,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,6 +149,49 @@ def environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
+@dataclass(frozen=True)
+class Served:
+    """What the fake counted: requests received, 429s from its caps, tokens charged, faults injected."""
+
+    requests: int
+    rate_limited: int
+    tokens_charged: int
+    injected: int
+
+
+def serve(regime: Regime, faults: Faults | None, conn: Connection) -> None:
+    """The fake in a process of its own, as a real server is: sharing the client's GIL would slow both."""
+
+    def slow(body: dict) -> Reply:
+        reply = docs_responder(body)
+        return Reply(reply.content, delay_s=regime.latency_s)
+
+    with FakeOpenAI(slow, api_key=KEY, rpm=regime.rpm, tpm=regime.tpm, faults=faults) as fake:
+        conn.send(fake.url)
+        conn.recv()  # the run is over
+        conn.send(
+            Served(
+                len(fake.requests),
+                fake.rate_limited,
+                fake.tokens_charged,
+                sum(fake.faults_injected.values()),
+            )
+        )
+
+
+@contextmanager
+def fake_server(regime: Regime, faults: Faults | None) -> Iterator[tuple[str, Connection]]:
+    ours, theirs = multiprocessing.get_context("fork").Pipe()
+    process = multiprocessing.get_context("fork").Process(target=serve, args=(regime, faults, theirs))
+    process.start()
+    try:
+        yield ours.recv(), ours
+    finally:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.terminate()
+
+
 def run_once(regime: Regime, args: argparse.Namespace, seed: int) -> dict[str, float]:
     """Ingest a corpus (untimed), then time `ftkit generate-questions` against a fake with the regime's caps."""
     faults = (
@@ -162,20 +207,12 @@ def run_once(regime: Regime, args: argparse.Namespace, seed: int) -> dict[str, f
         if regime.faults
         else None
     )
-
-    def slow(body: dict) -> Reply:
-        reply = docs_responder(body)
-        return Reply(reply.content, delay_s=regime.latency_s)
-
     runner = CliRunner()
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        FakeOpenAI(slow, api_key=KEY, rpm=regime.rpm, tpm=regime.tpm, faults=faults) as fake,
-    ):
+    with tempfile.TemporaryDirectory() as tmp, fake_server(regime, faults) as (url, fake):
         workspace, docs = Path(tmp) / "ws", Path(tmp) / "docs"
         write_corpus(docs, args.chunks, regime.words_per_chunk, seed)
         env = {
-            "OPENAI_BASE_URL": fake.url,
+            "OPENAI_BASE_URL": url,
             "OPENAI_API_KEY": KEY,
             "FTKIT_REQUEST_TIMEOUT_S": str(args.timeout_s),
             "FTKIT_MAX_RETRIES": "10",
@@ -187,16 +224,18 @@ def run_once(regime: Regime, args: argparse.Namespace, seed: int) -> dict[str, f
             start = time.perf_counter()
             result = runner.invoke(app, ["--workspace", str(workspace), "generate-questions"])
             wall_s = time.perf_counter() - start
+        fake.send("stop")
+        served: Served = fake.recv()
         assert result.exit_code == 0, result.output
-        admitted = len(fake.requests) - fake.rate_limited
-        bound_s = fake.tokens_charged / (regime.tpm / 60) if regime.tpm else admitted / (regime.rpm / 60)
+        admitted = served.requests - served.rate_limited
+        bound_s = served.tokens_charged / (regime.tpm / 60) if regime.tpm else admitted / (regime.rpm / 60)
         return {
             "wall_s": wall_s,
             "fraction": bound_s / wall_s,
             "pipelined": (bound_s + regime.latency_s) / wall_s,
-            "requests": len(fake.requests),
-            "cap_429": fake.rate_limited,
-            "injected": sum(fake.faults_injected.values()),
+            "requests": served.requests,
+            "cap_429": served.rate_limited,
+            "injected": served.injected,
         }
 
 

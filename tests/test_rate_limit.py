@@ -27,6 +27,7 @@ from finetune_kit.llm.rate_limit import (
     retry_after_s,
     server_limits,
 )
+from finetune_kit.llm.window import START_SIZE
 from finetune_kit.store import Store
 from tests.conftest import SAMPLE_DOCS, TEST_KEY
 from tests.fake_openai import FakeOpenAI, Faults, Reply, docs_responder, openai_duration
@@ -340,6 +341,18 @@ def test_successes_recover_additively_up_to_the_maximum() -> None:
     assert (adaptive.share, adaptive.requests_per_minute) == (1.0, 600.0)
 
 
+def test_a_halved_share_of_a_large_bound_recovers_in_a_few_round_trips() -> None:
+    adaptive = limiter(FakeClock(), max_concurrency=256, requests_per_minute=6000)
+    adaptive.on_rate_limited(0.0)
+    adaptive.on_rate_limited(0.0)  # a quarter: 64 in flight, 1,500 RPM
+
+    for _ in range(1000):  # six round trips of successes (64, 96, ... 224 in flight), and some
+        adaptive.on_success()
+
+    # one request per round trip out of 256 would still be under a third of the way back
+    assert (adaptive.share, adaptive.requests_per_minute) == (1.0, 6000.0)
+
+
 def test_a_smaller_window_makes_new_requests_wait() -> None:
     clock = FakeClock()
     adaptive = limiter(clock, max_concurrency=4)
@@ -375,6 +388,47 @@ def test_limits_are_learned_from_headers_when_not_configured() -> None:
         True,
     )
     assert learner.delay_s(1) == 0.25  # a learned budget starts empty: the teaching requests spent some
+
+
+def test_a_learned_budget_starts_at_what_the_server_says_remains_less_the_requests_sent_since() -> None:
+    clock = FakeClock()
+    learner = limiter(clock)
+    first = learner.sent()
+    for _ in range(4):  # sent after the first: its headers cannot count them
+        learner.sent()
+
+    learner.observe(
+        {
+            "x-ratelimit-limit-requests": "600",
+            "x-ratelimit-remaining-requests": "9",
+            "x-ratelimit-reset-requests": "100ms",
+        },
+        sent_at=first,
+    )
+
+    assert learner.delay_s(5) == 0.0  # 9 left, less 4: five may go at once (starting empty, none could)
+    for _ in range(5):
+        learner._debit(0)
+    assert learner.delay_s() == pytest.approx(0.1)  # then the rate: 10 a second
+
+
+def test_the_remaining_budget_has_refilled_since_the_request_that_reported_it() -> None:
+    clock = FakeClock()
+    learner = limiter(clock)
+    first = learner.sent()
+    clock.now = 1.5  # its response comes back a latency later
+
+    learner.observe(
+        {
+            "x-ratelimit-limit-requests": "6000",
+            "x-ratelimit-remaining-requests": "10",
+            "x-ratelimit-reset-requests": "900ms",  # full (100) again after 0.9 s
+        },
+        sent_at=first,
+    )
+
+    bucket = learner._buckets["requests"]
+    assert bucket.level == 50  # refilled to the server's 100, of which we trust our own half-second burst
 
 
 def test_configured_limits_win_over_headers() -> None:
@@ -485,9 +539,20 @@ def test_an_unconfigured_budget_is_learned_from_headers_and_every_request_comple
 
     assert [r.content for r in results] == ["Done."] * 60
     assert client.limiter.limits == ServerLimits(600, None)
-    assert fake.rate_limited < 4  # at most the slow start's first requests, sent before the limit was known
+    # only the first round, sent blind before the limit was known, beyond the server's burst of 10
+    assert fake.rate_limited <= START_SIZE - 10
     assert (client.limiter.rate_limited, len(fake.requests)) == (fake.rate_limited, 60 + fake.rate_limited)
     assert fake.invalid_requests == []
+
+
+def test_requests_waiting_when_a_token_budget_is_learned_are_charged_for_their_tokens(store: Store) -> None:
+    with FakeOpenAI(answer, api_key=TEST_KEY, tpm=12_000) as fake:  # 200 tokens a second, ~21 a request
+        results, client = chat_all(fake.url, store, 40, max_concurrency=4)
+
+    assert [r.content for r in results] == ["Done."] * 40
+    assert client.limiter.limits == ServerLimits(None, 12_000)
+    # every request was asked for before the budget was known; charged nothing, they drew 429s by the dozen
+    assert fake.rate_limited == 0
 
 
 # --- Settings ------------------------------------------------------------------------------------------

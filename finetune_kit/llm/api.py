@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import httpx2
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from tenacity import (
@@ -41,7 +42,11 @@ T = TypeVar("T")
 OnText = Callable[[str], None]
 
 DEFAULT_TIMEOUT_S = 600.0  # the SDK's own default
+KEEPALIVE_CONNECTIONS = 100  # the SDK's own default
 RETRYABLE_STATUSES = frozenset({408, 409, 429})  # and every 5xx: the statuses the SDK itself retries
+PROMPT_RATIO_WEIGHT = (
+    0.2  # of the newest response, in the EWMA of the server's prompt tokens per estimated one
+)
 
 
 @dataclass(frozen=True)
@@ -58,10 +63,21 @@ class Endpoint:
 # --- SDK clients -----------------------------------------------------------------------------------------
 
 
-def async_client(base_url: str, api_key: str, *, timeout_s: float | None = None) -> openai.AsyncOpenAI:
-    """An async SDK client for an OpenAI-compatible base URL; retries are the policy's, never the SDK's."""
+def async_client(
+    base_url: str, api_key: str, *, timeout_s: float | None = None, connections: int = KEEPALIVE_CONNECTIONS
+) -> openai.AsyncOpenAI:
+    """An async SDK client for an OpenAI-compatible base URL; retries are the policy's, never the SDK's.
+
+    `connections` are kept open between requests: as many as may be in flight, or each request beyond them
+    opens a connection (a TCP and TLS handshake) and closes it again.
+    """
+    limits = httpx2.Limits(max_connections=None, max_keepalive_connections=connections, keepalive_expiry=5.0)
     return openai.AsyncOpenAI(
-        base_url=base_url, api_key=api_key, timeout=timeout_s or DEFAULT_TIMEOUT_S, max_retries=0
+        base_url=base_url,
+        api_key=api_key,
+        timeout=timeout_s or DEFAULT_TIMEOUT_S,
+        max_retries=0,
+        http_client=openai.DefaultAsyncHttpxClient(limits=limits),
     )
 
 
@@ -260,7 +276,10 @@ class ChatAPI:
         self.limiter = limiter
         self.call = ApiCall(endpoint.base_url, endpoint.api_key, wording, model=endpoint.model)
         self.refused: LLMError | None = None
-        self._sdk = async_client(endpoint.base_url, endpoint.api_key, timeout_s=timeout_s)
+        self.prompt_ratio = 1.0  # the server's prompt tokens per offline-estimated one (EWMA)
+        self._sdk = async_client(
+            endpoint.base_url, endpoint.api_key, timeout_s=timeout_s, connections=limiter.max_concurrency
+        )
 
     async def close(self) -> None:
         """Release the HTTP connection pool."""
@@ -271,43 +290,71 @@ class ChatAPI:
         payload: dict[str, Any],
         policy: RetryPolicy,
         *,
-        tokens: int = 0,
+        prompt_tokens: Callable[[], int] | None = None,
         stream: bool = False,
         on_text: OnText | None = None,
     ) -> dict[str, Any]:
         """The chat.completion for `payload` as JSON; streamed, `on_text` gets the text so far at each delta.
 
-        `tokens` is the request's estimated size, for a tokens-per-minute budget.
+        `prompt_tokens` estimates the prompt's tokens offline (None: not estimated), asked as each try goes out,
+        for a tokens-per-minute budget: a try is charged the estimate, scaled to the server's own count as its
+        responses teach, plus max_tokens, as OpenAI charges.
         """
-        return await request(lambda: self._attempt(payload, tokens, stream, on_text), self.call, policy)
+        return await request(
+            lambda: self._attempt(payload, prompt_tokens, stream, on_text), self.call, policy
+        )
+
+    def budget_tokens(self, payload: dict[str, Any], prompt_tokens: Callable[[], int] | None) -> int:
+        """What a request costs a tokens-per-minute budget: the prompt as the server counts it, plus max_tokens."""
+        if prompt_tokens is None:
+            return 0
+        return round(prompt_tokens() * self.prompt_ratio) + int(payload.get("max_tokens") or 0)
 
     async def _attempt(
-        self, payload: dict[str, Any], tokens: int, stream: bool, on_text: OnText | None
+        self,
+        payload: dict[str, Any],
+        prompt_tokens: Callable[[], int] | None,
+        stream: bool,
+        on_text: OnText | None,
     ) -> dict[str, Any]:
         """One HTTP request, paced by the rate limiter, which learns from the response's headers."""
-        permit = await self.limiter.acquire(tokens if self.limiter.counts_tokens else 0)
+        permit = await self.limiter.acquire(lambda: self.budget_tokens(payload, prompt_tokens))
+        sent_at = None
         try:
             if self.refused is not None:  # seen while this request waited for its turn: do not send it
                 raise AuthenticationError(str(self.refused))
             body = (payload | {"stream": True}) if stream else payload
-            sent_at = self.limiter.sent(tokens)
+            estimate = (
+                prompt_tokens if self.limiter.needs_tokens else None
+            )  # counting costs CPU: only if needed
+            sent_at = self.limiter.sent(self.budget_tokens(payload, estimate))
             raw = await self._sdk.chat.completions.with_raw_response.create(**body)
             completion = await _read(raw.parse(), on_text)
         except openai.RateLimitError as exc:
-            self._on_rate_limited(exc.response.headers, permit)
+            self._on_rate_limited(exc.response.headers, permit, sent_at)
             raise
         except openai.AuthenticationError as exc:
             self.refused = api_error(exc, self.call)
             raise
         finally:
             self.limiter.release()
-        self.limiter.observe(raw.headers)
+        self.limiter.observe(raw.headers, sent_at)
         self.limiter.on_success()
         self.limiter.completed(sent_at)
+        self._learn_prompt_ratio(completion, prompt_tokens)
         return completion
 
-    def _on_rate_limited(self, headers: Mapping[str, str], permit: int) -> None:
-        self.limiter.observe(headers)
+    def _learn_prompt_ratio(
+        self, completion: dict[str, Any], prompt_tokens: Callable[[], int] | None
+    ) -> None:
+        counted = int((completion.get("usage") or {}).get("prompt_tokens") or 0)
+        counts = prompt_tokens is not None and counted > 0 and self.limiter.counts_tokens
+        estimate = prompt_tokens() if prompt_tokens is not None and counts else 0
+        if estimate > 0:  # the server's own count paces the token budget from now on
+            self.prompt_ratio += PROMPT_RATIO_WEIGHT * (counted / estimate - self.prompt_ratio)
+
+    def _on_rate_limited(self, headers: Mapping[str, str], permit: int, sent_at: float | None) -> None:
+        self.limiter.observe(headers, sent_at)
         if not pauses_everyone(headers):  # budget left, or only a Retry-After: this request waits, alone
             self.limiter.rate_limited += 1
             log.info("rate limited (429) with budget left: retrying this request after its Retry-After")

@@ -1,6 +1,7 @@
 """Async chat completions with bounded concurrency, retries, a request cache and a cost ledger."""
 
 import asyncio
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -21,8 +22,6 @@ __all__ = [
     "record_response",
     "request_hash",
 ]
-
-PROMPT_RATIO_WEIGHT = 0.2
 
 GENERATION_WORDING = Wording(
     refused_key="{url} rejected the API key (401) — check OPENAI_API_KEY",
@@ -107,7 +106,6 @@ class LLMClient:
             window=Window(max_size=max_concurrency),
         )
         self._in_flight: dict[str, asyncio.Future[None]] = {}
-        self._prompt_ratio = 1.0  # the server's prompt tokens per offline-estimated one (EWMA)
         self.api = ChatAPI(endpoint, limiter, timeout_s=timeout_s, wording=GENERATION_WORDING)
         self.policy = RetryPolicy(max_retries, limiter_cools_down=True)
 
@@ -132,24 +130,15 @@ class LLMClient:
         self._in_flight[key] = asyncio.get_running_loop().create_future()
         reserved, result = self.budget.reserve(request, self.endpoint.price), None
         try:
-            response = await self._call_with_retries(request)
+            payload = request.payload(self.endpoint.model)
+            estimate = functools.partial(prompt_tokens, request)  # counted only when the request goes out
+            response = await self.api.complete(payload, self.policy, prompt_tokens=estimate)
             self.calls_made += 1
             result = record_response(self.store, self.endpoint, request, response, self.run_id)
             return result
         finally:
             self.budget.settle(reserved, result.cost_usd if result else 0.0)
             self._in_flight.pop(key).set_result(None)
-
-    async def _call_with_retries(self, request: ChatRequest) -> dict[str, Any]:
-        estimate = prompt_tokens(request)
-        tokens = (
-            round(estimate * self._prompt_ratio) + request.max_tokens if self.limiter.counts_tokens else 0
-        )
-        response = await self.api.complete(request.payload(self.endpoint.model), self.policy, tokens=tokens)
-        counted = int((response.get("usage") or {}).get("prompt_tokens") or 0)
-        if counted > 0 and estimate > 0:  # the server's own count paces the token budget from now on
-            self._prompt_ratio += PROMPT_RATIO_WEIGHT * (counted / estimate - self._prompt_ratio)
-        return response
 
 
 def cached_result(store: Store, key: str) -> ChatResult | None:
