@@ -1,9 +1,11 @@
 """The concurrency window: Little's law over the allowed rate and the observed latency, slow start before that."""
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -164,3 +166,48 @@ def test_with_no_settings_the_requests_in_flight_grow_to_what_the_server_allows(
 
     assert responder.most > 16  # the old fixed default allowed 8
     assert fake.rate_limited == 0
+
+
+def test_an_endpoint_that_serves_one_at_a_time_caps_the_client_whatever_the_bound(tmp_path: Path) -> None:
+    responder = Slow(0.05)
+    request = ChatRequest("bench", (("user", "Hi"),), 0.0, 16, "v1")
+    with Store(tmp_path / "s.db") as store, FakeOpenAI(responder, api_key=TEST_KEY) as fake:
+        endpoint = Endpoint(
+            base_url=fake.url, api_key=TEST_KEY, model="gpt-4o-mini", identity="t", max_in_flight=1
+        )
+
+        async def go() -> int:
+            client = LLMClient(endpoint, store, max_concurrency=256, max_retries=4, timeout_s=10)
+            try:
+                requests = [dataclasses.replace(request, attempt=i) for i in range(6)]
+                await asyncio.gather(*(client.chat(r) for r in requests))
+                return client.limiter.concurrency
+            finally:
+                await client.close()
+
+        allowed = asyncio.run(go())
+
+    assert (responder.most, allowed) == (1, 1)
+
+
+def test_the_embedded_server_says_it_serves_one_request_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune_kit.config import load_settings
+    from finetune_kit.llm import endpoint as endpoints
+    from finetune_kit.llm.local_server import LocalServer
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + bytes(64))
+
+    @contextlib.contextmanager
+    def started(settings: object) -> Iterator[LocalServer]:
+        yield LocalServer(base_url="http://127.0.0.1:9/v1", model_path=model, pid=0)
+
+    monkeypatch.setattr(endpoints, "local_server", started)
+    monkeypatch.setenv("OPENAI_API_KEY", TEST_KEY)
+    settings = load_settings(workspace=tmp_path / "ws")
+    with endpoints.open_endpoint(settings.model_copy(update={"provider": "local"})) as local:
+        assert local.max_in_flight == 1
+    with endpoints.open_endpoint(settings.model_copy(update={"provider": "openai"})) as remote:
+        assert remote.max_in_flight is None  # a remote server's limits come from its headers

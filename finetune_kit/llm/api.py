@@ -58,6 +58,9 @@ class Endpoint:
     model: str
     identity: str
     price: ModelPrice = field(default_factory=ModelPrice)
+    max_in_flight: int | None = (
+        None  # what the server itself serves at once (a CPU: one); None: its limits say
+    )
 
 
 # --- SDK clients -----------------------------------------------------------------------------------------

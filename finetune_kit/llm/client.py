@@ -78,7 +78,11 @@ def request_hash(endpoint: Endpoint, request: ChatRequest) -> str:
 
 
 class LLMClient:
-    """Cached, retried, concurrency-bounded chat completions against one endpoint."""
+    """Cached, retried, concurrency-bounded chat completions against one endpoint.
+
+    `max_concurrency` is the user's upper bound; the window under it follows the server, and an endpoint that
+    serves only so many at once (the embedded model) caps it itself, so no caller decides per provider.
+    """
 
     def __init__(
         self,
@@ -99,11 +103,14 @@ class LLMClient:
         self.budget = budget or Budget(limit_usd=None)
         self.calls_made = 0
         self.cache_hits = 0
+        bound = min(
+            max_concurrency, endpoint.max_in_flight or max_concurrency
+        )  # the server's own, if smaller
         limiter = RateLimiter(
-            max_concurrency=max_concurrency,
+            max_concurrency=bound,
             requests_per_minute=requests_per_minute,
             tokens_per_minute=tokens_per_minute,
-            window=Window(max_size=max_concurrency),
+            window=Window(max_size=bound),
         )
         self._in_flight: dict[str, asyncio.Future[None]] = {}
         self.api = ChatAPI(endpoint, limiter, timeout_s=timeout_s, wording=GENERATION_WORDING)
