@@ -3,18 +3,22 @@
 import asyncio
 import dataclasses
 import json
+import types
 import urllib.error
 import urllib.request
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
+import openai
 import pytest
 from typer.testing import CliRunner
 
 from finetune_kit.cli import app
 from finetune_kit.config import load_settings
 from finetune_kit.errors import ConfigError
+from finetune_kit.llm.api import RetryPolicy, _WaitRetryAfter
 from finetune_kit.llm.client import ChatRequest, ChatResult, Endpoint, LLMClient
 from finetune_kit.llm.rate_limit import (
     MAX_COOL_DOWN_S,
@@ -260,6 +264,30 @@ def test_concurrency_is_bounded_and_slots_are_handed_over_in_order() -> None:
     assert run(go()) == ([0, 1], [0, 1, 2])
 
 
+def test_a_retry_is_handed_the_next_slot_ahead_of_first_tries() -> None:
+    slots = limiter(FakeClock(), max_concurrency=1)
+    order: list[str] = []
+
+    async def one(name: str, retry: bool) -> None:
+        await slots.acquire(retry=retry)
+        order.append(name)
+
+    async def go() -> list[str]:
+        await slots.acquire()
+        tasks = [asyncio.ensure_future(one(n, n == "retry")) for n in ("first", "second", "retry")]
+        await asyncio.sleep(0)
+        slots.release()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return order
+
+    # behind a job's whole fan-out, each retry of an unlucky request would wait the queue again
+    assert run(go()) == ["retry"]
+
+
 def test_a_rate_limit_pauses_every_request_with_one_shared_cool_down() -> None:
     clock = FakeClock()
     paused = limiter(clock)
@@ -370,6 +398,31 @@ def test_a_smaller_window_makes_new_requests_wait() -> None:
         return blocked, waiting.done()
 
     assert run(go()) == (True, True)
+
+
+def failed_try(exc: Exception, attempt: int) -> Any:
+    """What the retry policy's wait reads of a failed try: its exception and its number."""
+    return types.SimpleNamespace(outcome=types.SimpleNamespace(exception=lambda: exc), attempt_number=attempt)
+
+
+def status_error(status: int, headers: dict[str, str]) -> openai.APIStatusError:
+    response = httpx2.Response(status, headers=headers, request=httpx2.Request("POST", "http://127.0.0.1/"))
+    kind = openai.RateLimitError if status == 429 else openai.InternalServerError
+    return kind("failed", response=response, body=None)
+
+
+def test_a_429_that_said_when_does_not_grow_the_backoff_of_a_later_500() -> None:
+    wait = _WaitRetryAfter(RetryPolicy(max_retries=5, limiter_cools_down=True))
+    hinted = status_error(429, {"retry-after-ms": "40", "x-ratelimit-remaining-requests": "7"})
+
+    waits = [
+        wait(failed_try(hinted, 1)),
+        wait(failed_try(hinted, 2)),
+        wait(failed_try(status_error(500, {}), 3)),
+    ]
+
+    assert waits[:2] == [0.04, 0.04]  # waited alone, as asked
+    assert 0.5 <= waits[2] <= 1.0  # the first 500's backoff, not the third failure's 2 s
 
 
 # --- Learning the server's limits ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ through `request`/`request_sync` (or `ChatAPI` for chat completions), and gets i
 """
 
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,6 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
 )
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
@@ -44,6 +44,11 @@ OnText = Callable[[str], None]
 DEFAULT_TIMEOUT_S = 600.0  # the SDK's own default
 KEEPALIVE_CONNECTIONS = 100  # the SDK's own default
 RETRYABLE_STATUSES = frozenset({408, 409, 429})  # and every 5xx: the statuses the SDK itself retries
+BACKOFF_FIRST_S, BACKOFF_MAX_S, BACKOFF_JITTER_S = (
+    0.5,
+    30.0,
+    0.5,
+)  # then doubling, for failures without a hint
 PROMPT_RATIO_WEIGHT = (
     0.2  # of the newest response, in the EWMA of the server's prompt tokens per estimated one
 )
@@ -189,11 +194,16 @@ def _headers(exc: BaseException | None) -> Mapping[str, str]:
 
 
 class _WaitRetryAfter(wait_base):
-    """Honour a server's Retry-After, else back off exponentially with jitter."""
+    """Honour a server's Retry-After, else back off exponentially with jitter.
+
+    One instance serves one request's tries. The exponent counts that request's failures without a hint (5xx,
+    timeouts, a 429 that says nothing): a 429 that said when to come back was waited out as asked, and is no
+    sign of a failing server, so after two of them a first 500 waits 0.5 s, not 2 s.
+    """
 
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
-        self.fallback = wait_exponential_jitter(multiplier=0.5, max=30, jitter=0.5)
+        self.unhinted = 0
 
     def __call__(self, retry_state: RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
@@ -202,8 +212,12 @@ class _WaitRetryAfter(wait_base):
         shared = rate_limited and pauses_everyone(headers)
         if self.policy.limiter_cools_down and shared and cool_down_s(headers) is not None:
             return 0.0  # the limiter's shared cool-down is the wait
-        hinted = retry_after_s(headers)
-        return hinted if hinted is not None else float(self.fallback(retry_state))
+        if (hinted := retry_after_s(headers)) is not None:
+            return hinted
+        self.unhinted += 1
+        return min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (self.unhinted - 1)) + random.uniform(
+            0, BACKOFF_JITTER_S
+        )
 
 
 class _StopAtDeadline(stop_base):
@@ -303,9 +317,14 @@ class ChatAPI:
         for a tokens-per-minute budget: a try is charged the estimate, scaled to the server's own count as its
         responses teach, plus max_tokens, as OpenAI charges.
         """
-        return await request(
-            lambda: self._attempt(payload, prompt_tokens, stream, on_text), self.call, policy
-        )
+        tries = 0
+
+        def attempt() -> Awaitable[dict[str, Any]]:
+            nonlocal tries
+            tries += 1
+            return self._attempt(payload, prompt_tokens, stream, on_text, retry=tries > 1)
+
+        return await request(attempt, self.call, policy)
 
     def budget_tokens(self, payload: dict[str, Any], prompt_tokens: Callable[[], int] | None) -> int:
         """What a request costs a tokens-per-minute budget: the prompt as the server counts it, plus max_tokens."""
@@ -319,9 +338,11 @@ class ChatAPI:
         prompt_tokens: Callable[[], int] | None,
         stream: bool,
         on_text: OnText | None,
+        *,
+        retry: bool = False,
     ) -> dict[str, Any]:
         """One HTTP request, paced by the rate limiter, which learns from the response's headers."""
-        permit = await self.limiter.acquire(lambda: self.budget_tokens(payload, prompt_tokens))
+        permit = await self.limiter.acquire(lambda: self.budget_tokens(payload, prompt_tokens), retry=retry)
         sent_at = None
         try:
             if self.refused is not None:  # seen while this request waited for its turn: do not send it

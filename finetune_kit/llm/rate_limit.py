@@ -265,13 +265,15 @@ class RateLimiter:
             waits.append(bucket.wait_s(tokens, now))
         return max(0.0, *waits)
 
-    async def acquire(self, tokens: int | Callable[[], int] = 0) -> int:
+    async def acquire(self, tokens: int | Callable[[], int] = 0, *, retry: bool = False) -> int:
         """Wait for a concurrency slot, the end of any cool-down and room in the budgets; returns a permit number.
 
         `tokens` (or what it returns, asked once the slot is taken: an estimate improves while requests wait)
-        is charged to the token budget, if one is in force. Every acquire must be followed by one `release()`.
+        is charged to the token budget, if one is in force. A `retry` waits ahead of first tries: behind a
+        job's whole fan-out, each retry of an unlucky request would wait the queue again, and the job for it.
+        Every acquire must be followed by one `release()`.
         """
-        await self._take_slot()
+        await self._take_slot(first=retry)
         try:
             async with self._pacing:  # one waiter at a time, in arrival order: no thundering herd
                 while (delay := self.delay_s(amount := self._tokens(tokens))) > 0:
@@ -380,12 +382,15 @@ class RateLimiter:
         if bucket := self._buckets.get("tokens"):
             bucket.take(tokens, now)
 
-    async def _take_slot(self) -> None:
+    async def _take_slot(self, *, first: bool = False) -> None:
         if self._in_use < self.concurrency and not self._slot_waiters:
             self._in_use += 1
             return
         waiter = asyncio.get_running_loop().create_future()
-        self._slot_waiters.append(waiter)
+        if first:
+            self._slot_waiters.appendleft(waiter)
+        else:
+            self._slot_waiters.append(waiter)
         try:
             await waiter  # the slot is handed over by `_wake_slot_waiters`, in arrival order
         except BaseException:
