@@ -164,11 +164,10 @@ async def _generation(
     _note(progress, question_redo(store, settings, *endpoint_identity(settings), stage))
     with open_endpoint(settings) as endpoint:
         record_origins(store, settings, endpoint)
-        concurrency = settings.max_concurrency if settings.resolved_provider == "openai" else 1
         client = LLMClient(
             endpoint,
             store,
-            max_concurrency=concurrency,
+            max_concurrency=settings.max_concurrency,
             max_retries=settings.max_retries,
             timeout_s=settings.request_timeout_s,
             run_id=run_id,

@@ -206,12 +206,13 @@ class RefusalOnceAllArrived:
 def test_a_wrong_key_stops_the_stage_at_the_first_401(monkeypatch: pytest.MonkeyPatch) -> None:
     from finetune_kit.llm.window import START_SIZE  # what is in flight before any response: the first round
 
-    refusal = RefusalOnceAllArrived(hold=START_SIZE)
+    first_round = min(START_SIZE, 32)
+    refusal = RefusalOnceAllArrived(hold=first_round)
     with FakeOpenAI(refusal) as server:
         url = server.url
         monkeypatch.setenv("OPENAI_BASE_URL", url)
         monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
-        monkeypatch.setenv("FTKIT_MAX_CONCURRENCY", "8")
+        monkeypatch.setenv("FTKIT_MAX_CONCURRENCY", "32")
         result = CliRunner().invoke(app, ["--workspace", "ws", "run", str(SAMPLE_DOCS)])
         sent = len(server.requests)
 
@@ -219,5 +220,5 @@ def test_a_wrong_key_stops_the_stage_at_the_first_401(monkeypatch: pytest.Monkey
         1,
         f"Error: {url} rejected the API key (401) — check OPENAI_API_KEY\n",
     )
-    assert refusal.in_flight_at_first_refusal == START_SIZE
-    assert sent == START_SIZE  # nothing was sent after the first 401
+    assert refusal.in_flight_at_first_refusal == first_round
+    assert sent == first_round  # nothing was sent after the first 401

@@ -3,18 +3,22 @@
 import asyncio
 import dataclasses
 import json
+import types
 import urllib.error
 import urllib.request
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
+import openai
 import pytest
 from typer.testing import CliRunner
 
 from finetune_kit.cli import app
 from finetune_kit.config import load_settings
 from finetune_kit.errors import ConfigError
+from finetune_kit.llm.api import RetryPolicy, _WaitRetryAfter
 from finetune_kit.llm.client import ChatRequest, ChatResult, Endpoint, LLMClient
 from finetune_kit.llm.rate_limit import (
     MAX_COOL_DOWN_S,
@@ -27,6 +31,7 @@ from finetune_kit.llm.rate_limit import (
     retry_after_s,
     server_limits,
 )
+from finetune_kit.llm.window import START_SIZE
 from finetune_kit.store import Store
 from tests.conftest import SAMPLE_DOCS, TEST_KEY
 from tests.fake_openai import FakeOpenAI, Faults, Reply, docs_responder, openai_duration
@@ -259,6 +264,30 @@ def test_concurrency_is_bounded_and_slots_are_handed_over_in_order() -> None:
     assert run(go()) == ([0, 1], [0, 1, 2])
 
 
+def test_a_retry_is_handed_the_next_slot_ahead_of_first_tries() -> None:
+    slots = limiter(FakeClock(), max_concurrency=1)
+    order: list[str] = []
+
+    async def one(name: str, retry: bool) -> None:
+        await slots.acquire(retry=retry)
+        order.append(name)
+
+    async def go() -> list[str]:
+        await slots.acquire()
+        tasks = [asyncio.ensure_future(one(n, n == "retry")) for n in ("first", "second", "retry")]
+        await asyncio.sleep(0)
+        slots.release()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return order
+
+    # behind a job's whole fan-out, each retry of an unlucky request would wait the queue again
+    assert run(go()) == ["retry"]
+
+
 def test_a_rate_limit_pauses_every_request_with_one_shared_cool_down() -> None:
     clock = FakeClock()
     paused = limiter(clock)
@@ -340,6 +369,18 @@ def test_successes_recover_additively_up_to_the_maximum() -> None:
     assert (adaptive.share, adaptive.requests_per_minute) == (1.0, 600.0)
 
 
+def test_a_halved_share_of_a_large_bound_recovers_in_a_few_round_trips() -> None:
+    adaptive = limiter(FakeClock(), max_concurrency=256, requests_per_minute=6000)
+    adaptive.on_rate_limited(0.0)
+    adaptive.on_rate_limited(0.0)  # a quarter: 64 in flight, 1,500 RPM
+
+    for _ in range(1000):  # six round trips of successes (64, 96, ... 224 in flight), and some
+        adaptive.on_success()
+
+    # one request per round trip out of 256 would still be under a third of the way back
+    assert (adaptive.share, adaptive.requests_per_minute) == (1.0, 6000.0)
+
+
 def test_a_smaller_window_makes_new_requests_wait() -> None:
     clock = FakeClock()
     adaptive = limiter(clock, max_concurrency=4)
@@ -359,6 +400,31 @@ def test_a_smaller_window_makes_new_requests_wait() -> None:
     assert run(go()) == (True, True)
 
 
+def failed_try(exc: Exception, attempt: int) -> Any:
+    """What the retry policy's wait reads of a failed try: its exception and its number."""
+    return types.SimpleNamespace(outcome=types.SimpleNamespace(exception=lambda: exc), attempt_number=attempt)
+
+
+def status_error(status: int, headers: dict[str, str]) -> openai.APIStatusError:
+    response = httpx2.Response(status, headers=headers, request=httpx2.Request("POST", "http://127.0.0.1/"))
+    kind = openai.RateLimitError if status == 429 else openai.InternalServerError
+    return kind("failed", response=response, body=None)
+
+
+def test_a_429_that_said_when_does_not_grow_the_backoff_of_a_later_500() -> None:
+    wait = _WaitRetryAfter(RetryPolicy(max_retries=5, limiter_cools_down=True))
+    hinted = status_error(429, {"retry-after-ms": "40", "x-ratelimit-remaining-requests": "7"})
+
+    waits = [
+        wait(failed_try(hinted, 1)),
+        wait(failed_try(hinted, 2)),
+        wait(failed_try(status_error(500, {}), 3)),
+    ]
+
+    assert waits[:2] == [0.04, 0.04]  # waited alone, as asked
+    assert 0.5 <= waits[2] <= 1.0  # the first 500's backoff, not the third failure's 2 s
+
+
 # --- Learning the server's limits ---------------------------------------------------------------------
 
 
@@ -375,6 +441,47 @@ def test_limits_are_learned_from_headers_when_not_configured() -> None:
         True,
     )
     assert learner.delay_s(1) == 0.25  # a learned budget starts empty: the teaching requests spent some
+
+
+def test_a_learned_budget_starts_at_what_the_server_says_remains_less_the_requests_sent_since() -> None:
+    clock = FakeClock()
+    learner = limiter(clock)
+    first = learner.sent()
+    for _ in range(4):  # sent after the first: its headers cannot count them
+        learner.sent()
+
+    learner.observe(
+        {
+            "x-ratelimit-limit-requests": "600",
+            "x-ratelimit-remaining-requests": "9",
+            "x-ratelimit-reset-requests": "100ms",
+        },
+        sent_at=first,
+    )
+
+    assert learner.delay_s(5) == 0.0  # 9 left, less 4: five may go at once (starting empty, none could)
+    for _ in range(5):
+        learner._debit(0)
+    assert learner.delay_s() == pytest.approx(0.1)  # then the rate: 10 a second
+
+
+def test_the_remaining_budget_has_refilled_since_the_request_that_reported_it() -> None:
+    clock = FakeClock()
+    learner = limiter(clock)
+    first = learner.sent()
+    clock.now = 1.5  # its response comes back a latency later
+
+    learner.observe(
+        {
+            "x-ratelimit-limit-requests": "6000",
+            "x-ratelimit-remaining-requests": "10",
+            "x-ratelimit-reset-requests": "900ms",  # full (100) again after 0.9 s
+        },
+        sent_at=first,
+    )
+
+    bucket = learner._buckets["requests"]
+    assert bucket.level == 50  # refilled to the server's 100, of which we trust our own half-second burst
 
 
 def test_configured_limits_win_over_headers() -> None:
@@ -485,9 +592,20 @@ def test_an_unconfigured_budget_is_learned_from_headers_and_every_request_comple
 
     assert [r.content for r in results] == ["Done."] * 60
     assert client.limiter.limits == ServerLimits(600, None)
-    assert fake.rate_limited < 4  # at most the slow start's first requests, sent before the limit was known
+    # only the first round, sent blind before the limit was known, beyond the server's burst of 10
+    assert fake.rate_limited <= START_SIZE - 10
     assert (client.limiter.rate_limited, len(fake.requests)) == (fake.rate_limited, 60 + fake.rate_limited)
     assert fake.invalid_requests == []
+
+
+def test_requests_waiting_when_a_token_budget_is_learned_are_charged_for_their_tokens(store: Store) -> None:
+    with FakeOpenAI(answer, api_key=TEST_KEY, tpm=12_000) as fake:  # 200 tokens a second, ~21 a request
+        results, client = chat_all(fake.url, store, 40, max_concurrency=4)
+
+    assert [r.content for r in results] == ["Done."] * 40
+    assert client.limiter.limits == ServerLimits(None, 12_000)
+    # every request was asked for before the budget was known; charged nothing, they drew 429s by the dozen
+    assert fake.rate_limited == 0
 
 
 # --- Settings ------------------------------------------------------------------------------------------

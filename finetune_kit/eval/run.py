@@ -225,11 +225,10 @@ class _Evaluation:
 
     @contextlib.asynccontextmanager
     async def _client(self, settings: Settings, endpoint: Endpoint) -> AsyncIterator[tuple[LLMClient, int]]:
-        concurrency = self.settings.max_concurrency if settings.resolved_provider == "openai" else 1
         client = LLMClient(
             endpoint,
             self.store,
-            max_concurrency=concurrency,
+            max_concurrency=self.settings.max_concurrency,
             max_retries=self.settings.max_retries,
             timeout_s=self.settings.request_timeout_s,
             run_id=self.run_id,
@@ -238,7 +237,7 @@ class _Evaluation:
             tokens_per_minute=self.settings.tokens_per_minute,
         )
         try:
-            yield client, concurrency
+            yield client, client.limiter.max_concurrency  # the endpoint's own bound, if smaller
         finally:
             await client.close()
             self.calls_paid += client.calls_made

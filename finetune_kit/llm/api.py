@@ -6,11 +6,13 @@ through `request`/`request_sync` (or `ChatAPI` for chat completions), and gets i
 """
 
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import httpx2
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from tenacity import (
@@ -19,7 +21,6 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
 )
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
@@ -41,7 +42,16 @@ T = TypeVar("T")
 OnText = Callable[[str], None]
 
 DEFAULT_TIMEOUT_S = 600.0  # the SDK's own default
+KEEPALIVE_CONNECTIONS = 100  # the SDK's own default
 RETRYABLE_STATUSES = frozenset({408, 409, 429})  # and every 5xx: the statuses the SDK itself retries
+BACKOFF_FIRST_S, BACKOFF_MAX_S, BACKOFF_JITTER_S = (
+    0.5,
+    30.0,
+    0.5,
+)  # then doubling, for failures without a hint
+PROMPT_RATIO_WEIGHT = (
+    0.2  # of the newest response, in the EWMA of the server's prompt tokens per estimated one
+)
 
 
 @dataclass(frozen=True)
@@ -53,15 +63,29 @@ class Endpoint:
     model: str
     identity: str
     price: ModelPrice = field(default_factory=ModelPrice)
+    max_in_flight: int | None = (
+        None  # what the server itself serves at once (a CPU: one); None: its limits say
+    )
 
 
 # --- SDK clients -----------------------------------------------------------------------------------------
 
 
-def async_client(base_url: str, api_key: str, *, timeout_s: float | None = None) -> openai.AsyncOpenAI:
-    """An async SDK client for an OpenAI-compatible base URL; retries are the policy's, never the SDK's."""
+def async_client(
+    base_url: str, api_key: str, *, timeout_s: float | None = None, connections: int = KEEPALIVE_CONNECTIONS
+) -> openai.AsyncOpenAI:
+    """An async SDK client for an OpenAI-compatible base URL; retries are the policy's, never the SDK's.
+
+    `connections` are kept open between requests: as many as may be in flight, or each request beyond them
+    opens a connection (a TCP and TLS handshake) and closes it again.
+    """
+    limits = httpx2.Limits(max_connections=None, max_keepalive_connections=connections, keepalive_expiry=5.0)
     return openai.AsyncOpenAI(
-        base_url=base_url, api_key=api_key, timeout=timeout_s or DEFAULT_TIMEOUT_S, max_retries=0
+        base_url=base_url,
+        api_key=api_key,
+        timeout=timeout_s or DEFAULT_TIMEOUT_S,
+        max_retries=0,
+        http_client=openai.DefaultAsyncHttpxClient(limits=limits),
     )
 
 
@@ -170,11 +194,16 @@ def _headers(exc: BaseException | None) -> Mapping[str, str]:
 
 
 class _WaitRetryAfter(wait_base):
-    """Honour a server's Retry-After, else back off exponentially with jitter."""
+    """Honour a server's Retry-After, else back off exponentially with jitter.
+
+    One instance serves one request's tries. The exponent counts that request's failures without a hint (5xx,
+    timeouts, a 429 that says nothing): a 429 that said when to come back was waited out as asked, and is no
+    sign of a failing server, so after two of them a first 500 waits 0.5 s, not 2 s.
+    """
 
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
-        self.fallback = wait_exponential_jitter(multiplier=0.5, max=30, jitter=0.5)
+        self.unhinted = 0
 
     def __call__(self, retry_state: RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
@@ -183,8 +212,12 @@ class _WaitRetryAfter(wait_base):
         shared = rate_limited and pauses_everyone(headers)
         if self.policy.limiter_cools_down and shared and cool_down_s(headers) is not None:
             return 0.0  # the limiter's shared cool-down is the wait
-        hinted = retry_after_s(headers)
-        return hinted if hinted is not None else float(self.fallback(retry_state))
+        if (hinted := retry_after_s(headers)) is not None:
+            return hinted
+        self.unhinted += 1
+        return min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (self.unhinted - 1)) + random.uniform(
+            0, BACKOFF_JITTER_S
+        )
 
 
 class _StopAtDeadline(stop_base):
@@ -260,7 +293,10 @@ class ChatAPI:
         self.limiter = limiter
         self.call = ApiCall(endpoint.base_url, endpoint.api_key, wording, model=endpoint.model)
         self.refused: LLMError | None = None
-        self._sdk = async_client(endpoint.base_url, endpoint.api_key, timeout_s=timeout_s)
+        self.prompt_ratio = 1.0  # the server's prompt tokens per offline-estimated one (EWMA)
+        self._sdk = async_client(
+            endpoint.base_url, endpoint.api_key, timeout_s=timeout_s, connections=limiter.max_concurrency
+        )
 
     async def close(self) -> None:
         """Release the HTTP connection pool."""
@@ -271,43 +307,78 @@ class ChatAPI:
         payload: dict[str, Any],
         policy: RetryPolicy,
         *,
-        tokens: int = 0,
+        prompt_tokens: Callable[[], int] | None = None,
         stream: bool = False,
         on_text: OnText | None = None,
     ) -> dict[str, Any]:
         """The chat.completion for `payload` as JSON; streamed, `on_text` gets the text so far at each delta.
 
-        `tokens` is the request's estimated size, for a tokens-per-minute budget.
+        `prompt_tokens` estimates the prompt's tokens offline (None: not estimated), asked as each try goes out,
+        for a tokens-per-minute budget: a try is charged the estimate, scaled to the server's own count as its
+        responses teach, plus max_tokens, as OpenAI charges.
         """
-        return await request(lambda: self._attempt(payload, tokens, stream, on_text), self.call, policy)
+        tries = 0
+
+        def attempt() -> Awaitable[dict[str, Any]]:
+            nonlocal tries
+            tries += 1
+            return self._attempt(payload, prompt_tokens, stream, on_text, retry=tries > 1)
+
+        return await request(attempt, self.call, policy)
+
+    def budget_tokens(self, payload: dict[str, Any], prompt_tokens: Callable[[], int] | None) -> int:
+        """What a request costs a tokens-per-minute budget: the prompt as the server counts it, plus max_tokens."""
+        if prompt_tokens is None:
+            return 0
+        return round(prompt_tokens() * self.prompt_ratio) + int(payload.get("max_tokens") or 0)
 
     async def _attempt(
-        self, payload: dict[str, Any], tokens: int, stream: bool, on_text: OnText | None
+        self,
+        payload: dict[str, Any],
+        prompt_tokens: Callable[[], int] | None,
+        stream: bool,
+        on_text: OnText | None,
+        *,
+        retry: bool = False,
     ) -> dict[str, Any]:
         """One HTTP request, paced by the rate limiter, which learns from the response's headers."""
-        permit = await self.limiter.acquire(tokens if self.limiter.counts_tokens else 0)
+        permit = await self.limiter.acquire(lambda: self.budget_tokens(payload, prompt_tokens), retry=retry)
+        sent_at = None
         try:
             if self.refused is not None:  # seen while this request waited for its turn: do not send it
                 raise AuthenticationError(str(self.refused))
             body = (payload | {"stream": True}) if stream else payload
-            sent_at = self.limiter.sent(tokens)
+            estimate = (
+                prompt_tokens if self.limiter.needs_tokens else None
+            )  # counting costs CPU: only if needed
+            sent_at = self.limiter.sent(self.budget_tokens(payload, estimate))
             raw = await self._sdk.chat.completions.with_raw_response.create(**body)
             completion = await _read(raw.parse(), on_text)
         except openai.RateLimitError as exc:
-            self._on_rate_limited(exc.response.headers, permit)
+            self._on_rate_limited(exc.response.headers, permit, sent_at)
             raise
         except openai.AuthenticationError as exc:
             self.refused = api_error(exc, self.call)
             raise
         finally:
             self.limiter.release()
-        self.limiter.observe(raw.headers)
+        self.limiter.observe(raw.headers, sent_at)
         self.limiter.on_success()
         self.limiter.completed(sent_at)
+        self._learn_prompt_ratio(completion, prompt_tokens)
         return completion
 
-    def _on_rate_limited(self, headers: Mapping[str, str], permit: int) -> None:
-        self.limiter.observe(headers)
+    def _learn_prompt_ratio(
+        self, completion: dict[str, Any], prompt_tokens: Callable[[], int] | None
+    ) -> None:
+        counted = int((completion.get("usage") or {}).get("prompt_tokens") or 0)
+        counts = prompt_tokens is not None and counted > 0 and self.limiter.counts_tokens
+        estimate = prompt_tokens() if prompt_tokens is not None and counts else 0
+        if estimate > 0:  # the server's own count paces the token budget from now on
+            self.prompt_ratio += PROMPT_RATIO_WEIGHT * (counted / estimate - self.prompt_ratio)
+
+    def _on_rate_limited(self, headers: Mapping[str, str], permit: int, sent_at: float | None) -> None:
+        self.limiter.observe(headers, sent_at)
         if not pauses_everyone(headers):  # budget left, or only a Retry-After: this request waits, alone
             self.limiter.rate_limited += 1
             log.info("rate limited (429) with budget left: retrying this request after its Retry-After")

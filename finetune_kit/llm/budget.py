@@ -1,6 +1,7 @@
 """Spending limits: every request reserves its worst-case price before it is sent, so a run never overspends."""
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from finetune_kit.config import ModelPrice
@@ -13,6 +14,7 @@ if TYPE_CHECKING:  # the client imports this module
 MESSAGE_OVERHEAD_TOKENS = 4  # role and separators per chat message, as OpenAI's cookbook counts them
 
 
+@lru_cache(maxsize=4096)  # asked for the budget, the token budget and each retry of the same request
 def prompt_tokens(request: "ChatRequest") -> int:
     """Offline estimate of a request's prompt tokens."""
     return 3 + sum(MESSAGE_OVERHEAD_TOKENS + count_tokens(content) for _, content in request.messages)
@@ -32,7 +34,9 @@ class Budget:
     reserved_usd: float = 0.0
 
     def reserve(self, request: "ChatRequest", price: ModelPrice) -> float:
-        """Reserve the worst case of `request`, or raise if that would cross the limit."""
+        """Reserve the worst case of `request`, or raise if that would cross the limit (no limit: nothing)."""
+        if self.limit_usd is None:
+            return 0.0  # and no prompt to count: a cost estimate per request is CPU a fast server waits on
         cost = worst_case_cost(request, price)
         if self.limit_usd is not None and self.spent_usd + self.reserved_usd + cost > self.limit_usd:
             raise BudgetExceededError(

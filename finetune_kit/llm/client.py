@@ -1,6 +1,7 @@
 """Async chat completions with bounded concurrency, retries, a request cache and a cost ledger."""
 
 import asyncio
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -21,8 +22,6 @@ __all__ = [
     "record_response",
     "request_hash",
 ]
-
-PROMPT_RATIO_WEIGHT = 0.2
 
 GENERATION_WORDING = Wording(
     refused_key="{url} rejected the API key (401) — check OPENAI_API_KEY",
@@ -79,7 +78,11 @@ def request_hash(endpoint: Endpoint, request: ChatRequest) -> str:
 
 
 class LLMClient:
-    """Cached, retried, concurrency-bounded chat completions against one endpoint."""
+    """Cached, retried, concurrency-bounded chat completions against one endpoint.
+
+    `max_concurrency` is the user's upper bound; the window under it follows the server, and an endpoint that
+    serves only so many at once (the embedded model) caps it itself, so no caller decides per provider.
+    """
 
     def __init__(
         self,
@@ -100,14 +103,16 @@ class LLMClient:
         self.budget = budget or Budget(limit_usd=None)
         self.calls_made = 0
         self.cache_hits = 0
+        bound = min(
+            max_concurrency, endpoint.max_in_flight or max_concurrency
+        )  # the server's own, if smaller
         limiter = RateLimiter(
-            max_concurrency=max_concurrency,
+            max_concurrency=bound,
             requests_per_minute=requests_per_minute,
             tokens_per_minute=tokens_per_minute,
-            window=Window(max_size=max_concurrency),
+            window=Window(max_size=bound),
         )
         self._in_flight: dict[str, asyncio.Future[None]] = {}
-        self._prompt_ratio = 1.0  # the server's prompt tokens per offline-estimated one (EWMA)
         self.api = ChatAPI(endpoint, limiter, timeout_s=timeout_s, wording=GENERATION_WORDING)
         self.policy = RetryPolicy(max_retries, limiter_cools_down=True)
 
@@ -132,24 +137,15 @@ class LLMClient:
         self._in_flight[key] = asyncio.get_running_loop().create_future()
         reserved, result = self.budget.reserve(request, self.endpoint.price), None
         try:
-            response = await self._call_with_retries(request)
+            payload = request.payload(self.endpoint.model)
+            estimate = functools.partial(prompt_tokens, request)  # counted only when the request goes out
+            response = await self.api.complete(payload, self.policy, prompt_tokens=estimate)
             self.calls_made += 1
             result = record_response(self.store, self.endpoint, request, response, self.run_id)
             return result
         finally:
             self.budget.settle(reserved, result.cost_usd if result else 0.0)
             self._in_flight.pop(key).set_result(None)
-
-    async def _call_with_retries(self, request: ChatRequest) -> dict[str, Any]:
-        estimate = prompt_tokens(request)
-        tokens = (
-            round(estimate * self._prompt_ratio) + request.max_tokens if self.limiter.counts_tokens else 0
-        )
-        response = await self.api.complete(request.payload(self.endpoint.model), self.policy, tokens=tokens)
-        counted = int((response.get("usage") or {}).get("prompt_tokens") or 0)
-        if counted > 0 and estimate > 0:  # the server's own count paces the token budget from now on
-            self._prompt_ratio += PROMPT_RATIO_WEIGHT * (counted / estimate - self._prompt_ratio)
-        return response
 
 
 def cached_result(store: Store, key: str) -> ChatResult | None:

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from finetune_kit.store import Store
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# llama.cpp's server decodes one request at a time on the CPU: a second in flight only waits, and times out
+LOCAL_SERVER_IN_FLIGHT = 1
 
 
 @contextlib.contextmanager
@@ -29,6 +31,7 @@ def open_endpoint(settings: Settings) -> Iterator[Endpoint]:
             model=settings.model or LOCAL_MODEL_ALIAS,
             identity=local_identity(server.model_path),
             price=settings.price_for(LOCAL_MODEL_ALIAS),
+            max_in_flight=LOCAL_SERVER_IN_FLIGHT,
         )
 
 

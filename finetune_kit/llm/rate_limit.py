@@ -11,6 +11,8 @@ from email.utils import parsedate_to_datetime
 
 from finetune_kit.llm.window import Window
 
+RECENT_SENDS = 4096  # sends remembered, to replay those the server had not yet counted in a header
+RECOVERY_PER_ROUND = 1 / 8  # of the share, added back per round trip of successes after a cut
 MAX_COOL_DOWN_S = 120.0  # a longer wait is a quota problem, and the retry budget will say so
 DEFAULT_COOL_DOWN_S = 1.0  # after a 429 that says nothing about when to come back
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|us|µs|ns|m|s)")
@@ -130,16 +132,18 @@ def _bounded(seconds: float) -> float:
 class TokenBucket:
     """A budget refilled continuously at `per_minute` / 60 a second up to `capacity`; a debit may overdraw it."""
 
-    def __init__(self, per_minute: float, capacity: float, now: float, *, full: bool = True) -> None:
+    def __init__(
+        self, per_minute: float, capacity: float, now: float, *, full: bool = True, level: float | None = None
+    ) -> None:
         self.per_minute = per_minute
         self.capacity = capacity
-        self.level = capacity if full else 0.0
+        self.level = level if level is not None else capacity if full else 0.0
         self._updated = now
 
     def refill(self, now: float) -> None:
-        """Add what has dripped in since the last look."""
+        """Add what has dripped in since the last look (a level granted above the capacity is kept, not topped up)."""
         elapsed = max(0.0, now - self._updated)
-        self.level = min(self.capacity, self.level + elapsed * self.per_minute / 60)
+        self.level = max(self.level, min(self.capacity, self.level + elapsed * self.per_minute / 60))
         self._updated = max(self._updated, now)
 
     def wait_s(self, amount: float, now: float) -> float:
@@ -196,6 +200,8 @@ class RateLimiter:
         self._cut_after = 0  # permits issued before the last cut do not cut again
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._pacing = asyncio.Lock()
+        self._sends: deque[tuple[float, int]] = deque(maxlen=RECENT_SENDS)  # (sent at, tokens)
+        self._heard = False  # a response has told whether the server has budgets
 
     @property
     def concurrency(self) -> int:
@@ -211,8 +217,10 @@ class RateLimiter:
         return self._in_use
 
     def sent(self, tokens: int = 0) -> float:
-        """Note a request going out now (for the window's latency); returns its start time."""
-        return self.window.sent(tokens) if self.window else self._clock()
+        """Note a request going out now (for the window's latency and the budgets' replay); returns its start time."""
+        sent_at = self.window.sent(tokens) if self.window else self._clock()
+        self._sends.append((sent_at, tokens))
+        return sent_at
 
     def completed(self, sent_at: float) -> None:
         """A successful response to the request sent at `sent_at`: the window learns its latency."""
@@ -242,6 +250,11 @@ class RateLimiter:
         """True when a token budget is in force, so callers must estimate each request's tokens."""
         return "tokens" in self._buckets
 
+    @property
+    def needs_tokens(self) -> bool:
+        """True when sends must say their tokens: a token budget is in force, or no response has said yet."""
+        return self.counts_tokens or not self._heard
+
     def delay_s(self, tokens: int = 0) -> float:
         """Seconds until a request of `tokens` may go: the cool-down, then room in both budgets."""
         now = self._clock()
@@ -252,22 +265,30 @@ class RateLimiter:
             waits.append(bucket.wait_s(tokens, now))
         return max(0.0, *waits)
 
-    async def acquire(self, tokens: int = 0) -> int:
+    async def acquire(self, tokens: int | Callable[[], int] = 0, *, retry: bool = False) -> int:
         """Wait for a concurrency slot, the end of any cool-down and room in the budgets; returns a permit number.
 
+        `tokens` (or what it returns, asked once the slot is taken: an estimate improves while requests wait)
+        is charged to the token budget, if one is in force. A `retry` waits ahead of first tries: behind a
+        job's whole fan-out, each retry of an unlucky request would wait the queue again, and the job for it.
         Every acquire must be followed by one `release()`.
         """
-        await self._take_slot()
+        await self._take_slot(first=retry)
         try:
             async with self._pacing:  # one waiter at a time, in arrival order: no thundering herd
-                while (delay := self.delay_s(tokens)) > 0:
+                while (delay := self.delay_s(amount := self._tokens(tokens))) > 0:
                     await self._sleep(delay)
-                self._debit(tokens)
+                self._debit(amount)
         except BaseException:
             self.release()
             raise
         self._issued += 1
         return self._issued
+
+    def _tokens(self, tokens: int | Callable[[], int]) -> int:
+        if not self.counts_tokens:
+            return 0
+        return tokens() if callable(tokens) else tokens
 
     def release(self) -> None:
         """Give back the concurrency slot taken by `acquire`."""
@@ -275,9 +296,16 @@ class RateLimiter:
         self._wake_slot_waiters()
 
     def on_success(self) -> None:
-        """Additive increase: about one more request in flight per round trip, up to the configured maximum."""
-        window = self.max_concurrency * self.share
-        self._set_share(self.share + 1 / (window * self.max_concurrency))
+        """Additive increase: RECOVERY_PER_ROUND more of the share per round trip (a round trip being as many
+        successes as requests allowed in flight), up to all of it.
+
+        One request per round trip out of `max_concurrency` would take a halved share of a 256 bound some 128
+        round trips to recover; a fixed fraction recovers in a few, whatever the bound.
+        """
+        in_flight = self.max_concurrency * self.share
+        if self.window is not None:
+            in_flight = min(in_flight, self.window.size(self.requests_per_minute, self.tokens_per_minute))
+        self._set_share(self.share + RECOVERY_PER_ROUND / max(1.0, in_flight))
 
     def on_rate_limited(self, retry_after_s: float | None, permit: int | None = None) -> None:
         """A 429: pause every request for `retry_after_s` and halve the share (once per round in flight)."""
@@ -290,9 +318,11 @@ class RateLimiter:
                 self.window.overloaded()
             self._set_share(self.share / 2)
 
-    def observe(self, headers: Mapping[str, str]) -> None:
-        """Learn the budgets a server announces, for those not configured."""
+    def observe(self, headers: Mapping[str, str], sent_at: float | None = None) -> None:
+        """Learn the budgets a server announces, for those not configured, from a response to a request sent at
+        `sent_at`: a budget learned for the first time starts at what the server says remains of it."""
         announced = server_limits(headers)
+        self._heard = True
         for kind, per_minute in (
             ("requests", announced.requests_per_minute),
             ("tokens", announced.tokens_per_minute),
@@ -303,14 +333,38 @@ class RateLimiter:
                 if bucket := self._buckets.get(kind):
                     bucket.capacity = max(1.0, per_minute * self.burst_s / 60)
                     self._set_share(self.share)
-                else:  # start empty: the requests that taught us the limit have spent some of it
-                    self._buckets[kind] = self._new_bucket(per_minute * self.share, full=False)
+                else:
+                    level = self._remaining(kind, per_minute, headers, sent_at)
+                    self._buckets[kind] = self._new_bucket(per_minute * self.share, full=False, level=level)
                 # 429s of requests sent before we knew the limit are no reason to go below it
                 self._cut_after = self._issued
 
-    def _new_bucket(self, per_minute: float, *, full: bool) -> TokenBucket:
+    def _new_bucket(self, per_minute: float, *, full: bool, level: float | None = None) -> TokenBucket:
         capacity = max(1.0, per_minute * self.burst_s / 60)
-        return TokenBucket(per_minute, capacity, self._clock(), full=full)
+        return TokenBucket(per_minute, capacity, self._clock(), full=full, level=level)
+
+    def _remaining(
+        self, kind: str, per_minute: int, headers: Mapping[str, str], sent_at: float | None
+    ) -> float | None:
+        """What is left now of a budget the server just announced, or None (start empty) if it does not say.
+
+        The header counts the budget as the request sent at `sent_at` found it: the server's bucket is replayed
+        from there (refilled at the rate, up to the capacity its `x-ratelimit-reset-*` implies, and at most
+        our own burst of it) through the requests sent since, which the header cannot have counted.
+        """
+        lower = _lower(headers)
+        remaining = _number(lower.get(f"x-ratelimit-remaining-{kind}"))
+        if remaining is None or sent_at is None:
+            return None
+        reset_s = parse_duration(lower.get(f"x-ratelimit-reset-{kind}", "")) or 0.0
+        per_s = per_minute / 60
+        capacity = min(max(remaining, 0.0) + reset_s * per_s, per_s * self.burst_s)
+        server = TokenBucket(per_minute, capacity, sent_at, level=min(max(remaining, 0.0), capacity))
+        for at, tokens in self._sends:
+            if at > sent_at:
+                server.take(1 if kind == "requests" else tokens, at)
+        server.refill(self._clock())
+        return max(0.0, server.level)
 
     def _set_share(self, share: float) -> None:
         self.share = min(1.0, max(1 / self.max_concurrency, share))
@@ -328,12 +382,15 @@ class RateLimiter:
         if bucket := self._buckets.get("tokens"):
             bucket.take(tokens, now)
 
-    async def _take_slot(self) -> None:
+    async def _take_slot(self, *, first: bool = False) -> None:
         if self._in_use < self.concurrency and not self._slot_waiters:
             self._in_use += 1
             return
         waiter = asyncio.get_running_loop().create_future()
-        self._slot_waiters.append(waiter)
+        if first:
+            self._slot_waiters.appendleft(waiter)
+        else:
+            self._slot_waiters.append(waiter)
         try:
             await waiter  # the slot is handed over by `_wake_slot_waiters`, in arrival order
         except BaseException:
