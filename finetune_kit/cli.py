@@ -1212,6 +1212,7 @@ def eval_command(
     product: Product = None,
     slack_max_answer_tokens: MaxTokens = None,
     max_cost_usd: MaxCost = None,
+    batch: Batch = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     dry_run: DryRun = False,
 ) -> None:
@@ -1224,8 +1225,9 @@ def eval_command(
     them as `ftkit index --calibrate` does (the same cached call) and any that the index's words or the
     workspace's questions may answer is dropped; refusal accuracy counts them. Arms without a model or an index
     are skipped with a note. Every answer and verdict goes through the
-    request cache: a re-run pays nothing and a new arm pays only for itself; --dry-run and --max-cost as for
-    generate-questions. The judge grades with the rubric in prompts/eval_judge.txt at temperature 0; a reply
+    request cache: a re-run pays nothing and a new arm pays only for itself; --dry-run, --max-cost and --batch as
+    for generate-questions (with --batch the answers go through one round of batches, then the judge's verdicts
+    on them through a second; what a batch could not answer is asked live). The judge grades with the rubric in prompts/eval_judge.txt at temperature 0; a reply
     without a verdict is asked once more, then counted as unjudged. It prints one row per arm with 95 %
     intervals and writes report.html, report.md, results.jsonl, chart.png and summary.json to
     <workspace>/eval/<run>/; --compare RUN_A RUN_B shows what changed between two runs.

@@ -36,6 +36,9 @@ from finetune_kit.workspace_lock import writer_lock
 
 log = logging.getLogger(__name__)
 DRY = " --dry-run"
+BATCH_NEEDS_OPENAI = (
+    "--batch uses the OpenAI Batch API — set OPENAI_API_KEY (or --provider openai), or drop --batch"
+)
 
 
 @dataclass
@@ -157,9 +160,7 @@ async def _generation(
     answer: bool = True,
 ) -> None:
     if settings.batch and settings.resolved_provider != "openai":
-        raise ConfigError(
-            "--batch uses the OpenAI Batch API — set OPENAI_API_KEY (or --provider openai), or drop --batch"
-        )
+        raise ConfigError(BATCH_NEEDS_OPENAI)
     stage = "generate-questions" if questions else "build-dataset"  # build-dataset alone asks nothing
     _note(progress, question_redo(store, settings, *endpoint_identity(settings), stage))
     with open_endpoint(settings) as endpoint:

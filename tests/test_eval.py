@@ -462,10 +462,73 @@ def test_max_cost_stops_cleanly_and_the_rerun_pays_only_the_rest(
     assert code == 1 and "--max-cost" in err
     answers = [b for b in fake.requests[start:] if b["model"] == "base-model"]
     assert len(answers) == 1  # one answer's worst case fits in $1, a second does not
+    with sqlite3.connect(ws / "state.db") as db:
+        spent = db.execute("SELECT sum(cost_usd) FROM llm_calls WHERE stage = 'eval-answer'").fetchone()[0]
+    assert 0 < spent <= 1  # stopped before it could spend more, and what it paid for is kept
     monkeypatch.delenv("FTKIT_PRICES")
-    eval_json("--arms", "base")
+    resumed = len(fake.requests)
+    eval_json("--arms", "base", "--name", "rest")
     seen = Counter(json.dumps(b, sort_keys=True) for b in fake.requests[start:])
     assert max(seen.values()) == 1  # no request was sent twice across the stopped run and the re-run
+    rest = [b for b in fake.requests[resumed:] if b["model"] == "base-model"]
+    assert len(rest) + 1 == len(results(ws, "rest"))  # the re-run paid only for the answers still missing
+
+
+SAME_IN_BOTH = ("arm", "question", "answer", "verdict", "judge_attempts", "claims", "claims_attempts")
+SAME_IN_BOTH += ("claims_unjudged", "sources", "retrieved", "refused_before_model", "error")
+
+
+def test_batch_eval_asks_through_batches_the_same_as_live_and_a_rerun_asks_nothing(
+    ws: Path, fake: FakeOpenAI, models: EvalModels, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pytest.importorskip("finetune_kit.retrieval.answer", reason="the retrieval arms need retrieval/answer.py")
+    assert ftkit("index")[0] == 0
+    shutil.copytree(ws, tmp_path / "live")  # the same workspace, its cache empty of eval calls
+    monkeypatch.setenv("FTKIT_BATCH_POLL_INTERVAL_S", "0.01")
+    price = {"input": 1.0, "output": 2.0}
+    monkeypatch.setenv(
+        "FTKIT_PRICES", json.dumps(dict.fromkeys(["base-model", "ft-model", "judge-model"], price))
+    )
+    args = ("--no-unanswerable", "--name", "run")
+    live_before, batch_before = len(fake.requests), len(fake.batch_api.calls)
+    batched = eval_json("--batch", *args)
+
+    live = fake.requests[live_before:]
+    # what waits on a reply goes live: the judge's second ask about a reply it could not parse (seed 1)
+    assert live and all(body["seed"] == 1 and body["model"] == "judge-model" for body in live)
+    calls = Counter(fake.batch_api.calls[batch_before:])
+    # a round of answers (one batch per model), then a round of verdicts on them (the judge's batch)
+    assert calls["POST /v1/batches"] == 3 and calls["POST /v1/files"] == 3
+    assert batched["calls_paid"] > len(live)  # what the batches brought was paid for by this run
+
+    result = CliRunner().invoke(
+        app, ["--workspace", str(tmp_path / "live"), "eval", *MODELS, *PRODUCT, "--json", *args]
+    )
+    assert result.exit_code == 0, result.stderr
+    plain = json.loads(result.stdout)
+    assert batched["calls_paid"] == plain["calls_paid"]
+    assert 0 < batched["spent_usd"] < plain["spent_usd"]  # the Batch API's half price
+    kept = [{k: r[k] for k in SAME_IN_BOTH} for r in results(ws, "run")]
+    assert kept == [{k: r[k] for k in SAME_IN_BOTH} for r in results(tmp_path / "live", "run")]
+    assert [a["name"] for a in batched["arms"]] == ["base", "ft", "rag", "ft+rag"]
+    assert [a["metrics"]["correct"] for a in batched["arms"]] == [
+        a["metrics"]["correct"] for a in plain["arms"]
+    ]
+
+    live_before, batch_before = len(fake.requests), len(fake.batch_api.calls)
+    again = eval_json("--batch", "--no-unanswerable")
+    assert len(fake.requests) == live_before and len(fake.batch_api.calls) == batch_before
+    assert again["calls_paid"] == 0 and again["spent_usd"] == 0
+
+
+def test_batch_eval_needs_the_openai_api(ws: Path, fake: FakeOpenAI) -> None:
+    before = len(fake.requests)
+    code, _, err = ftkit("eval", *MODELS, *PRODUCT, "--provider", "local", "--batch")
+    assert code == 1
+    assert err == (
+        "Error: --batch uses the OpenAI Batch API — set OPENAI_API_KEY (or --provider openai), or drop --batch\n"
+    )
+    assert len(fake.requests) == before and not (ws / "eval").exists()
 
 
 def test_kill_9_mid_eval_loses_nothing(

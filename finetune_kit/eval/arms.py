@@ -140,6 +140,7 @@ class LatencyLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._made = False  # the folder exists (made once, not once an answer)
         self.known: dict[str, float] = {}
         if path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
@@ -152,7 +153,9 @@ class LatencyLog:
     def record(self, key: str, ms: float) -> None:
         """Remember the latency of the paid call `key` (to a tenth of a millisecond, as stored)."""
         self.known[key] = ms = round(ms, 1)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._made:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._made = True
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps({"request": key, "ms": ms}) + "\n")
 

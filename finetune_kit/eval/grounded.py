@@ -2,6 +2,7 @@
 sources, checked citations — with the one model call sent through the cached client."""
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from finetune_kit.config import Settings
@@ -65,28 +66,16 @@ class GroundedArm:
         self.settings = settings
         self.retriever = Retriever.open(store, settings)
 
+    def search(self, query: str) -> tuple[Retrieval, list[Hit]]:
+        """What `query` retrieves (the gate's view of it) and its top RANKED hits."""
+        try:
+            return retrieve(self.retriever, query), self.retriever.search(query, k=RANKED)
+        except VagueQueryError:
+            return Retrieval(query, [], None, self.retriever.threshold), []
+
     def prepare(self, question: EvalQuestion, embedded: bool, query: str | None = None) -> GroundedPrompt:
         """Retrieve for `query` (default: the question itself); below the gate no request, else the bot's request."""
-        settings = self.settings
-        query = query or question.question
-        try:
-            retrieval, ranked = retrieve(self.retriever, query), self.retriever.search(query, k=RANKED)
-        except VagueQueryError:
-            retrieval, ranked = Retrieval(query, [], None, self.retriever.threshold), []
-        if not retrieval.relevant:
-            return GroundedPrompt(retrieval, [], ranked, None)
-        budget = prompt_budget(settings, embedded)
-        sources = fit_sources(settings, retrieval.hits, question.question, bool(question.history), budget)
-        system = grounded_system_prompt(settings, sources)
-        messages = fit_to_context(system, [*question.history, Turn("user", question.question)], budget)
-        request = ChatRequest(
-            stage="eval-answer",
-            messages=tuple((m["role"], m["content"]) for m in messages),
-            temperature=settings.slack.temperature,
-            max_tokens=settings.slack.max_answer_tokens,
-            template_version=ANSWER_TEMPLATE + "+rag",
-        )
-        return GroundedPrompt(retrieval, sources, ranked, request)
+        return grounded_prompt(self.settings, question, embedded, *self.search(query or question.question))
 
     def answer(
         self,
@@ -96,20 +85,91 @@ class GroundedArm:
         called: tuple[ChatResult | None, float | None, str | None] | None,
     ) -> ArmAnswer:
         """The arm's answer: the gate's refusal (`called` None), or the model's reply with checked citations."""
-        found = ArmAnswer(question.id, arm.name, arm.model, "", 0.0, True, None)
-        found.retrieved = [_hit(n, hit) for n, hit in enumerate(prompt.ranked, 1)]
-        found.given = [_hit(n, hit) for n, hit in enumerate(prompt.sources, 1)]
-        found.context = [hit.text for hit in prompt.sources]
-        if called is None:
-            found.answer = refusal(self.settings, arm.model, prompt.retrieval).answer
-            found.refused = found.refused_before_model = True
-            return found
-        result, found.latency_ms, found.error = called
-        if result is None:
-            return found
-        grounded = checked_answer(self.settings, arm.model, prompt.retrieval, prompt.sources, result.content)
-        found.answer, found.refused = grounded.answer, grounded.refused
-        found.cost_usd, found.cached = result.cost_usd, result.cached
-        found.cited = citations(result.content)
-        found.sources = [asdict(source) for source in grounded.sources]
+        return grounded_answer(self.settings, arm, question, prompt, called)
+
+
+def grounded_prompt(
+    settings: Settings, question: EvalQuestion, embedded: bool, retrieval: Retrieval, ranked: list[Hit]
+) -> GroundedPrompt:
+    """The bot's request for what was retrieved, or no request when the gate refuses."""
+    if not retrieval.relevant:
+        return GroundedPrompt(retrieval, [], ranked, None)
+    budget = prompt_budget(settings, embedded)
+    sources = fit_sources(settings, retrieval.hits, question.question, bool(question.history), budget)
+    system = grounded_system_prompt(settings, sources)
+    messages = fit_to_context(system, [*question.history, Turn("user", question.question)], budget)
+    request = ChatRequest(
+        stage="eval-answer",
+        messages=tuple((m["role"], m["content"]) for m in messages),
+        temperature=settings.slack.temperature,
+        max_tokens=settings.slack.max_answer_tokens,
+        template_version=ANSWER_TEMPLATE + "+rag",
+    )
+    return GroundedPrompt(retrieval, sources, ranked, request)
+
+
+def grounded_answer(
+    settings: Settings,
+    arm: Arm,
+    question: EvalQuestion,
+    prompt: GroundedPrompt,
+    called: tuple[ChatResult | None, float | None, str | None] | None,
+) -> ArmAnswer:
+    """The arm's answer: the gate's refusal (`called` None), or the model's reply with checked citations."""
+    found = ArmAnswer(question.id, arm.name, arm.model, "", 0.0, True, None)
+    found.retrieved = [_hit(n, hit) for n, hit in enumerate(prompt.ranked, 1)]
+    found.given = [_hit(n, hit) for n, hit in enumerate(prompt.sources, 1)]
+    found.context = [hit.text for hit in prompt.sources]
+    if called is None:
+        found.answer = refusal(settings, arm.model, prompt.retrieval).answer
+        found.refused = found.refused_before_model = True
         return found
+    result, found.latency_ms, found.error = called
+    if result is None:
+        return found
+    grounded = checked_answer(settings, arm.model, prompt.retrieval, prompt.sources, result.content)
+    found.answer, found.refused = grounded.answer, grounded.refused
+    found.cost_usd, found.cached = result.cost_usd, result.cached
+    found.cited = citations(result.content)
+    found.sources = [asdict(source) for source in grounded.sources]
+    return found
+
+
+class Searcher:
+    """The retrieval arms' prompts made on a thread of their own (with its own SQLite connection), once per
+    question: rag and ft+rag share each search and its fitted prompt, and searching overlaps the model calls
+    instead of stalling the event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-search")
+        self._found: dict[tuple[str, bool], asyncio.Future[GroundedPrompt]] = {}
+        self._queries: dict[str, asyncio.Future[str]] = {}
+        self._store: Store | None = None
+        self._arm: GroundedArm | None = None
+
+    async def prompt(self, question: EvalQuestion, embedded: bool) -> GroundedPrompt:
+        """The grounded prompt of `question` (a follow-up searches for its condensed query, condensed once)."""
+        key = (question.id, embedded)
+        if key not in self._found:
+            self._found[key] = asyncio.ensure_future(self._prepare(question, embedded))
+        return await self._found[key]
+
+    async def _prepare(self, question: EvalQuestion, embedded: bool) -> GroundedPrompt:
+        if question.id not in self._queries:  # condensed once, whichever arm asks first
+            self._queries[question.id] = asyncio.ensure_future(follow_up_query(self.settings, question))
+        query = await self._queries[question.id]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._search, question, embedded, query)
+
+    def _search(self, question: EvalQuestion, embedded: bool, query: str) -> GroundedPrompt:
+        if self._arm is None:
+            self._store = Store(self.settings.db_path)
+            self._arm = GroundedArm(self._store, self.settings)
+        return self._arm.prepare(question, embedded, query)
+
+    def close(self) -> None:
+        """Close the thread's connection, then the thread."""
+        if self._store is not None:
+            self._pool.submit(self._store.close).result()
+        self._pool.shutdown()

@@ -136,6 +136,22 @@ def disagreements(summary: EvalSummary, questions: list[EvalQuestion], n: int = 
     return [q.id for q in ranked[:n] if len(arms) > 1 and spread(q) > (0.0, 0.0)]
 
 
+def warm_chart() -> None:
+    """Import matplotlib and draw a throwaway chart (its fonts and caches load on first use: a second or two),
+    so that the report, written after the last call, does not wait for it; run on a thread during the calls."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(1, 1), dpi=20)
+    axes = figure.add_subplot(1, 1, 1)
+    axes.bar(["a"], [1.0], yerr=[[0.1], [0.1]])
+    axes.set_title("warm")
+    figure.tight_layout()
+    figure.savefig(io.BytesIO(), format="png")
+
+
 def chart_png(summary: EvalSummary) -> bytes:
     """A bar chart per metric (an arm a bar, its 95 % interval a whisker) as PNG bytes."""
     import matplotlib

@@ -3,7 +3,8 @@
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +37,8 @@ from finetune_kit.llm.client import (
     request_hash,
 )
 from finetune_kit.llm.endpoint import open_endpoint, open_model_endpoint
-from finetune_kit.pipeline import DRY, recorded_run
+from finetune_kit.llm.rate_limit import RateLimiter
+from finetune_kit.pipeline import BATCH_NEEDS_OPENAI, DRY, recorded_run
 from finetune_kit.progress import NoProgress, Progress
 from finetune_kit.slack.answerer import registered_model
 from finetune_kit.stages import gather_all
@@ -44,7 +46,7 @@ from finetune_kit.stages.estimate import StageEstimate, estimate_stage, planning
 from finetune_kit.store import Store
 
 if TYPE_CHECKING:
-    from finetune_kit.eval.grounded import GroundedArm
+    from finetune_kit.eval.grounded import GroundedPrompt, Searcher
 
 log = logging.getLogger(__name__)
 REFUSED = "refused (the docs were not found to cover it): no call to the judge"
@@ -82,6 +84,8 @@ class EvalOutcome:
 def run_eval(settings: Settings, options: EvalOptions, progress: Progress | None = None) -> EvalOutcome:
     """`ftkit eval`: every planned arm answers every question, the judge grades, the report is written."""
     progress = progress or NoProgress()
+    if settings.batch and not options.dry_run and settings.resolved_provider != "openai":
+        raise ConfigError(BATCH_NEEDS_OPENAI)
     with recorded_run(settings, "eval" + DRY * options.dry_run) as (store, run_id):
         questions = collect_questions(store, settings, options)
         plan = _plan(store, settings, options)
@@ -96,9 +100,15 @@ def run_eval(settings: Settings, options: EvalOptions, progress: Progress | None
             estimates = estimate_eval(store, settings, options, plan, questions, extra)
             notes = _dry_notes(estimates) + notes
             return EvalOutcome(estimates=estimates, skipped=plan.skipped, notes=notes)
+        from finetune_kit.eval.report import warm_chart, write_report
+
         evaluation = _Evaluation(
             store, settings, options, run_id, progress, Budget(limit_usd=settings.max_cost_usd)
         )
+        # the chart's library loads on a thread while the calls wait on the network: from the first answer on,
+        # not while the clients and the first requests are being set up
+        warming = threading.Thread(target=_quietly(warm_chart), name="eval-chart", daemon=True)
+        evaluation.on_first_answer = warming.start
         if unchecked is not None:
             evaluation.notes.append(f"no generated unanswerable questions: {unchecked}")
         elif _wants_unanswerable(options):
@@ -106,12 +116,24 @@ def run_eval(settings: Settings, options: EvalOptions, progress: Progress | None
         answers, judgements = asyncio.run(evaluation.run(plan.arms, questions))
         run_dir = settings.workspace / "eval" / (options.run_name or _run_name())
         summary = summarize(run_dir.name, questions, plan, answers, judgements, evaluation.context(plan))
-        summary.calls_paid, summary.cache_hits = evaluation.calls_paid, evaluation.cache_hits
-        summary.spent_usd = evaluation.budget.spent_usd
-        from finetune_kit.eval.report import write_report
-
+        # what the Batch API brought was paid for by this run, then read from the cache
+        summary.calls_paid = evaluation.calls_paid + evaluation.batched
+        summary.cache_hits = max(0, evaluation.cache_hits - evaluation.batched)
+        summary.spent_usd = evaluation.budget.spent_usd + evaluation.batched_usd
+        if warming.ident is not None:
+            warming.join()
         write_report(run_dir, summary, questions, answers, judgements)
         return EvalOutcome(summary, run_dir, skipped=plan.skipped)
+
+
+def _quietly(job: Callable[[], None]) -> Callable[[], None]:
+    """`job`, its failure left to the real work to meet (and report) again."""
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            job()
+
+    return run
 
 
 def _dry_notes(estimates: list[StageEstimate]) -> list[str]:
@@ -169,8 +191,21 @@ def gradable(question: EvalQuestion) -> bool:
     return question.answerable and bool(question.reference)
 
 
+@dataclass(frozen=True)
+class _Lane:
+    """One model's cached client, and the slots an answer's latency clock waits for."""
+
+    client: LLMClient
+    slots: asyncio.Semaphore
+
+    @property
+    def embedded(self) -> bool:
+        """True on the embedded server (llama.cpp: one request at a time, one model loaded at a time)."""
+        return self.client.endpoint.identity.startswith("local:")
+
+
 class _Evaluation:
-    """One eval run's calls: the arms' answers, then the judge's verdicts, all through the cached client."""
+    """One eval run's calls: the arms' answers and the judge's verdicts, all through the cached client."""
 
     def __init__(
         self,
@@ -185,18 +220,101 @@ class _Evaluation:
         self.progress, self.budget = progress, budget
         self.latencies = LatencyLog(settings.workspace / "eval" / "latency.jsonl")
         self.calls_paid = self.cache_hits = 0
+        self.batched, self.batched_usd = (
+            0,
+            0.0,
+        )  # answers the Batch API brought (paid, then read from the cache)
+        self.batch_ids: list[str] = []
         self.judge_model = ""
         self.notes: list[str] = []  # for the report: what the run could not do, or how it chose
-        self._grounded: GroundedArm | None = None
+        self.rubric, self.claims_rubric = load_rubric(settings), faithfulness.load_rubric(settings)
+        self._limiters: dict[str, RateLimiter] = {}  # one per server: it counts every model's calls together
+        self._searcher: Searcher | None = None
+        self.on_first_answer: Callable[[], None] | None = None  # called once, when the first answer is in
 
     async def run(
         self, arms: list[Arm], questions: list[EvalQuestion]
     ) -> tuple[list[ArmAnswer], dict[tuple[str, str], Judgement]]:
-        """Every arm's answers, then the judgement of each gradable one."""
-        answers: list[ArmAnswer] = []
+        """Every arm's answers and the judgement of each gradable one.
+
+        Against a hosted endpoint every arm answers at once and each answer is judged as soon as it is in, so the
+        rate limit, not the slowest phase, sets the pace. On the embedded server one arm follows another (it swaps
+        models between requests of different arms) and the judge comes last; so it does with --batch, where each
+        round of requests that wait on no answer is fetched through the Batch API first.
+        """
+        answers: dict[tuple[str, str], ArmAnswer] = {}
+        judgements: dict[tuple[str, str], Judgement] = {}
+        async with contextlib.AsyncExitStack() as stack:
+            by_model: dict[str, _Lane] = {}  # base and rag ask the same model: one client for both
+            for model in dict.fromkeys(arm.model for arm in arms):
+                by_model[model] = await stack.enter_async_context(self._lane(model))
+            lanes = {arm.name: by_model[arm.model] for arm in arms}
+            judging = await stack.enter_async_context(self._judge_lane()) if self.options.judge else None
+            if any(arm.retrieval for arm in arms):
+                from finetune_kit.eval.grounded import Searcher
+
+                self._searcher = Searcher(self.settings)
+                stack.callback(self._searcher.close)
+            all_lanes = [*lanes.values(), *([judging] if judging else [])]
+            if self.settings.batch or any(lane.embedded for lane in all_lanes):
+                await self._in_phases(arms, questions, lanes, judging, answers, judgements)
+            else:
+                self.progress.start("eval " + ", ".join(arm.name for arm in arms), len(arms) * len(questions))
+
+                async def both(arm: Arm, question: EvalQuestion) -> None:
+                    answer = answers[(question.id, arm.name)] = await self._one(
+                        arm, question, lanes[arm.name]
+                    )
+                    if judging is not None:
+                        await self._grade(judging, question, answer, judgements)
+                    self.progress.advance()
+
+                try:
+                    await gather_all([both(arm, q) for q in questions for arm in arms])
+                finally:
+                    self.progress.finish()
+        return [answers[(q.id, arm.name)] for arm in arms for q in questions], judgements
+
+    async def _in_phases(
+        self,
+        arms: list[Arm],
+        questions: list[EvalQuestion],
+        lanes: dict[str, _Lane],
+        judging: "_Lane | None",
+        answers: dict[tuple[str, str], ArmAnswer],
+        judgements: dict[tuple[str, str], Judgement],
+    ) -> None:
+        """One arm after another, then the judge; with --batch each phase's requests are prefilled first."""
+        if self.settings.batch:
+            await self._prefill(
+                [await self._request(arm, q, lanes[arm.name]) for arm in arms for q in questions]
+            )
         for arm in arms:
-            answers += await self._answer(arm, questions)
-        return answers, (await self._judge(questions, answers) if self.options.judge else {})
+            self.progress.start(f"eval {arm.name} answers", len(questions))
+
+            async def one(arm: Arm, question: EvalQuestion) -> None:
+                answers[(question.id, arm.name)] = await self._one(arm, question, lanes[arm.name])
+                self.progress.advance()
+
+            try:
+                await gather_all([one(arm, q) for q in questions])
+            finally:
+                self.progress.finish()
+        if judging is None:
+            return
+        by_id = {q.id: q for q in questions}
+        if self.settings.batch:
+            asked = [
+                (judging, r) for (q, _), a in answers.items() for r in self._verdict_requests(by_id[q], a)
+            ]
+            await self._prefill(asked)
+        self.progress.start("eval judge", sum(self._verdicts(by_id[q], a) for (q, _), a in answers.items()))
+        try:
+            await gather_all(
+                [self._grade(judging, by_id[q], a, judgements, True) for (q, _), a in answers.items()]
+            )
+        finally:
+            self.progress.finish()
 
     def context(self, plan: ArmPlan) -> dict[str, object]:
         """What the summary says about how the run was made (the judge, and whether it is a model under test)."""
@@ -212,7 +330,7 @@ class _Evaluation:
     async def unanswerable(self, asked: list[EvalQuestion]) -> list[EvalQuestion]:
         """The generated unanswerable questions, written by the generation model (calibration's cached call)."""
         with open_endpoint(self.settings) as endpoint:
-            async with self._client(self.settings, endpoint) as (client, _):
+            async with self._client(self.settings, endpoint) as client:
                 try:
                     found, note = await unanswerable.generate(client, self.store, self.settings, asked)
                 except RequestRejectedError as exc:
@@ -224,7 +342,7 @@ class _Evaluation:
         return found
 
     @contextlib.asynccontextmanager
-    async def _client(self, settings: Settings, endpoint: Endpoint) -> AsyncIterator[tuple[LLMClient, int]]:
+    async def _client(self, settings: Settings, endpoint: Endpoint) -> AsyncIterator[LLMClient]:
         client = LLMClient(
             endpoint,
             self.store,
@@ -236,49 +354,71 @@ class _Evaluation:
             requests_per_minute=self.settings.requests_per_minute,
             tokens_per_minute=self.settings.tokens_per_minute,
         )
+        # the arms and the judge are models of one server, which counts their calls against one limit: one
+        # limiter paces them all (and its window learns that server's rate and latency once)
+        client.api.limiter = self._limiters.setdefault(endpoint.base_url, client.api.limiter)
         try:
-            yield client, client.limiter.max_concurrency  # the endpoint's own bound, if smaller
+            yield client
         finally:
             await client.close()
             self.calls_paid += client.calls_made
             self.cache_hits += client.cache_hits
 
-    async def _answer(self, arm: Arm, questions: list[EvalQuestion]) -> list[ArmAnswer]:
-        """One arm's answer to every question; each is cached as soon as it is paid for."""
-        settings = arm_settings(self.settings, arm.model)
-        found: dict[str, ArmAnswer] = {}
-        with open_model_endpoint(self.settings, arm.model) as endpoint:
-            async with self._client(settings, endpoint) as (client, concurrency):
-                slots = asyncio.Semaphore(concurrency)
-                embedded = endpoint.identity.startswith("local:")
-                self.progress.start(f"eval {arm.name} answers", len(questions))
+    @contextlib.asynccontextmanager
+    async def _lane(self, model: str) -> AsyncIterator[_Lane]:
+        settings = arm_settings(self.settings, model)
+        with open_model_endpoint(self.settings, model) as endpoint:
+            async with self._client(settings, endpoint) as client:
+                # the endpoint's own bound (the embedded server: one), if smaller than max_concurrency
+                yield _Lane(client, asyncio.Semaphore(client.limiter.max_concurrency))
 
-                async def one(question: EvalQuestion) -> None:
-                    found[question.id] = await self._one(arm, question, client, slots, embedded)
-                    self.progress.advance()
+    @contextlib.asynccontextmanager
+    async def _judge_lane(self) -> AsyncIterator[_Lane]:
+        """The judge: --judge-model at its endpoint, else the generation endpoint and model."""
+        settings = _judge_settings(self.settings, self.options)
+        opened = (
+            open_model_endpoint(self.settings, self.options.judge_model)
+            if self.options.judge_model
+            else open_endpoint(settings)
+        )
+        with opened as endpoint:
+            async with self._client(settings, endpoint) as client:
+                yield _Lane(client, asyncio.Semaphore(1))
 
-                try:
-                    await gather_all([one(q) for q in questions])
-                finally:
-                    self.progress.finish()
-        return [found[q.id] for q in questions]
-
-    async def _one(
-        self, arm: Arm, question: EvalQuestion, client: LLMClient, slots: asyncio.Semaphore, embedded: bool
-    ) -> ArmAnswer:
-        """One answer: the bot's closed-book request, or its grounded one (which the gate may refuse uncalled)."""
+    async def _request(
+        self, arm: Arm, question: EvalQuestion, lane: _Lane
+    ) -> tuple[_Lane, ChatRequest | None]:
+        """The request that asks `arm` this question (None: the retrieval gate refuses without a call)."""
         if arm.retrieval:
-            from finetune_kit.eval.grounded import follow_up_query
+            return lane, (await self._grounded(question, lane)).request
+        return lane, closed_book_request(self.settings, question, lane.embedded)
 
-            grounded = self.grounded()
-            prompt = grounded.prepare(question, embedded, await follow_up_query(self.settings, question))
+    async def _grounded(self, question: EvalQuestion, lane: _Lane) -> "GroundedPrompt":
+        assert self._searcher is not None
+        return await self._searcher.prompt(question, lane.embedded)
+
+    async def _one(self, arm: Arm, question: EvalQuestion, lane: _Lane) -> ArmAnswer:
+        """One answer (see `_answer`), and the first one's news."""
+        answer = await self._answer(arm, question, lane)
+        if self.on_first_answer is not None:
+            first, self.on_first_answer = self.on_first_answer, None
+            first()
+        return answer
+
+    async def _answer(self, arm: Arm, question: EvalQuestion, lane: _Lane) -> ArmAnswer:
+        """One answer: the bot's closed-book request, or its grounded one (which the gate may refuse uncalled)."""
+        client, slots = lane.client, lane.slots
+        if arm.retrieval:
+            prompt = await self._grounded(question, lane)
             called = (
                 None
                 if prompt.request is None
                 else await ask_arm(client, prompt.request, self.latencies, slots)
             )
-            return grounded.answer(arm, question, prompt, called)
-        request = closed_book_request(self.settings, question, embedded)
+            from finetune_kit.eval.grounded import grounded_answer
+
+            return grounded_answer(self.settings, arm, question, prompt, called)
+        request = closed_book_request(self.settings, question, lane.embedded)
         result, latency, error = await ask_arm(client, request, self.latencies, slots)
         if result is None:
             return ArmAnswer(question.id, arm.name, arm.model, "", 0.0, False, latency, error)
@@ -286,57 +426,102 @@ class _Evaluation:
             question.id, arm.name, arm.model, result.content.strip(), result.cost_usd, result.cached, latency
         )
 
-    def grounded(self) -> "GroundedArm":
-        """The retrieval arms' retriever over this workspace's index, opened once."""
-        if self._grounded is None:
-            from finetune_kit.eval.grounded import GroundedArm
+    def _verdicts(self, question: EvalQuestion, answer: ArmAnswer) -> int:
+        """How many verdicts the judge gives on `answer`: its grade and its claim check, where they apply."""
+        return (gradable(question) and not answer.error) + claims_checked(answer)
 
-            self._grounded = GroundedArm(self.store, self.settings)
-        return self._grounded
+    def _verdict_requests(self, question: EvalQuestion, answer: ArmAnswer) -> list[ChatRequest]:
+        """The judge's first asks about `answer` (a retry waits on the reply): what one batch round can fetch."""
+        requests = []
+        if gradable(question) and not answer.error and not answer.refused:
+            reference = question.reference or ""
+            requests.append(
+                judge_request(self.settings, self.rubric, question.question, reference, answer.answer, 0)
+            )
+        if claims_checked(answer):
+            requests.append(
+                faithfulness.claims_request(
+                    self.settings, self.claims_rubric, answer.context, answer.answer, 0
+                )
+            )
+        return requests
 
-    async def _judge(
-        self, questions: list[EvalQuestion], answers: list[ArmAnswer]
-    ) -> dict[tuple[str, str], Judgement]:
-        """The judge's verdict on every answer to a gradable question."""
-        by_id = {q.id: q for q in questions}
-        todo = [a for a in answers if gradable(by_id[a.question_id]) and not a.error]
-        checked = [a for a in answers if claims_checked(a)]
-        judgements: dict[tuple[str, str], Judgement] = {}
-        if not todo and not checked:
-            return judgements
-        settings = _judge_settings(self.settings, self.options)
-        rubric, claims_rubric = load_rubric(self.settings), faithfulness.load_rubric(self.settings)
-        opened = (
-            open_model_endpoint(self.settings, self.options.judge_model)
-            if self.options.judge_model
-            else open_endpoint(settings)
-        )
-        with opened as endpoint:
-            self.judge_model = endpoint.model
-            async with self._client(settings, endpoint) as (client, _):
-                self.progress.start("eval judge", len(todo) + len(checked))
+    async def _grade(
+        self,
+        lane: _Lane,
+        question: EvalQuestion,
+        answer: ArmAnswer,
+        judgements: dict[tuple[str, str], Judgement],
+        advance: bool = False,
+    ) -> None:
+        """The judge's verdict on an answer to a gradable question, and its check of a grounded answer's claims."""
+        client = lane.client
 
-                async def claims(answer: ArmAnswer) -> None:
-                    answer.support = await faithfulness.check_claims(
-                        client, self.settings, claims_rubric, answer.context, answer.answer
-                    )
-                    self.progress.advance()
+        async def claims() -> None:
+            answer.support = await faithfulness.check_claims(
+                client, self.settings, self.claims_rubric, answer.context, answer.answer
+            )
+            if advance:
+                self.progress.advance()
 
-                async def one(answer: ArmAnswer) -> None:
-                    q = by_id[answer.question_id]
-                    if answer.refused:  # a retrieval arm said "I don't know" to an answerable question
-                        judgements[(q.id, answer.arm)] = Judgement("incorrect", REFUSED, 0)
-                    else:
-                        judgements[(q.id, answer.arm)] = await judge(
-                            client, self.settings, rubric, q.question, q.reference or "", answer.answer
-                        )
-                    self.progress.advance()
+        async def grade() -> None:
+            if answer.refused:  # a retrieval arm said "I don't know" to an answerable question
+                judgements[(question.id, answer.arm)] = Judgement("incorrect", REFUSED, 0)
+            else:
+                judgements[(question.id, answer.arm)] = await judge(
+                    client,
+                    self.settings,
+                    self.rubric,
+                    question.question,
+                    question.reference or "",
+                    answer.answer,
+                )
+            if advance:
+                self.progress.advance()
 
-                try:
-                    await gather_all([*(one(a) for a in todo), *(claims(a) for a in checked)])
-                finally:
-                    self.progress.finish()
-        return judgements
+        jobs = [grade()] if gradable(question) and not answer.error else []
+        jobs += [claims()] if claims_checked(answer) else []
+        if jobs:
+            self.judge_model = client.endpoint.model
+            await gather_all(jobs)
+
+    async def _prefill(self, asked: Sequence[tuple[_Lane, ChatRequest | None]]) -> None:
+        """Fetch one round of requests through the OpenAI Batch API (half price) into the request cache; what the
+        batch could not answer is asked live afterwards. The embedded server's requests are always live."""
+        from finetune_kit.llm.batch import prefill_with_batch
+
+        rounds: dict[tuple[str, str], tuple[Endpoint, dict[str, ChatRequest]]] = {}
+        for lane, request in asked:
+            endpoint = lane.client.endpoint
+            if request is None or lane.embedded:
+                continue
+            key = request_hash(endpoint, request)
+            if cached_result(self.store, key) is None:
+                rounds.setdefault((endpoint.identity, endpoint.model), (endpoint, {}))[1][key] = request
+
+        async def one(endpoint: Endpoint, requests: dict[str, ChatRequest]) -> None:
+            report = await prefill_with_batch(
+                self.store,
+                endpoint,
+                list(requests.values()),
+                run_id=self.run_id,
+                poll_interval_s=self.settings.batch_poll_interval_s,
+                on_status=lambda status: log.info(
+                    "batch %s: %s (%d/%d done)",
+                    status.batch_id,
+                    status.status,
+                    status.completed,
+                    status.total,
+                ),
+            )
+            self.batch_ids += report.batch_ids
+            for key, why in report.failed.items():
+                log.info("batch request %s failed (%s): asked live", key, why)
+            for key in requests:
+                if key not in report.failed and (found := cached_result(self.store, key)) is not None:
+                    self.batched, self.batched_usd = self.batched + 1, self.batched_usd + found.cost_usd
+
+        await asyncio.gather(*(one(endpoint, requests) for endpoint, requests in rounds.values()))
 
 
 def estimate_eval(
@@ -393,7 +578,10 @@ def estimate_eval(
                 judged += [(q, answer.content.strip() if answer else None)] if gradable(q) else []
         estimates.append(
             estimate_stage(
-                f"eval {arm.name} ({arm.model})", _uncached(store, endpoint, requests), endpoint, 1.0
+                f"eval {arm.name} ({arm.model})",
+                _uncached(store, endpoint, requests),
+                endpoint,
+                _price_factor(settings, endpoint),
             )
         )
     if options.judge and (judged or checked):
@@ -425,9 +613,16 @@ def _judge_estimate(
         f"eval judge ({judge_endpoint.model})",
         _uncached(store, judge_endpoint, requests),
         judge_endpoint,
-        1.0,
+        _price_factor(settings, judge_endpoint),
         extrapolated=unwritten,
     )
+
+
+def _price_factor(settings: Settings, endpoint: Endpoint) -> float:
+    """--batch halves what a hosted endpoint's calls cost; the embedded server's are live and free anyway."""
+    from finetune_kit.llm.batch import BATCH_PRICE_FACTOR
+
+    return BATCH_PRICE_FACTOR if settings.batch and not endpoint.identity.startswith("local:") else 1.0
 
 
 def _uncached(store: Store, endpoint: Endpoint, requests: list[ChatRequest]) -> list[ChatRequest]:
