@@ -662,9 +662,8 @@ def test_report_files_are_written_and_self_contained(ws: Path, models: EvalModel
         summary["verdict"] in page.replace("&#x27;", "'")
         and summary["verdict"] in (run / "report.md").read_text()
     )
-    assert page.count("<h3>") == min(
-        10, sum(models.base_knows(q) is False for q in models.references if q not in models.garbage)
-    )
+    # the arms disagree where base is wrong; an unjudged question still differs in token F1
+    assert page.count("<h3>") == min(10, sum(models.base_knows(q) is False for q in models.references))
     assert "Report: ws/eval/r1/report.html" in out
     assert "judge" in out and "│ ft " in out
 
