@@ -665,7 +665,8 @@ def test_report_files_are_written_and_self_contained(ws: Path, models: EvalModel
     # the arms disagree where base is wrong; an unjudged question still differs in token F1
     assert page.count("<h3>") == min(10, sum(models.base_knows(q) is False for q in models.references))
     assert "Report: ws/eval/r1/report.html" in out
-    assert "judge" in out and "│ ft " in out
+    # the terminal table: an arm a column, a metric a row
+    assert re.search(r"┃ +ft ┃", out) and re.search(r"│ judge correct +│", out)
 
 
 def test_compare_shows_what_changed_between_two_runs(ws: Path) -> None:

@@ -46,16 +46,18 @@ def _columns(summary: EvalSummary) -> list[str]:
 
 
 def summary_table(summary: EvalSummary) -> Table:
-    """One row per arm, a 95 % interval in each cell."""
+    """One column per arm and one row per metric, a 95 % interval in each cell.
+
+    Arms across and metrics down: four arms fit a terminal 80 columns wide, eleven metrics would not.
+    """
     table = Table(title=f"ftkit eval {summary.run}: {summary.n_questions} questions", header_style="bold")
     table.caption = summary.verdict
-    columns = _columns(summary)
-    table.add_column("arm")
-    table.add_column("model", overflow="fold")
-    for metric in columns:
-        table.add_column(METRICS[metric][0], justify="right")
+    table.add_column("metric")
     for arm in summary.arms:
-        table.add_row(arm.name, arm.model, *(shown(m, arm.metrics[m]) for m in columns))
+        table.add_column(arm.name, justify="right", overflow="fold")
+    table.add_row("model", *(arm.model for arm in summary.arms))
+    for metric in _columns(summary):
+        table.add_row(METRICS[metric][0], *(shown(metric, arm.metrics[metric]) for arm in summary.arms))
     return table
 
 
