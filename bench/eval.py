@@ -16,14 +16,11 @@ makes (target 0). The median over --runs is printed last.
 
 import argparse
 import json
-import os
 import sqlite3
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from typer.testing import CliRunner  # noqa: E402
 
+from bench.common import environment  # noqa: E402
 from finetune_kit.cli import app  # noqa: E402
 from tests.fake_openai import FakeOpenAI  # noqa: E402
 from tests.test_eval import EvalModels  # noqa: E402
@@ -49,20 +47,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--latency-s", type=float, default=0.2)
     parser.add_argument("--rpm", type=int, default=3000)
     return parser.parse_args()
-
-
-@contextmanager
-def environment(values: dict[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def write_questions(workspace: Path, path: Path, n: int, models: EvalModels) -> None:

@@ -20,8 +20,8 @@ index, no training) on the ingested corpus.
 
 import argparse
 import multiprocessing
-import os
 import random
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -37,10 +37,13 @@ sys.path.insert(0, str(REPO))
 
 from typer.testing import CliRunner  # noqa: E402
 
+from bench.common import environment  # noqa: E402
 from finetune_kit.cli import app  # noqa: E402
+from finetune_kit.config import Settings  # noqa: E402
 from tests.fake_openai import FakeOpenAI, Faults, Reply, docs_responder  # noqa: E402
 
 KEY = "bench-key"
+QUESTIONS_PER_CHUNK = Settings.model_fields["questions_per_chunk"].default  # no setting changes it here
 WORDS = [
     "server",
     "port",
@@ -147,20 +150,6 @@ def write_corpus(folder: Path, chunks: int, words: int, seed: int) -> None:
         (folder / f"m{i:04}.md").write_text(" ".join(sentences) + "\n")
 
 
-@contextmanager
-def environment(values: dict[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 @dataclass(frozen=True)
 class Served:
     """What the fake counted: requests received, 429s from its caps, tokens charged, faults injected."""
@@ -204,6 +193,31 @@ def fake_server(regime: Regime, faults: Faults | None) -> Iterator[tuple[str, Co
             process.terminate()
 
 
+def accounted(workspace: Path, command: str) -> dict[str, int]:
+    """The books after a run: every active chunk has a question set (full, or with the reason it is short) and,
+    after `ftkit run`, every accepted question one answer row; SystemExit naming what is missing otherwise."""
+    with sqlite3.connect(workspace / "state.db") as db:
+        chunks, without_set, short_unexplained, short = db.execute(
+            "SELECT count(*), count(*) FILTER (WHERE s.chunk_id IS NULL),"
+            " count(*) FILTER (WHERE s.n_accepted < ? AND s.reason IS NULL),"
+            " count(*) FILTER (WHERE s.reason IS NOT NULL)"
+            " FROM chunks c LEFT JOIN question_sets s ON s.chunk_id = c.id WHERE c.status = 'active'",
+            (QUESTIONS_PER_CHUNK,),
+        ).fetchone()
+        unanswered = db.execute(
+            "SELECT count(*) FROM questions q WHERE q.status = 'accepted'"
+            " AND NOT EXISTS (SELECT 1 FROM answers a WHERE a.question_id = q.id)"
+        ).fetchone()[0]
+    db.close()
+    missing = without_set + short_unexplained + (unanswered if command == "run" else 0)
+    if missing:
+        raise SystemExit(
+            f"books do not balance: of {chunks} chunks {without_set} have no question set and"
+            f" {short_unexplained} are short without a reason; {unanswered} accepted questions have no answer"
+        )
+    return {"chunks": chunks, "short": short}
+
+
 def run_once(regime: Regime, args: argparse.Namespace, seed: int) -> dict[str, float]:
     """Ingest a corpus (untimed), then time `ftkit generate-questions` against a fake with the regime's caps."""
     timeout_s = regime.timeout_s or args.timeout_s
@@ -240,6 +254,7 @@ def run_once(regime: Regime, args: argparse.Namespace, seed: int) -> dict[str, f
         fake.send("stop")
         served: Served = fake.recv()
         assert result.exit_code == 0, result.output
+        books = accounted(workspace, args.command)
         admitted = served.requests - served.rate_limited
         bound_s = served.tokens_charged / (regime.tpm / 60) if regime.tpm else admitted / (regime.rpm / 60)
         return {
@@ -249,6 +264,7 @@ def run_once(regime: Regime, args: argparse.Namespace, seed: int) -> dict[str, f
             "requests": served.requests,
             "cap_429": served.rate_limited,
             "injected": served.injected,
+            **books,
         }
 
 
@@ -265,7 +281,8 @@ def main() -> None:
         print(
             f"{name:9} {args.command}: fraction of bound {m['fraction']:.3f} (pipelined {m['pipelined']:.3f});"
             f" wall {m['wall_s']:.2f} s; requests {m['requests']:.0f}; 429s from the cap {m['cap_429']:.0f};"
-            f" injected faults {m['injected']:.0f}  [runs: {each}]",
+            f" injected faults {m['injected']:.0f}; chunks accounted for {m['chunks']:.0f}"
+            f" ({m['short']:.0f} short, with reasons)  [runs: {each}]",
             flush=True,
         )
     if "faults" in medians and "fast-rpm" in medians:

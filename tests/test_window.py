@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -47,6 +48,42 @@ def test_slow_start_doubles_once_per_window_of_completions_up_to_the_bound() -> 
 def test_the_first_round_is_sixteen_requests() -> None:
     assert Window(max_size=256).size() == 16  # sent blind: no rate, no latency known yet
     assert Window(max_size=8).size() == 8
+
+
+def test_while_nothing_has_come_back_the_window_doubles_every_half_second() -> None:
+    clock = Clock()
+    window = Window(max_size=256, clock=clock)
+    window.sent()
+    sizes = []
+    for _ in range(5):
+        sizes.append(window.size())
+        clock.now += 0.5
+
+    assert sizes == [16, 32, 64, 128, 256]  # a silence of t says the latency is at least t
+    assert window.grows_in() is None  # at the bound
+
+
+def test_any_response_ends_the_silent_growth() -> None:
+    clock = Clock()
+    window = Window(max_size=256, clock=clock)
+    window.sent()
+    clock.now += 0.5
+    assert (window.size(), window.grows_in()) == (32, pytest.approx(0.5 * math.log2(33 / 16) - 0.5))
+    window.heard()  # a 429 or a 500, say: the server answers, and says how fast
+
+    assert (window.size(), window.grows_in()) == (16, None)
+
+
+def test_a_refusal_seen_by_the_limiter_ends_the_silent_growth() -> None:
+    clock = Clock()
+    window = Window(max_size=256, clock=clock)
+    limiter = RateLimiter(max_concurrency=256, clock=clock, window=window)
+    limiter.sent()
+    clock.now += 1.0
+    assert limiter.concurrency == 64
+    limiter.observe({"retry-after": "1"})  # the headers of a 429
+
+    assert limiter.concurrency == 16
 
 
 def test_slow_start_stops_growing_when_the_latency_says_the_server_queues() -> None:
@@ -132,19 +169,22 @@ def test_only_a_429_that_spent_the_budget_pauses_everyone(headers: dict[str, str
 
 
 class Slow:
-    """Answers after `delay_s`, counting the requests in flight at once."""
+    """Answers after `delay_s`, counting the requests in flight at once and those that came before any answer."""
 
     def __init__(self, delay_s: float) -> None:
         self.delay_s, self.now, self.most = delay_s, 0, 0
+        self.before_first_answer, self.answered = 0, False
         self.lock = threading.Lock()
 
     def __call__(self, body: dict) -> Reply:
         with self.lock:
             self.now += 1
             self.most = max(self.most, self.now)
+            self.before_first_answer += not self.answered
         time.sleep(self.delay_s)
         with self.lock:
             self.now -= 1
+            self.answered = True
         return Reply("Done.")
 
 
@@ -165,6 +205,27 @@ def test_with_no_settings_the_requests_in_flight_grow_to_what_the_server_allows(
         asyncio.run(go())
 
     assert responder.most > 16  # the old fixed default allowed 8
+    assert fake.rate_limited == 0
+
+
+def test_a_server_that_takes_a_second_gets_more_than_the_first_round_before_it_answers(tmp_path: Path) -> None:
+    responder = Slow(1.0)
+    request = ChatRequest("bench", (("user", "Hi"),), 0.0, 16, "v1")
+    with Store(tmp_path / "s.db") as store, FakeOpenAI(responder, api_key=TEST_KEY, rpm=6000) as fake:
+        endpoint = Endpoint(base_url=fake.url, api_key=TEST_KEY, model="gpt-4o-mini", identity="t")
+
+        async def go() -> None:
+            client = LLMClient(endpoint, store, max_concurrency=256, max_retries=4, timeout_s=10)
+            try:
+                requests = [dataclasses.replace(request, attempt=i) for i in range(100)]
+                await asyncio.gather(*(client.chat(r) for r in requests))
+            finally:
+                await client.close()
+
+        asyncio.run(go())
+
+    # 16 blind, doubling each half second of silence: 64 by the time the first answer comes, whatever the jitter
+    assert responder.before_first_answer > 32
     assert fake.rate_limited == 0
 
 

@@ -360,6 +360,9 @@ class ChatAPI:
         except openai.AuthenticationError as exc:
             self.refused = api_error(exc, self.call)
             raise
+        except openai.APIStatusError:
+            self.limiter.heard()  # an error answered is an answer: the window's silent growth is over
+            raise
         finally:
             self.limiter.release()
         self.limiter.observe(raw.headers, sent_at)

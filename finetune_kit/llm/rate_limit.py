@@ -12,6 +12,7 @@ from email.utils import parsedate_to_datetime
 from finetune_kit.llm.window import Window
 
 RECENT_SENDS = 4096  # sends remembered, to replay those the server had not yet counted in a header
+MIN_GROWTH_WAKE_S = 0.02  # the silent growth hands out slots no more often than this
 RECOVERY_PER_ROUND = 1 / 8  # of the share, added back per round trip of successes after a cut
 MAX_COOL_DOWN_S = 120.0  # a longer wait is a quota problem, and the retry budget will say so
 DEFAULT_COOL_DOWN_S = 1.0  # after a 429 that says nothing about when to come back
@@ -202,6 +203,7 @@ class RateLimiter:
         self._pacing = asyncio.Lock()
         self._sends: deque[tuple[float, int]] = deque(maxlen=RECENT_SENDS)  # (sent at, tokens)
         self._heard = False  # a response has told whether the server has budgets
+        self._growth_timer: tuple[asyncio.AbstractEventLoop, asyncio.TimerHandle] | None = None
 
     @property
     def concurrency(self) -> int:
@@ -227,6 +229,11 @@ class RateLimiter:
         if self.window is not None:
             self.window.completed(sent_at)
             self._wake_slot_waiters()
+
+    def heard(self) -> None:
+        """A response of any kind came back: the window stops growing with the silence."""
+        if self.window is not None:
+            self.window.heard()
 
     @property
     def limits(self) -> ServerLimits:
@@ -323,6 +330,7 @@ class RateLimiter:
         `sent_at`: a budget learned for the first time starts at what the server says remains of it."""
         announced = server_limits(headers)
         self._heard = True
+        self.heard()
         for kind, per_minute in (
             ("requests", announced.requests_per_minute),
             ("tokens", announced.tokens_per_minute),
@@ -391,6 +399,7 @@ class RateLimiter:
             self._slot_waiters.appendleft(waiter)
         else:
             self._slot_waiters.append(waiter)
+        self._wake_when_the_window_grows()
         try:
             await waiter  # the slot is handed over by `_wake_slot_waiters`, in arrival order
         except BaseException:
@@ -406,3 +415,17 @@ class RateLimiter:
             if not waiter.done():
                 self._in_use += 1
                 waiter.set_result(None)
+
+    def _wake_when_the_window_grows(self) -> None:
+        """While the window grows with silence and requests wait for a slot, hand them slots as it grows."""
+        loop = asyncio.get_running_loop()
+        if self._growth_timer is not None and self._growth_timer[0] is loop:  # one timer per event loop
+            return
+        if not self._slot_waiters or self.window is None or (delay := self.window.grows_in()) is None:
+            return
+        self._growth_timer = (loop, loop.call_later(max(delay, MIN_GROWTH_WAKE_S), self._grown))
+
+    def _grown(self) -> None:
+        self._growth_timer = None
+        self._wake_slot_waiters()
+        self._wake_when_the_window_grows()

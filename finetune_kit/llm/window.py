@@ -14,8 +14,11 @@ latency, which is all that can be in flight when the first response comes back.
 
 The first round is sent blind, so its size is a bet: 16 (TCP starts at 10 segments, RFC 6928) is a fraction
 of a second of any paid API tier's rate, and a server that allows less answers its 429s at once, with the
-limit in their headers. On a server with seconds of latency that round is most of what a short job can gain:
-at 1.5 s and 100 requests a second, 4 requests in the first 1.5 s cost a 300-request job a third of its time.
+limit in their headers. Silence is news too: a server that has not answered anything after t seconds has a
+latency of at least t, and Little's law says a latency that long needs that much more in flight, so while
+nothing at all has come back the window doubles every SILENT_DOUBLING_S. A refusal (a 429, a 500) ends the
+silence at once, within a round trip of its cause. Without it, at 1.5 s and 100 requests a second, 16
+requests in the first 1.5 s cost a 300-request job a fifth of its time.
 """
 
 import math
@@ -29,6 +32,7 @@ START_SIZE = 16
 HEADROOM = 1.2
 EWMA_WEIGHT = 0.2  # of the newest sample
 QUEUEING_FACTOR = 2.0  # a latency this many times the fastest seen means the server queues: stop growing
+SILENT_DOUBLING_S = 0.5  # while no response at all has come back, the window doubles this often
 
 
 class Window:
@@ -50,13 +54,36 @@ class Window:
         self.fastest_s: float | None = None
         self.tokens_per_request: float | None = None  # EWMA of the budget tokens a request costs
         self._completed = 0  # since the slow-start window last grew
+        self._first_sent_at: float | None = None
+        self._heard = False  # any response, success or refusal, ends the silent growth
 
     def size(self, requests_per_minute: float | None = None, tokens_per_minute: float | None = None) -> int:
         """Requests allowed in flight now under these rates (None: not known)."""
         target = self.target(requests_per_minute, tokens_per_minute)
         if target is None and self.latency_s is None and (requests_per_minute or tokens_per_minute):
             return self.max_size  # a known rate paces the first round on its own
-        return self.slow_start if target is None else min(self.max_size, max(1, target))
+        if target is None:
+            return min(self.max_size, max(self.slow_start, self._silent_size()))
+        return min(self.max_size, max(1, target))
+
+    def _silent_size(self) -> int:
+        """The first round grown by the silence since it went out: START × 2^(silence / SILENT_DOUBLING_S)."""
+        if self._heard or self._first_sent_at is None:
+            return 0
+        silence = max(0.0, self.clock() - self._first_sent_at)
+        return math.floor(self.slow_start * 2 ** (silence / SILENT_DOUBLING_S))
+
+    def grows_in(self) -> float | None:
+        """Seconds until the silent growth allows one more request in flight, None when it is over."""
+        if self._heard or self._first_sent_at is None or self._silent_size() >= self.max_size:
+            return None
+        now = max(self.slow_start, self._silent_size())
+        at = self._first_sent_at + SILENT_DOUBLING_S * math.log2((now + 1) / self.slow_start)
+        return max(0.0, at - self.clock())
+
+    def heard(self) -> None:
+        """Some response came back (a success, a refusal or an error): the silence is over."""
+        self._heard = True
 
     def target(self, requests_per_minute: float | None, tokens_per_minute: float | None) -> int | None:
         """rate × latency × headroom, or None while the rate or the latency is unknown."""
@@ -73,10 +100,14 @@ class Window:
         """Note a request about to go out (its budget tokens, 0 if none are counted); returns its start time."""
         if tokens > 0:
             self.tokens_per_request = _ewma(self.tokens_per_request, float(tokens))
-        return self.clock()
+        now = self.clock()
+        if self._first_sent_at is None:
+            self._first_sent_at = now
+        return now
 
     def completed(self, sent_at: float) -> None:
         """A successful response to the request sent at `sent_at`: learn its latency, grow the slow start."""
+        self._heard = True
         latency = max(0.0, self.clock() - sent_at)
         self.latency_s = _ewma(self.latency_s, latency)
         self.fastest_s = latency if self.fastest_s is None else min(self.fastest_s, latency)
@@ -94,6 +125,7 @@ class Window:
 
     def overloaded(self) -> None:
         """A 429 that spent the budget: halve the slow start (the rate-based target follows the limiter's share)."""
+        self._heard = True
         self.slow_start = max(1, self.slow_start // 2)
         self._completed = 0
 
