@@ -1270,7 +1270,7 @@ def eval_command(
     if as_json:
         typer.echo(json.dumps(outcome.summary.to_json(), indent=2, ensure_ascii=False))
         return
-    out.print(summary_table(outcome.summary))
+    out.print(summary_table(outcome.summary, width=out.width))
     _say(f"Report: {outcome.run_dir}/report.html")
 
 

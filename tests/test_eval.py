@@ -2,6 +2,7 @@
 with a fixed verdict and one reply it can never parse; the cache, the report and the verdict line."""
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from finetune_kit.cli import app
@@ -26,6 +28,7 @@ from finetune_kit.eval.faithfulness import ClaimCheck, parse_claims
 from finetune_kit.eval.judge import parse_verdict
 from finetune_kit.eval.metrics import bootstrap, key_term_recall, retrieval_scores, sign_test, token_f1
 from finetune_kit.eval.questions import load_questions_file
+from finetune_kit.eval.report import load_summary, summary_table
 from tests.conftest import REPO, SAMPLE_DOCS, TEST_KEY
 from tests.fake_openai import FakeOpenAI, Reply, docs_responder
 
@@ -665,8 +668,26 @@ def test_report_files_are_written_and_self_contained(ws: Path, models: EvalModel
     # the arms disagree where base is wrong; an unjudged question still differs in token F1
     assert page.count("<h3>") == min(10, sum(models.base_knows(q) is False for q in models.references))
     assert "Report: ws/eval/r1/report.html" in out
-    # the terminal table: an arm a column, a metric a row
-    assert re.search(r"┃ +ft ┃", out) and re.search(r"│ judge correct +│", out)
+    assert re.search(r"[┃│] +ft +[┃│]", out) and "judge correct" in out  # the terminal's table
+
+
+def test_the_terminal_table_has_an_arm_a_row_or_on_a_narrow_terminal_an_arm_a_column(ws: Path) -> None:
+    eval_json("--arms", "base,ft", "--name", "t1")
+    summary = load_summary(ws, "t1")
+
+    def rendered(width: int) -> str:
+        console = Console(width=width, record=True, file=io.StringIO())
+        console.print(summary_table(summary, width=width))
+        return console.export_text()
+
+    wide, narrow = rendered(400), rendered(80)
+    assert re.search(r"^┃ arm +┃ model +┃ +judge correct ┃", wide, re.M)
+    assert re.search(r"^│ base +│ base-model +│", wide, re.M) and re.search(
+        r"^│ ft +│ ft-model +│", wide, re.M
+    )
+    assert re.search(r"^┃ metric +┃ +base ┃ +ft ┃ *$", narrow, re.M)
+    assert re.search(r"^│ model +│ +base-model │ +ft-model │ *$", narrow, re.M)
+    assert max(len(line) for line in narrow.splitlines()) <= 80
 
 
 def test_compare_shows_what_changed_between_two_runs(ws: Path) -> None:

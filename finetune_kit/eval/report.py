@@ -45,20 +45,33 @@ def _columns(summary: EvalSummary) -> list[str]:
     return [m for m in TABLE_METRICS if any(a.metrics[m].n for a in summary.arms)]
 
 
-def summary_table(summary: EvalSummary) -> Table:
-    """One column per arm and one row per metric, a 95 % interval in each cell.
+def summary_table(summary: EvalSummary, width: int | None = None) -> Table:
+    """One row per arm, a 95 % interval in each cell; on a terminal narrower than that, one column per arm.
 
-    Arms across and metrics down: four arms fit a terminal 80 columns wide, eleven metrics would not.
+    Eleven metrics across need some 230 columns; four arms across fit in 80.
     """
+    columns = _columns(summary)
+    rows = [[arm.name, arm.model, *(shown(m, arm.metrics[m]) for m in columns)] for arm in summary.arms]
+    header = ["arm", "model", *(METRICS[m][0] for m in columns)]
     table = Table(title=f"ftkit eval {summary.run}: {summary.n_questions} questions", header_style="bold")
     table.caption = summary.verdict
+    if width is None or _natural_width([header, *rows]) <= width:
+        for n, name in enumerate(header):
+            table.add_column(name, justify="right" if n > 1 else "left")
+        for row in rows:
+            table.add_row(*row)
+        return table
     table.add_column("metric")
     for arm in summary.arms:
         table.add_column(arm.name, justify="right", overflow="fold")
-    table.add_row("model", *(arm.model for arm in summary.arms))
-    for metric in _columns(summary):
-        table.add_row(METRICS[metric][0], *(shown(metric, arm.metrics[metric]) for arm in summary.arms))
+    for n, name in enumerate(header[1:], start=1):
+        table.add_row(name, *(row[n] for row in rows))
     return table
+
+
+def _natural_width(rows: list[list[str]]) -> int:
+    """The characters a rich table needs to show these rows unwrapped: each column's widest cell, padding, rules."""
+    return sum(max(len(row[n]) for row in rows) + 3 for n in range(len(rows[0]))) + 1
 
 
 def markdown_table(summary: EvalSummary) -> str:
