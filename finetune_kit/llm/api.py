@@ -359,6 +359,7 @@ class ChatAPI:
             raise
         except openai.AuthenticationError as exc:
             self.refused = api_error(exc, self.call)
+            self.limiter.heard()
             raise
         except openai.APIStatusError:
             self.limiter.heard()  # an error answered is an answer: the window's silent growth is over
