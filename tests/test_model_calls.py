@@ -206,13 +206,13 @@ class RefusalOnceAllArrived:
 def test_a_wrong_key_stops_the_stage_at_the_first_401(monkeypatch: pytest.MonkeyPatch) -> None:
     from finetune_kit.llm.window import START_SIZE  # what is in flight before any response: the first round
 
-    first_round = min(START_SIZE, 32)
+    first_round = START_SIZE  # max_concurrency holds the window there: it would grow while the server is silent
     refusal = RefusalOnceAllArrived(hold=first_round)
     with FakeOpenAI(refusal) as server:
         url = server.url
         monkeypatch.setenv("OPENAI_BASE_URL", url)
         monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
-        monkeypatch.setenv("FTKIT_MAX_CONCURRENCY", "32")
+        monkeypatch.setenv("FTKIT_MAX_CONCURRENCY", str(first_round))
         result = CliRunner().invoke(app, ["--workspace", "ws", "run", str(SAMPLE_DOCS)])
         sent = len(server.requests)
 
