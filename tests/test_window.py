@@ -188,45 +188,41 @@ class Slow:
         return Reply("Done.")
 
 
+def chat_with_no_settings(tmp_path: Path, responder: Slow, n: int) -> int:
+    """Send n distinct requests with no tuning settings to a 6,000 RPM fake; returns the 429s its cap gave."""
+    request = ChatRequest("bench", (("user", "Hi"),), 0.0, 16, "v1")
+    with Store(tmp_path / "s.db") as store, FakeOpenAI(responder, api_key=TEST_KEY, rpm=6000) as fake:
+        endpoint = Endpoint(base_url=fake.url, api_key=TEST_KEY, model="gpt-4o-mini", identity="t")
+
+        async def go() -> None:
+            client = LLMClient(endpoint, store, max_concurrency=256, max_retries=4, timeout_s=10)
+            try:
+                requests = [dataclasses.replace(request, attempt=i) for i in range(n)]
+                await asyncio.gather(*(client.chat(r) for r in requests))
+            finally:
+                await client.close()
+
+        asyncio.run(go())
+    return fake.rate_limited
+
+
 def test_with_no_settings_the_requests_in_flight_grow_to_what_the_server_allows(tmp_path: Path) -> None:
     responder = Slow(0.5)
-    request = ChatRequest("bench", (("user", "Hi"),), 0.0, 16, "v1")
-    with Store(tmp_path / "s.db") as store, FakeOpenAI(responder, api_key=TEST_KEY, rpm=6000) as fake:
-        endpoint = Endpoint(base_url=fake.url, api_key=TEST_KEY, model="gpt-4o-mini", identity="t")
-
-        async def go() -> None:
-            client = LLMClient(endpoint, store, max_concurrency=256, max_retries=4, timeout_s=10)
-            try:
-                requests = [dataclasses.replace(request, attempt=i) for i in range(120)]
-                await asyncio.gather(*(client.chat(r) for r in requests))
-            finally:
-                await client.close()
-
-        asyncio.run(go())
+    rate_limited = chat_with_no_settings(tmp_path, responder, 120)
 
     assert responder.most > 16  # the old fixed default allowed 8
-    assert fake.rate_limited == 0
+    assert rate_limited == 0
 
 
-def test_a_server_that_takes_a_second_gets_more_than_the_first_round_before_it_answers(tmp_path: Path) -> None:
+def test_a_server_that_takes_a_second_gets_more_than_the_first_round_before_it_answers(
+    tmp_path: Path,
+) -> None:
     responder = Slow(1.0)
-    request = ChatRequest("bench", (("user", "Hi"),), 0.0, 16, "v1")
-    with Store(tmp_path / "s.db") as store, FakeOpenAI(responder, api_key=TEST_KEY, rpm=6000) as fake:
-        endpoint = Endpoint(base_url=fake.url, api_key=TEST_KEY, model="gpt-4o-mini", identity="t")
-
-        async def go() -> None:
-            client = LLMClient(endpoint, store, max_concurrency=256, max_retries=4, timeout_s=10)
-            try:
-                requests = [dataclasses.replace(request, attempt=i) for i in range(100)]
-                await asyncio.gather(*(client.chat(r) for r in requests))
-            finally:
-                await client.close()
-
-        asyncio.run(go())
+    rate_limited = chat_with_no_settings(tmp_path, responder, 100)
 
     # 16 blind, doubling each half second of silence: 64 by the time the first answer comes, whatever the jitter
     assert responder.before_first_answer > 32
-    assert fake.rate_limited == 0
+    assert rate_limited == 0
 
 
 def test_an_endpoint_that_serves_one_at_a_time_caps_the_client_whatever_the_bound(tmp_path: Path) -> None:
