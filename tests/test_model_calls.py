@@ -206,7 +206,8 @@ class RefusalOnceAllArrived:
 def test_a_wrong_key_stops_the_stage_at_the_first_401(monkeypatch: pytest.MonkeyPatch) -> None:
     from finetune_kit.llm.window import START_SIZE  # what is in flight before any response: the first round
 
-    first_round = START_SIZE  # max_concurrency holds the window there: it would grow while the server is silent
+    # max_concurrency holds the window at the first round: it would grow while the server is silent
+    first_round = START_SIZE
     refusal = RefusalOnceAllArrived(hold=first_round)
     with FakeOpenAI(refusal) as server:
         url = server.url
